@@ -1,0 +1,481 @@
+"""Config: YAML -> frozen dataclasses, validated once at load.
+
+The vocabulary is EasyRec's (``feature_config.features``, ``model_config.feature_groups``,
+``model_params.task_towers``, ``dnn.hidden_units``, ``relation_tower_names`` ...), written as
+YAML instead of protobuf text. Every error names the file and the key path, and says what is
+allowed. ``load_config(path, overrides)`` is the only entry point; overrides are
+``key.path=value`` strings whose values are parsed as YAML (``a.b=[1,2]``, ``x.0.y=true``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Sequence, Tuple
+
+import yaml
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "aitm_taobao.yaml"
+
+FEATURE_TYPES = ("IdFeature", "TagFeature", "RawFeature")
+LOSS_TYPES = ("CLASSIFICATION", "ORDER_CALIBRATE_LOSS")
+MODEL_CLASSES = ("AITM",)
+SHARDING_TYPES_CPU = ("data_parallel", "table_wise", "column_wise", "table_column_wise")
+SHARDING_TYPES_CUDA = SHARDING_TYPES_CPU + ("row_wise", "table_row_wise")
+COMPUTE_KERNELS = ("dense", "fused", "fused_uvm", "fused_uvm_caching", "key_value")
+SPARSE_OPTIMIZERS = ("rowwise_adagrad", "adagrad", "sgd", "adam")
+DENSE_OPTIMIZERS = ("adam", "adagrad", "sgd")
+
+
+class ConfigError(ValueError):
+    """A config problem, with the file and key path in the message."""
+
+
+# --------------------------------------------------------------------------------------------
+# Schema. Field names are the YAML keys.
+
+
+@dataclass(frozen=True)
+class Feature:
+    """One input column -> one embedding table (or dense values for RawFeature)."""
+
+    input_names: Tuple[str, ...]
+    feature_type: Literal["IdFeature", "TagFeature", "RawFeature"] = "IdFeature"
+    feature_name: str = ""  # defaults to input_names[0]
+    embedding_dim: int = 16
+    hash_bucket_size: int = 0  # ids (int or string) hashed into [0, hash_bucket_size)
+    num_buckets: int = 0  # ids already in [0, num_buckets); out of range is an error
+    separator: str = ""  # TagFeature stored as one string, e.g. "|"
+    combiner: Literal["sum", "mean"] = "sum"  # pooling of the bag
+    raw_input_dim: int = 1  # RawFeature width
+
+    @property
+    def name(self) -> str:
+        return self.feature_name or self.input_names[0]
+
+    @property
+    def column(self) -> str:
+        return self.input_names[0]
+
+    @property
+    def num_embeddings(self) -> int:
+        return self.hash_bucket_size or self.num_buckets
+
+
+@dataclass(frozen=True)
+class FeatureConfig:
+    features: Tuple[Feature, ...]
+
+
+@dataclass(frozen=True)
+class FeatureGroup:
+    group_name: str
+    feature_names: Tuple[str, ...]
+    wide_deep: Literal["DEEP"] = "DEEP"
+
+
+@dataclass(frozen=True)
+class DNN:
+    hidden_units: Tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """Shared MLP over the concatenated feature groups (EasyRec backbone block ``mlp``)."""
+
+    mlp: DNN = DNN()
+
+
+@dataclass(frozen=True)
+class Loss:
+    loss_type: Literal["CLASSIFICATION", "ORDER_CALIBRATE_LOSS"] = "CLASSIFICATION"
+    weight: float = 1.0  # for ORDER_CALIBRATE_LOSS this is alpha
+
+
+@dataclass(frozen=True)
+class MetricsSet:
+    auc: Optional[dict] = None
+
+
+@dataclass(frozen=True)
+class TaskTower:
+    tower_name: str
+    label_name: str
+    loss_type: Literal["CLASSIFICATION", "ORDER_CALIBRATE_LOSS"] = "CLASSIFICATION"
+    losses: Tuple[Loss, ...] = ()  # when given, replaces loss_type
+    metrics_set: Tuple[MetricsSet, ...] = ()
+    dnn: DNN = DNN()
+    use_ait_module: bool = True
+    ait_project_dim: int = 0  # 0 -> the tower's last hidden size
+    relation_tower_names: Tuple[str, ...] = ()
+    weight: float = 1.0
+    num_class: int = 1
+
+    @property
+    def all_losses(self) -> Tuple[Loss, ...]:
+        return self.losses or (Loss(self.loss_type),)
+
+    @property
+    def calibration_alpha(self) -> float:
+        """Weight of this tower's ORDER_CALIBRATE_LOSS against its relation towers (0 if none)."""
+        return sum(l.weight for l in self.all_losses if l.loss_type == "ORDER_CALIBRATE_LOSS")
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    task_towers: Tuple[TaskTower, ...]
+    l2_regularization: float = 0.0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    feature_groups: Tuple[FeatureGroup, ...]
+    model_params: ModelParams
+    model_class: Literal["AITM"] = "AITM"
+    model_name: str = ""
+    backbone: Backbone = Backbone()
+    embedding_regularization: float = 0.0
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    batch_size: int = 1024  # per rank
+    label_fields: Tuple[str, ...] = ()
+    shuffle: bool = True
+    shuffle_buffer_size: int = 0  # rows; 0 -> 8 batches
+    prefetch_size: int = 4  # batches prepared ahead in a background thread
+    eval_batch_size: int = 0  # 0 -> batch_size
+
+
+@dataclass(frozen=True)
+class Optimizer:
+    name: str
+    learning_rate: float
+    weight_decay: float = 0.0
+    eps: float = 1e-8
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    num_steps: int = 1000
+    sparse_optimizer: Optimizer = Optimizer("rowwise_adagrad", 0.05)
+    dense_optimizer: Optimizer = Optimizer("adam", 1e-3)
+    log_step_count_steps: int = 50
+    save_checkpoints_steps: int = 0  # 0 -> only at the end
+    seed: int = 2021
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    num_steps: int = 0  # 0 -> the whole eval input
+
+
+@dataclass(frozen=True)
+class TableConstraint:
+    sharding_types: Tuple[str, ...] = ()
+    compute_kernels: Tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ShardingConfig:
+    """Planner inputs. Empty lists leave the choice to the planner."""
+
+    sharding_types: Tuple[str, ...] = ()  # allowed for every table
+    compute_kernels: Tuple[str, ...] = ()
+    tables: Tuple[Tuple[str, TableConstraint], ...] = ()  # per feature name, overrides the above
+    hbm_cap_gb: float = 0.0  # per rank; 0 -> the device's memory (CUDA) / unused (CPU)
+    ddr_cap_gb: float = 0.0  # per rank; 0 -> host memory / local world size
+
+
+@dataclass(frozen=True)
+class Config:
+    feature_config: FeatureConfig
+    model_config: ModelConfig
+    data_config: DataConfig = DataConfig()
+    train_config: TrainConfig = TrainConfig()
+    eval_config: EvalConfig = EvalConfig()
+    sharding_config: ShardingConfig = ShardingConfig()
+    train_input_path: Tuple[str, ...] = ()
+    eval_input_path: Tuple[str, ...] = ()
+    model_dir: str = ""  # default runs/<config file stem>
+
+    @property
+    def features(self) -> dict:
+        return {f.name: f for f in self.feature_config.features}
+
+    @property
+    def towers(self) -> Tuple[TaskTower, ...]:
+        return self.model_config.model_params.task_towers
+
+
+# --------------------------------------------------------------------------------------------
+# Loading.
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> Config:
+    """Reads a YAML config, applies ``key.path=value`` overrides, builds and validates it."""
+    path = Path(path) if path else DEFAULT_CONFIG
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(raw).__name__}")
+    for item in overrides:
+        apply_override(raw, item, str(path))
+    raw.setdefault("model_dir", str(Path("runs") / path.stem))
+    cfg = build(Config, raw, f"{path}:")
+    validate(cfg, str(path))
+    return cfg
+
+
+def apply_override(raw: dict, item: str, where: str) -> None:
+    """Sets ``a.b.0.c=value`` in the raw mapping; the value is parsed as YAML."""
+    if "=" not in item:
+        raise ConfigError(f"{where}: override {item!r} must look like key.path=value")
+    key, value = item.split("=", 1)
+    parts = key.strip().split(".")
+    node: Any = raw
+    for i, part in enumerate(parts[:-1]):
+        node = _child(node, part, ".".join(parts[: i + 1]), where, create=True)
+    last = parts[-1]
+    parsed = yaml.safe_load(value) if value.strip() else ""
+    if isinstance(node, list):
+        node[_index(node, last, key, where)] = parsed
+    elif isinstance(node, dict):
+        node[last] = parsed
+    else:
+        raise ConfigError(f"{where}: override {key}: {'.'.join(parts[:-1])} is not a mapping or list")
+
+
+def _index(node: list, part: str, key: str, where: str) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(f"{where}: override {key}: {part!r} is not an index below {len(node)}")
+    return int(part)
+
+
+def _child(node: Any, part: str, key: str, where: str, create: bool) -> Any:
+    if isinstance(node, list):
+        return node[_index(node, part, key, where)]
+    if isinstance(node, dict):
+        if part not in node or node[part] is None:
+            node[part] = {}
+        return node[part]
+    raise ConfigError(f"{where}: override {key}: parent is a {type(node).__name__}, not a mapping")
+
+
+def build(cls: type, data: Any, where: str) -> Any:
+    """Builds dataclass ``cls`` from plain YAML data, checking keys and types."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a mapping with keys {_keys(cls)}, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{where} unknown key {unknown[0]!r}; allowed keys: {_keys(cls)}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        key_where = f"{where}{'' if where.endswith(':') else '.'}{f.name}"
+        if f.name in data:
+            kwargs[f.name] = _convert(hints[f.name], data[f.name], key_where)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{key_where} is required")
+    return cls(**kwargs)
+
+
+def _keys(cls: type) -> str:
+    return ", ".join(f.name for f in dataclasses.fields(cls))
+
+
+def _convert(tp: Any, value: Any, where: str) -> Any:
+    if tp == Tuple[Tuple[str, TableConstraint], ...]:
+        # ShardingConfig.tables is a mapping in YAML: {feature_name: {sharding_types: [...]}}.
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must map feature names to constraints, got {value!r}")
+        return tuple((str(k), build(TableConstraint, v, f"{where}.{k}")) for k, v in value.items())
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(inner, value, where)
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, where)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where} is {value!r}; allowed: {', '.join(map(str, args))}")
+        return value
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            items = value if isinstance(value, list) else [value]  # EasyRec allows a scalar
+            return tuple(_convert(args[0], v, f"{where}[{i}]") for i, v in enumerate(items))
+        raise TypeError(f"unsupported schema type {tp}")
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        return int(value)
+    if tp is float:
+        try:
+            if isinstance(value, bool):
+                raise ValueError
+            number = float(value)  # YAML reads 1e-6 (no dot) as a string
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where} must be a number, got {value!r}") from None
+        if not math.isfinite(number):
+            raise ConfigError(f"{where} must be finite, got {value!r}")
+        return number
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{where} must be a string, got {value!r}")
+        return str(value)
+    raise TypeError(f"unsupported schema type {tp}")
+
+
+# --------------------------------------------------------------------------------------------
+# Cross-field checks.
+
+
+def validate(cfg: Config, where: str) -> None:
+    def fail(key: str, msg: str) -> None:
+        raise ConfigError(f"{where}: {key} {msg}")
+
+    features = cfg.feature_config.features
+    if not features:
+        fail("feature_config.features", "must list at least one feature")
+    seen: set[str] = set()
+    for i, f in enumerate(features):
+        key = f"feature_config.features[{i}]"
+        if not f.input_names:
+            fail(f"{key}.input_names", "must name the input column")
+        if f.name in seen:
+            fail(f"{key}.feature_name", f"{f.name!r} is defined twice")
+        seen.add(f.name)
+        if f.feature_type == "RawFeature":
+            if f.hash_bucket_size or f.num_buckets:
+                fail(key, f"({f.name}) RawFeature takes no hash_bucket_size / num_buckets")
+            if f.raw_input_dim < 1:
+                fail(f"{key}.raw_input_dim", "must be >= 1")
+            continue
+        if (f.hash_bucket_size > 0) == (f.num_buckets > 0):
+            fail(key, f"({f.name}) needs exactly one of hash_bucket_size or num_buckets, > 0")
+        if f.embedding_dim < 1:
+            fail(f"{key}.embedding_dim", f"({f.name}) must be >= 1")
+        if f.separator and f.feature_type != "TagFeature":
+            fail(f"{key}.separator", f"({f.name}) is only allowed for TagFeature")
+
+    mc = cfg.model_config
+    if not mc.feature_groups:
+        fail("model_config.feature_groups", "must list at least one group")
+    for i, g in enumerate(mc.feature_groups):
+        for name in g.feature_names:
+            if name not in seen:
+                fail(f"model_config.feature_groups[{i}].feature_names",
+                     f"names unknown feature {name!r}; defined: {', '.join(sorted(seen))}")
+    for u in mc.backbone.mlp.hidden_units:
+        if u < 1:
+            fail("model_config.backbone.mlp.hidden_units", "must be positive")
+
+    towers = mc.model_params.task_towers
+    if len(towers) < 1:
+        fail("model_config.model_params.task_towers", "must list at least one tower")
+    names = [t.tower_name for t in towers]
+    labels: dict[str, str] = {}
+    for i, t in enumerate(towers):
+        key = f"model_config.model_params.task_towers[{i}]"
+        if names.count(t.tower_name) > 1:
+            fail(f"{key}.tower_name", f"{t.tower_name!r} is used by more than one tower")
+        if t.label_name in labels:
+            fail(f"{key}.label_name", f"({t.tower_name}) label {t.label_name!r} is already used "
+                 f"by tower {labels[t.label_name]!r}")
+        labels[t.label_name] = t.tower_name
+        if t.num_class != 1:
+            fail(f"{key}.num_class", f"({t.tower_name}) must be 1 (binary tasks only)")
+        if not t.dnn.hidden_units or min(t.dnn.hidden_units) < 1:
+            fail(f"{key}.dnn.hidden_units", f"({t.tower_name}) must list positive sizes")
+        if t.ait_project_dim < 0:
+            fail(f"{key}.ait_project_dim", f"({t.tower_name}) must be >= 0")
+        for r in t.relation_tower_names:
+            if r not in names:
+                fail(f"{key}.relation_tower_names", f"({t.tower_name}) names unknown tower {r!r}; "
+                     f"towers: {', '.join(names)}")
+            if r == t.tower_name:
+                fail(f"{key}.relation_tower_names", f"({t.tower_name}) names itself")
+        if t.calibration_alpha and not t.relation_tower_names:
+            fail(f"{key}.losses", f"({t.tower_name}) ORDER_CALIBRATE_LOSS needs relation_tower_names")
+        if not any(l.loss_type == "CLASSIFICATION" for l in t.all_losses):
+            fail(f"{key}.losses", f"({t.tower_name}) needs a CLASSIFICATION loss")
+    tower_order(towers, where)  # rejects cycles
+
+    dc = cfg.data_config
+    if dc.label_fields and tuple(dc.label_fields) != tuple(t.label_name for t in towers):
+        fail("data_config.label_fields", f"{list(dc.label_fields)} must match the towers' "
+             f"label_name in order: {[t.label_name for t in towers]}")
+    if dc.batch_size < 1:
+        fail("data_config.batch_size", "must be >= 1")
+    if cfg.train_config.num_steps < 0:
+        fail("train_config.num_steps", "must be >= 0")
+    for side, allowed in (("sparse_optimizer", SPARSE_OPTIMIZERS), ("dense_optimizer", DENSE_OPTIMIZERS)):
+        opt = getattr(cfg.train_config, side)
+        if opt.name not in allowed:
+            fail(f"train_config.{side}.name", f"is {opt.name!r}; allowed: {', '.join(allowed)}")
+        if opt.learning_rate <= 0:
+            fail(f"train_config.{side}.learning_rate", "must be > 0")
+
+    sc = cfg.sharding_config
+    constraints = [("sharding_config", TableConstraint(sc.sharding_types, sc.compute_kernels))]
+    for name, c in sc.tables:
+        if name not in seen:
+            fail(f"sharding_config.tables.{name}", "names no feature")
+        constraints.append((f"sharding_config.tables.{name}", c))
+    for key, c in constraints:
+        for s in c.sharding_types:
+            if s not in SHARDING_TYPES_CUDA:
+                fail(f"{key}.sharding_types", f"has {s!r}; allowed: {', '.join(SHARDING_TYPES_CUDA)}")
+        for k in c.compute_kernels:
+            if k not in COMPUTE_KERNELS:
+                fail(f"{key}.compute_kernels", f"has {k!r}; allowed: {', '.join(COMPUTE_KERNELS)}")
+
+
+def topological_order(relations: Sequence[Sequence[int]]) -> list[int]:
+    """Node indices ordered so each node's relations come first; ValueError naming a cycle."""
+    order: list[int] = []
+    pending = dict(enumerate(relations))
+    while pending:
+        ready = [i for i, deps in pending.items() if all(d in order for d in deps)]
+        if not ready:
+            raise ValueError(sorted(pending))
+        order += ready
+        for i in ready:
+            del pending[i]
+    return order
+
+
+def tower_order(towers: Tuple[TaskTower, ...], where: str = "config") -> list[int]:
+    """Indices of towers in an order where every relation tower comes first."""
+    index = {t.tower_name: i for i, t in enumerate(towers)}
+    try:
+        return topological_order([[index[r] for r in t.relation_tower_names if r in index] for t in towers])
+    except ValueError as e:
+        cycle = ", ".join(towers[i].tower_name for i in e.args[0])
+        raise ConfigError(f"{where}: model_config.model_params.task_towers relation_tower_names "
+                          f"form a cycle among towers: {cycle}") from None
+
+
+def to_dict(cfg: Any) -> Any:
+    """The config as plain data (for summaries and checkpoints)."""
+    return dataclasses.asdict(cfg)

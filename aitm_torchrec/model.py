@@ -1,0 +1,171 @@
+"""Model: AITM (Xi et al., KDD 2021) over an EmbeddingBagCollection.
+
+    v      = concat(pooled embeddings and raw values of the feature groups)
+    b      = backbone(v)                                  shared MLP (may be empty)
+    q_t    = tower_t(b)                                   one MLP per task
+    p_rt   = transfer_rt(z_r)                             for each relation tower r of t
+    z_t    = AIT([q_t] + [p_rt for r]) if use_ait_module and t has relation towers, else q_t
+    logit_t= head_t(z_t)
+
+AIT scores each candidate u: ``self`` (the paper, its official code):
+s_u = <h2(u), h3(u)> / sqrt(k); ``cross`` (EasyRec): s_u = <h2(q_t), h3(u)> / sqrt(k). Then
+w = softmax over candidates, z_t = sum_u w_u h1(u). h1, h2, h3 are bias-free maps to k dims.
+
+Towers may form a DAG (``relations``); they run in a topological order. The module knows nothing
+of distribution, files or logging: it takes an EmbeddingBagCollection (usually built on
+``meta``) and plain sizes, and is sharded from outside by DistributedModelParallel.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+import torch
+from torch import nn
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from aitm_torchrec.config import topological_order
+
+
+class MLP(nn.Sequential):
+    """Linear -> ReLU per hidden size (optionally with batch norm and dropout). Out: last size."""
+
+    def __init__(self, in_dim: int, hidden_units: Sequence[int], dropout: float = 0.0,
+                 batch_norm: bool = False, device: torch.device | str | None = None) -> None:
+        layers: list[nn.Module] = []
+        for units in hidden_units:
+            layers.append(nn.Linear(in_dim, units, device=device))
+            if batch_norm:
+                layers.append(nn.BatchNorm1d(units, device=device))
+            layers.append(nn.ReLU())
+            if dropout:
+                layers.append(nn.Dropout(dropout))
+            in_dim = units
+        super().__init__(*layers)
+        self.out_dim = in_dim
+
+
+class AIT(nn.Module):
+    """Adaptive information transfer: attention over a tower's own and transferred vectors.
+
+    Args: dim: D of every candidate; project_dim: k. ``attention``: "self" or "cross".
+    forward(candidates: B x C x D, own index 0) -> B x k.
+    """
+
+    def __init__(self, dim: int, project_dim: int, attention: Literal["self", "cross"] = "self",
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.h1 = nn.Linear(dim, project_dim, bias=False, device=device)
+        self.h2 = nn.Linear(dim, project_dim, bias=False, device=device)
+        self.h3 = nn.Linear(dim, project_dim, bias=False, device=device)
+        self.attention = attention
+        self.scale = 1.0 / math.sqrt(project_dim)
+
+    def weights(self, candidates: torch.Tensor) -> torch.Tensor:
+        """B x C attention weights (softmax over the C candidates; candidate 0 is the own tower)."""
+        keys = self.h3(candidates)  # B x C x k
+        if self.attention == "self":
+            scores = (self.h2(candidates) * keys).sum(-1)
+        else:
+            scores = torch.einsum("bk,bck->bc", self.h2(candidates[:, 0]), keys)
+        return torch.softmax(scores * self.scale, dim=1)
+
+    def forward(self, candidates: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("bc,bck->bk", self.weights(candidates), self.h1(candidates))
+
+
+@dataclass(frozen=True)
+class TowerSpec:
+    """Plain sizes for one task tower. ``relations``: indices of the towers that feed this one."""
+
+    hidden_units: tuple[int, ...]
+    relations: tuple[int, ...] = ()
+    use_ait: bool = True
+    project_dim: int = 0  # 0 -> hidden_units[-1]
+    transfer_units: tuple[int, ...] = ()  # hidden layers of the transfer MLP before its output layer
+    stop_gradient: bool = False  # detach the transferred vector (EasyRec's newer default)
+
+
+class AITM(nn.Module):
+    """AITM multi-task model.
+
+    Args:
+        ebc: EmbeddingBagCollection with one table per sparse feature (any device, ``meta`` ok).
+        groups: feature names per feature group, concatenated in order into the model input.
+        dense_slices: RawFeature name -> (start, stop) columns of the dense input.
+        backbone_units: shared MLP sizes (may be empty).
+        towers: one spec per task, in config order; relations must form a DAG.
+        ait_attention: "self" (paper) or "cross" (EasyRec).
+    forward(dense: B x D_dense, sparse: KJT) -> B x T logits.
+    """
+
+    def __init__(self, ebc: EmbeddingBagCollection, groups: Sequence[Sequence[str]],
+                 dense_slices: dict[str, tuple[int, int]], backbone_units: Sequence[int],
+                 towers: Sequence[TowerSpec], ait_attention: Literal["self", "cross"] = "self",
+                 dropout: float = 0.0, batch_norm: bool = False,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.ebc = ebc
+        dims = {c.feature_names[0]: c.embedding_dim for c in ebc.embedding_bag_configs()}
+        self.inputs = [name for g in groups for name in g]
+        self.sparse_inputs = frozenset(dims)  # fixed here so forward stays fx-traceable
+        self.dense_slices = dict(dense_slices)
+        in_dim = sum(dims[n] if n in dims else dense_slices[n][1] - dense_slices[n][0] for n in self.inputs)
+        self.backbone = MLP(in_dim, backbone_units, dropout, batch_norm, device)
+        self.specs = list(towers)
+        self.order = topological_order([s.relations for s in self.specs])
+        self.towers = nn.ModuleList(MLP(self.backbone.out_dim, s.hidden_units, dropout, batch_norm, device)
+                                    for s in self.specs)
+        out_dims = [0] * len(self.specs)  # dim of z_t
+        self.transfers = nn.ModuleDict()
+        self.aits = nn.ModuleDict()
+        self.relation_dnns = nn.ModuleDict()
+        for t in self.order:
+            s = self.specs[t]
+            q_dim = self.towers[t].out_dim
+            if s.relations and s.use_ait:
+                for r in s.relations:
+                    mlp = MLP(out_dims[r], s.transfer_units, dropout, batch_norm, device)
+                    self.transfers[f"{r}_{t}"] = nn.Sequential(
+                        mlp, nn.Linear(mlp.out_dim, q_dim, device=device), nn.ReLU())
+                k = s.project_dim or q_dim
+                self.aits[str(t)] = AIT(q_dim, k, ait_attention, device)
+                out_dims[t] = k
+            elif s.relations:  # DBMTL: concatenate own and relation features, then a relation dnn
+                rel = MLP(q_dim + sum(out_dims[r] for r in s.relations), (q_dim,), dropout, batch_norm, device)
+                self.relation_dnns[str(t)] = rel
+                out_dims[t] = rel.out_dim
+            else:
+                out_dims[t] = q_dim
+        self.heads = nn.ModuleList(nn.Linear(out_dims[t], 1, device=device) for t in range(len(self.specs)))
+
+    def embed(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (model input B x I, pooled embeddings B x E of the sparse features)."""
+        pooled = self.ebc(sparse)
+        emb = pooled.to_dict()
+        parts = [emb[n] if n in self.sparse_inputs else dense[:, slice(*self.dense_slices[n])] for n in self.inputs]
+        return torch.cat(parts, dim=1), pooled.values()
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Model input B x I -> B x T logits."""
+        b = self.backbone(x)
+        z: list[torch.Tensor | None] = [None] * len(self.specs)
+        for t in self.order:
+            s = self.specs[t]
+            q = self.towers[t](b)
+            if s.relations and s.use_ait:
+                moved = [self.transfers[f"{r}_{t}"](z[r].detach() if s.stop_gradient else z[r])
+                         for r in s.relations]
+                z[t] = self.aits[str(t)](torch.stack([q] + moved, dim=1))
+            elif s.relations:
+                rel = [z[r].detach() if s.stop_gradient else z[r] for r in s.relations]
+                z[t] = self.relation_dnns[str(t)](torch.cat([q] + rel, dim=1))
+            else:
+                z[t] = q
+        return torch.cat([self.heads[t](z[t]) for t in range(len(self.specs))], dim=1)
+
+    def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
+        return self.predict(self.embed(dense, sparse)[0])

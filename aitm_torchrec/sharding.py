@@ -1,0 +1,117 @@
+"""Sharding: the planner's topology and per-table constraints from config, the plan, the DMP.
+
+The planner only estimates, so ``plan_for_topology`` plans for any cluster (2 hosts x 8 GPUs)
+from a CPU machine; ``shard`` plans collectively for the running job and wraps the train module
+in DistributedModelParallel, with the fused embedding optimizer applied in backward.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+from torchrec.distributed.planner.types import ParameterConstraints
+from torchrec.distributed.types import ShardingPlan
+from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
+
+from aitm_torchrec.config import SHARDING_TYPES_CPU, Config, ConfigError, Optimizer
+from aitm_torchrec.dist import DistEnv
+
+GB = 1024**3
+CPU_KERNELS = ("dense", "fused")
+
+
+def topology(cfg: Config, world_size: int, local_world_size: int, compute_device: str) -> Topology:
+    """Planner topology with storage caps from ``sharding_config`` (or the machine's own)."""
+    sc = cfg.sharding_config
+    if sc.ddr_cap_gb:
+        ddr = int(sc.ddr_cap_gb * GB)
+    else:
+        ddr = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // max(local_world_size, 1)
+    if sc.hbm_cap_gb:
+        hbm = int(sc.hbm_cap_gb * GB)
+    elif compute_device == "cuda" and torch.cuda.is_available():
+        hbm = torch.cuda.get_device_properties(0).total_memory
+    else:
+        hbm = 0 if compute_device == "cpu" else 80 * GB
+    return Topology(world_size=world_size, local_world_size=local_world_size,
+                    compute_device=compute_device, hbm_cap=hbm, ddr_cap=ddr)
+
+
+def constraints(cfg: Config, compute_device: str) -> dict[str, ParameterConstraints]:
+    """Per-table planner constraints (tables are named after their feature)."""
+    sc = cfg.sharding_config
+    per_table = dict(sc.tables)
+    out = {}
+    for f in cfg.feature_config.features:
+        if f.feature_type == "RawFeature":
+            continue
+        c = per_table.get(f.name)
+        types = list((c and c.sharding_types) or sc.sharding_types)
+        kernels = list((c and c.compute_kernels) or sc.compute_kernels)
+        if compute_device == "cpu":
+            bad = [t for t in types if t not in SHARDING_TYPES_CPU] + [k for k in kernels if k not in CPU_KERNELS]
+            if bad:
+                raise ConfigError(f"sharding_config for table {f.name!r}: {', '.join(bad)} needs CUDA; "
+                                  f"on CPU use sharding types {', '.join(SHARDING_TYPES_CPU)} and "
+                                  f"kernels {', '.join(CPU_KERNELS)}")
+        if types or kernels:
+            out[f.name] = ParameterConstraints(sharding_types=types or None, compute_kernels=kernels or None)
+    return out
+
+
+def planner(cfg: Config, world_size: int, local_world_size: int, compute_device: str) -> EmbeddingShardingPlanner:
+    return EmbeddingShardingPlanner(
+        topology=topology(cfg, world_size, local_world_size, compute_device),
+        batch_size=cfg.data_config.batch_size,
+        constraints=constraints(cfg, compute_device),
+        debug=False,
+    )
+
+
+def sparse_optimizer(opt: Optimizer, compute_device: str) -> tuple[type, dict]:
+    """The fused (in-backward) optimizer class and arguments for the tables."""
+    kwargs = {"lr": opt.learning_rate}
+    if opt.name == "rowwise_adagrad":
+        return RowWiseAdagrad, {**kwargs, "eps": opt.eps, "weight_decay": opt.weight_decay}
+    if opt.name == "adagrad":
+        return torch.optim.Adagrad, {**kwargs, "eps": opt.eps, "weight_decay": opt.weight_decay}
+    if opt.name == "sgd":
+        return torch.optim.SGD, {**kwargs, "weight_decay": opt.weight_decay}
+    if opt.name == "adam":
+        if compute_device != "cuda":
+            raise ConfigError("train_config.sparse_optimizer.name: adam needs CUDA; on CPU use "
+                              "rowwise_adagrad, adagrad or sgd")
+        return torch.optim.Adam, {**kwargs, "eps": opt.eps, "weight_decay": opt.weight_decay}
+    raise ConfigError(f"train_config.sparse_optimizer.name: unknown {opt.name!r}")
+
+
+def sharders() -> list:
+    return [EmbeddingBagCollectionSharder()]
+
+
+def shard(cfg: Config, train_module: nn.Module, ebc: nn.Module, env: DistEnv) -> tuple[DistributedModelParallel, ShardingPlan]:
+    """Applies the fused table optimizer, plans collectively, and returns (DMP, plan)."""
+    compute_device = env.device.type
+    opt_cls, opt_kwargs = sparse_optimizer(cfg.train_config.sparse_optimizer, compute_device)
+    apply_optimizer_in_backward(opt_cls, ebc.parameters(), opt_kwargs)
+    plan = planner(cfg, env.world_size, env.local_world_size, compute_device).collective_plan(
+        train_module, sharders())
+    dmp = DistributedModelParallel(module=train_module, device=env.device, plan=plan, sharders=sharders())
+    return dmp, plan
+
+
+def describe(plan: ShardingPlan) -> dict[str, dict]:
+    """Table -> {sharding_type, compute_kernel, ranks} for logs, summaries and plan printing."""
+    out = {}
+    for module_plan in plan.plan.values():
+        for table, ps in module_plan.items():
+            ranks = sorted({r for r in (ps.ranks or [])}) or sorted(
+                {s.placement.rank() for s in (ps.sharding_spec.shards if ps.sharding_spec else [])})
+            out[table] = {"sharding_type": ps.sharding_type, "compute_kernel": ps.compute_kernel, "ranks": ranks}
+    return out

@@ -1,0 +1,119 @@
+"""Task: the model built from a config, the multi-task loss, and the train wrapper.
+
+``build_model(cfg)`` needs no process group, data or training loop: scoring and export jobs call
+it exactly as training does. The wrapper ``MultiTaskTrain`` owns the loss and follows TorchRec's
+train-pipeline contract: ``forward(batch) -> (loss, (loss, logits, labels, weights))``, all
+detached but the first.
+
+    L = sum_t weight_t * BCE_t                                   (weighted mean over real rows)
+      + sum_t alpha_t * mean( sum_{r in relations(t)} max(p_t - p_r, 0) )   ORDER_CALIBRATE_LOSS
+      + l2_regularization * sum ||dense kernel||^2 / 2
+      + embedding_regularization * ||pooled embeddings of this batch's rows||^2 / 2   (EasyRec: a sum)
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+from aitm_torchrec.config import Config
+from aitm_torchrec.data import Batch
+from aitm_torchrec.features import embedding_bag_configs
+from aitm_torchrec.model import AITM, TowerSpec
+
+
+def build_model(cfg: Config, device: torch.device | str = "meta", dense_device: torch.device | str | None = None) -> AITM:
+    """The config's model. Tables on ``device`` (``meta`` for sharding), dense layers on
+    ``dense_device`` (default: ``cpu`` when tables are on ``meta``)."""
+    if dense_device is None:
+        dense_device = "cpu" if str(device) == "meta" else device
+    feats = cfg.feature_config.features
+    ebc = EmbeddingBagCollection(tables=embedding_bag_configs(feats), device=torch.device(device))
+    dense_slices, pos = {}, 0
+    for f in feats:
+        if f.feature_type == "RawFeature":
+            dense_slices[f.name] = (pos, pos + f.raw_input_dim)
+            pos += f.raw_input_dim
+    index = {t.tower_name: i for i, t in enumerate(cfg.towers)}
+    towers = [
+        TowerSpec(
+            hidden_units=t.dnn.hidden_units,
+            relations=tuple(index[r] for r in t.relation_tower_names),
+            use_ait=t.use_ait_module,
+            project_dim=t.ait_project_dim,
+        )
+        for t in cfg.towers
+    ]
+    mc = cfg.model_config
+    return AITM(
+        ebc,
+        groups=[g.feature_names for g in mc.feature_groups],
+        dense_slices=dense_slices,
+        backbone_units=mc.backbone.mlp.hidden_units,
+        towers=towers,
+        device=dense_device,
+    )
+
+
+class MultiTaskLoss(nn.Module):
+    """Weighted BCE per task + order calibration. Inputs: B x T logits, B x T labels, B weights."""
+
+    def __init__(self, task_weights: Sequence[float], calibrations: Sequence[tuple[int, int, float]]) -> None:
+        super().__init__()
+        self.register_buffer("task_weights", torch.tensor(list(task_weights), dtype=torch.float32), persistent=False)
+        self.calibrations = list(calibrations)  # (later task t, earlier task r, alpha)
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        denom = weights.sum().clamp_min(1.0)
+        bce = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")  # B x T
+        loss = ((bce * weights[:, None]).sum(0) / denom * self.task_weights.to(logits.device)).sum()
+        if self.calibrations:
+            p = torch.sigmoid(logits)
+            for t, r, alpha in self.calibrations:
+                loss = loss + alpha * (F.relu(p[:, t] - p[:, r]) * weights).sum() / denom
+        return loss
+
+
+def calibration_pairs(cfg: Config) -> list[tuple[int, int, float]]:
+    index = {t.tower_name: i for i, t in enumerate(cfg.towers)}
+    return [(i, index[r], t.calibration_alpha) for i, t in enumerate(cfg.towers)
+            if t.calibration_alpha for r in t.relation_tower_names]
+
+
+class MultiTaskTrain(nn.Module):
+    """Owns the loss. forward(batch) -> (loss, (loss, B x T logits, B x T labels, B weights))."""
+
+    def __init__(self, model: AITM, loss: MultiTaskLoss, l2_regularization: float = 0.0,
+                 embedding_regularization: float = 0.0) -> None:
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss
+        self.l2 = l2_regularization
+        self.emb_reg = embedding_regularization
+
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        x, emb = self.model.embed(batch.dense, batch.sparse)
+        logits = self.model.predict(x)
+        loss = self.loss_fn(logits, batch.labels, batch.weights)
+        if self.l2:
+            kernels = [m.weight for m in self.model.modules() if isinstance(m, nn.Linear)]
+            loss = loss + self.l2 * sum(w.pow(2).sum() for w in kernels) / 2
+        if self.emb_reg:
+            # Only the rows this batch looked up (pooled), never whole tables.
+            loss = loss + self.emb_reg * (emb.pow(2).sum(1) * batch.weights).sum() / 2
+        return loss, (loss.detach(), logits.detach(), batch.labels.detach(), batch.weights.detach())
+
+
+def build_train_module(cfg: Config, device: torch.device | str = "meta",
+                       dense_device: torch.device | str | None = None) -> MultiTaskTrain:
+    mp = cfg.model_config.model_params
+    return MultiTaskTrain(
+        build_model(cfg, device, dense_device),
+        MultiTaskLoss([t.weight for t in cfg.towers], calibration_pairs(cfg)),
+        l2_regularization=mp.l2_regularization,
+        embedding_regularization=cfg.model_config.embedding_regularization,
+    )

@@ -1,0 +1,48 @@
+"""Shared fixtures: a tiny synthetic data set and a tiny version of the seed config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from aitm_torchrec.config import DEFAULT_CONFIG
+from datasets import synthetic
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """12k train / 4k eval rows of the Taobao schema, row groups of 1000, 2 files per split."""
+    out = tmp_path_factory.mktemp("tiny_data")
+    synthetic.main(["--out", str(out), "--rows", "12000", "--eval-rows", "4000",
+                    "--row-group-size", "1000", "--seed", "7"])
+    return out
+
+
+def tiny_config_dict(data: Path, model_dir: Path) -> dict:
+    """The seed config with small tables and layers, on ``data``."""
+    raw = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    raw["train_input_path"] = str(data / "train")
+    raw["eval_input_path"] = str(data / "eval")
+    raw["model_dir"] = str(model_dir)
+    raw["data_config"].update(batch_size=128, prefetch_size=2)
+    raw["train_config"].update(num_steps=40, log_step_count_steps=1)
+    for f in raw["feature_config"]["features"]:
+        if "hash_bucket_size" in f:
+            f["hash_bucket_size"] = min(f["hash_bucket_size"], 500)
+    raw["model_config"]["backbone"]["mlp"]["hidden_units"] = [64, 32]
+    for t in raw["model_config"]["model_params"]["task_towers"]:
+        t["dnn"]["hidden_units"] = [32, 16]
+        if "ait_project_dim" in t:
+            t["ait_project_dim"] = 16
+    return raw
+
+
+@pytest.fixture
+def tiny_config(tiny_data, tmp_path) -> Path:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(tiny_config_dict(tiny_data, tmp_path / "run")))
+    return path
