@@ -340,5 +340,6 @@ def _prefetch(it: Iterator[Batch], depth: int) -> Iterator[Batch]:
             if isinstance(item, BaseException):
                 raise item
             yield item
-    finally:
+    finally:  # consumer done or closed early: stop the worker before returning
         stop.set()
+        t.join()

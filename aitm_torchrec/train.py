@@ -6,6 +6,7 @@ One function, ``run(cfg, env)``, used by ``launch/train.py`` and the tests. Outp
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import math
@@ -82,10 +83,11 @@ def evaluate(dmp: torch.nn.Module, reader: ParquetReader, tower_names: list[str]
     dmp.eval()
     metrics = TaskMetrics(tower_names, env.device)
     steps = min(max_steps, reader.steps_per_epoch) if max_steps else reader.steps_per_epoch
-    for batch in tqdm(itertools.islice(reader.epoch(0), steps), total=steps, desc="eval",
-                      disable=not env.is_main, leave=False):
-        _, (_, logits, labels, weights) = dmp(batch.to(env.device))
-        metrics.update(logits, labels, weights)
+    with contextlib.closing(reader.epoch(0)) as batches:
+        for batch in tqdm(itertools.islice(batches, steps), total=steps, desc="eval",
+                          disable=not env.is_main, leave=False):
+            _, (_, logits, labels, weights) = dmp(batch.to(env.device))
+            metrics.update(logits, labels, weights)
     dmp.train(was_training)
     return metrics.compute()
 
@@ -116,7 +118,8 @@ def run(cfg: Config, env: DistEnv, resume: bool = True) -> dict:
         logger.info("resumed from %s at step %d (saved by world size %s)", path, start, meta.get("world_size"))
 
     reader = train_reader(cfg, env)
-    batches = itertools.islice(stream(reader, start), max(tc.num_steps - start, 0))
+    source = stream(reader, start)
+    batches = itertools.islice(source, max(tc.num_steps - start, 0))
     pipeline = TrainPipelineSparseDist(dmp, optimizer, env.device, execute_all_batches=True)
     writer = SummaryWriter(str(model_dir / "tensorboard")) if env.is_main else None
     bar = tqdm(total=tc.num_steps, initial=start, desc="train", disable=not env.is_main, unit="step")
@@ -138,6 +141,7 @@ def run(cfg: Config, env: DistEnv, resume: bool = True) -> dict:
         if tc.save_checkpoints_steps and step % tc.save_checkpoints_steps == 0 and step < tc.num_steps:
             checkpoint.save(ckpt_root, step, _state(dmp, optimizer, step), _meta(cfg, env, plan), env.is_main)
     elapsed = time.perf_counter() - t0
+    source.close()  # stops the prefetch thread
     bar.close()
     pipeline.detach()
     trained = max(tc.num_steps - start, 0)
