@@ -4,7 +4,9 @@
     b      = backbone(v)                                  shared MLP (may be empty)
     q_t    = tower_t(b)                                   one MLP per task
     p_rt   = transfer_rt(z_r)                             for each relation tower r of t
-    z_t    = AIT([q_t] + [p_rt for r]) if use_ait_module and t has relation towers, else q_t
+    z_t    = AIT([q_t] + [p_rt for r]) if use_ait and t has relation towers
+           = relation_dnn_t(concat(q_t, z_r for r))       if not use_ait (DBMTL)
+           = q_t                                          if t has no relation towers
     logit_t= head_t(z_t)
 
 AIT scores each candidate u: ``self`` (the paper, its official code):
@@ -13,7 +15,8 @@ w = softmax over candidates, z_t = sum_u w_u h1(u). h1, h2, h3 are bias-free map
 
 Towers may form a DAG (``relations``); they run in a topological order. The module knows nothing
 of distribution, files or logging: it takes an EmbeddingBagCollection (usually built on
-``meta``) and plain sizes, and is sharded from outside by DistributedModelParallel.
+``meta``) and plain sizes, and is sharded from outside by DistributedModelParallel. The baselines
+(``baselines.py``) share the input side, ``EmbeddingInput``.
 """
 
 from __future__ import annotations
@@ -29,20 +32,31 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from aitm_torchrec.config import topological_order
 
+Device = torch.device | str | None
+
+
+@dataclass(frozen=True)
+class MLPSpec:
+    """Plain sizes of an MLP: hidden sizes, dropout ratio after each activation, batch norm."""
+
+    hidden_units: tuple[int, ...] = ()
+    dropout: float = 0.0
+    batch_norm: bool = False
+
 
 class MLP(nn.Sequential):
-    """Linear -> ReLU per hidden size (optionally with batch norm and dropout). Out: last size."""
+    """Linear -> [BatchNorm] -> ReLU -> [Dropout] per hidden size. B x in_dim -> B x out_dim
+    (the last hidden size; in_dim when there are none, as the identity)."""
 
-    def __init__(self, in_dim: int, hidden_units: Sequence[int], dropout: float = 0.0,
-                 batch_norm: bool = False, device: torch.device | str | None = None) -> None:
+    def __init__(self, in_dim: int, spec: MLPSpec, device: Device = None) -> None:
         layers: list[nn.Module] = []
-        for units in hidden_units:
+        for units in spec.hidden_units:
             layers.append(nn.Linear(in_dim, units, device=device))
-            if batch_norm:
+            if spec.batch_norm:
                 layers.append(nn.BatchNorm1d(units, device=device))
             layers.append(nn.ReLU())
-            if dropout:
-                layers.append(nn.Dropout(dropout))
+            if spec.dropout:
+                layers.append(nn.Dropout(spec.dropout))
             in_dim = units
         super().__init__(*layers)
         self.out_dim = in_dim
@@ -56,8 +70,10 @@ class AIT(nn.Module):
     """
 
     def __init__(self, dim: int, project_dim: int, attention: Literal["self", "cross"] = "self",
-                 device: torch.device | str | None = None) -> None:
+                 device: Device = None) -> None:
         super().__init__()
+        if attention not in ("self", "cross"):
+            raise ValueError(f"AIT attention must be 'self' or 'cross', got {attention!r}")
         self.h1 = nn.Linear(dim, project_dim, bias=False, device=device)
         self.h2 = nn.Linear(dim, project_dim, bias=False, device=device)
         self.h3 = nn.Linear(dim, project_dim, bias=False, device=device)
@@ -81,44 +97,71 @@ class AIT(nn.Module):
 class TowerSpec:
     """Plain sizes for one task tower. ``relations``: indices of the towers that feed this one."""
 
-    hidden_units: tuple[int, ...]
+    dnn: MLPSpec
     relations: tuple[int, ...] = ()
     use_ait: bool = True
-    project_dim: int = 0  # 0 -> hidden_units[-1]
-    transfer_units: tuple[int, ...] = ()  # hidden layers of the transfer MLP before its output layer
-    stop_gradient: bool = False  # detach the transferred vector (EasyRec's newer default)
+    project_dim: int = 0  # 0 -> the tower's last hidden size
+    transfer: MLPSpec = MLPSpec()  # hidden layers of each transfer MLP, before its output layer
+    relation_dnn: MLPSpec = MLPSpec()  # DBMTL; no sizes -> one layer of the tower's last size
+    stop_gradient: bool = False  # detach what the relation towers pass in
 
 
-class AITM(nn.Module):
-    """AITM multi-task model.
+class EmbeddingInput(nn.Module):
+    """The input side every model shares: pooled embeddings and raw values, concatenated.
 
     Args:
         ebc: EmbeddingBagCollection with one table per sparse feature (any device, ``meta`` ok).
         groups: feature names per feature group, concatenated in order into the model input.
         dense_slices: RawFeature name -> (start, stop) columns of the dense input.
-        backbone_units: shared MLP sizes (may be empty).
-        towers: one spec per task, in config order; relations must form a DAG.
-        ait_attention: "self" (paper) or "cross" (EasyRec).
-    forward(dense: B x D_dense, sparse: KJT) -> B x T logits.
+    Subclasses define ``predict(x: B x input_dim) -> B x T logits``.
     """
 
     def __init__(self, ebc: EmbeddingBagCollection, groups: Sequence[Sequence[str]],
-                 dense_slices: dict[str, tuple[int, int]], backbone_units: Sequence[int],
-                 towers: Sequence[TowerSpec], ait_attention: Literal["self", "cross"] = "self",
-                 dropout: float = 0.0, batch_norm: bool = False,
-                 device: torch.device | str | None = None) -> None:
+                 dense_slices: dict[str, tuple[int, int]]) -> None:
         super().__init__()
         self.ebc = ebc
         dims = {c.feature_names[0]: c.embedding_dim for c in ebc.embedding_bag_configs()}
         self.inputs = [name for g in groups for name in g]
         self.sparse_inputs = frozenset(dims)  # fixed here so forward stays fx-traceable
         self.dense_slices = dict(dense_slices)
-        in_dim = sum(dims[n] if n in dims else dense_slices[n][1] - dense_slices[n][0] for n in self.inputs)
-        self.backbone = MLP(in_dim, backbone_units, dropout, batch_norm, device)
+        self.input_dim = sum(dims[n] if n in dims else dense_slices[n][1] - dense_slices[n][0]
+                             for n in self.inputs)
+
+    def embed(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (model input B x input_dim, pooled embeddings B x E of all sparse features)."""
+        pooled = self.ebc(sparse)
+        emb = pooled.to_dict()
+        parts = [emb[n] if n in self.sparse_inputs else dense[:, slice(*self.dense_slices[n])] for n in self.inputs]
+        return torch.cat(parts, dim=1), pooled.values()
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
+        """B x T logits."""
+        return self.predict(self.embed(dense, sparse)[0])
+
+
+class AITM(EmbeddingInput):
+    """AITM multi-task model (and DBMTL, for towers with ``use_ait`` false).
+
+    Args:
+        ebc, groups, dense_slices: the input, see ``EmbeddingInput``.
+        backbone: shared MLP (may have no layers).
+        towers: one spec per task, in config order; relations must form a DAG.
+        ait_attention: "self" (paper) or "cross" (EasyRec).
+    forward(dense: B x D_dense, sparse: KJT) -> B x T logits.
+    """
+
+    def __init__(self, ebc: EmbeddingBagCollection, groups: Sequence[Sequence[str]],
+                 dense_slices: dict[str, tuple[int, int]], backbone: MLPSpec,
+                 towers: Sequence[TowerSpec], ait_attention: Literal["self", "cross"] = "self",
+                 device: Device = None) -> None:
+        super().__init__(ebc, groups, dense_slices)
+        self.backbone = MLP(self.input_dim, backbone, device)
         self.specs = list(towers)
         self.order = topological_order([s.relations for s in self.specs])
-        self.towers = nn.ModuleList(MLP(self.backbone.out_dim, s.hidden_units, dropout, batch_norm, device)
-                                    for s in self.specs)
+        self.towers = nn.ModuleList(MLP(self.backbone.out_dim, s.dnn, device) for s in self.specs)
         out_dims = [0] * len(self.specs)  # dim of z_t
         self.transfers = nn.ModuleDict()
         self.aits = nn.ModuleDict()
@@ -128,26 +171,22 @@ class AITM(nn.Module):
             q_dim = self.towers[t].out_dim
             if s.relations and s.use_ait:
                 for r in s.relations:
-                    mlp = MLP(out_dims[r], s.transfer_units, dropout, batch_norm, device)
+                    # The official code's "info" layer: Linear to the tower's size, then ReLU.
+                    mlp = MLP(out_dims[r], s.transfer, device)
                     self.transfers[f"{r}_{t}"] = nn.Sequential(
                         mlp, nn.Linear(mlp.out_dim, q_dim, device=device), nn.ReLU())
                 k = s.project_dim or q_dim
                 self.aits[str(t)] = AIT(q_dim, k, ait_attention, device)
                 out_dims[t] = k
             elif s.relations:  # DBMTL: concatenate own and relation features, then a relation dnn
-                rel = MLP(q_dim + sum(out_dims[r] for r in s.relations), (q_dim,), dropout, batch_norm, device)
+                units = s.relation_dnn.hidden_units or (q_dim,)
+                spec = MLPSpec(units, s.relation_dnn.dropout, s.relation_dnn.batch_norm)
+                rel = MLP(q_dim + sum(out_dims[r] for r in s.relations), spec, device)
                 self.relation_dnns[str(t)] = rel
                 out_dims[t] = rel.out_dim
             else:
                 out_dims[t] = q_dim
         self.heads = nn.ModuleList(nn.Linear(out_dims[t], 1, device=device) for t in range(len(self.specs)))
-
-    def embed(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (model input B x I, pooled embeddings B x E of the sparse features)."""
-        pooled = self.ebc(sparse)
-        emb = pooled.to_dict()
-        parts = [emb[n] if n in self.sparse_inputs else dense[:, slice(*self.dense_slices[n])] for n in self.inputs]
-        return torch.cat(parts, dim=1), pooled.values()
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """Model input B x I -> B x T logits."""
@@ -156,16 +195,12 @@ class AITM(nn.Module):
         for t in self.order:
             s = self.specs[t]
             q = self.towers[t](b)
+            received = [z[r].detach() if s.stop_gradient else z[r] for r in s.relations]
             if s.relations and s.use_ait:
-                moved = [self.transfers[f"{r}_{t}"](z[r].detach() if s.stop_gradient else z[r])
-                         for r in s.relations]
+                moved = [self.transfers[f"{r}_{t}"](v) for r, v in zip(s.relations, received)]
                 z[t] = self.aits[str(t)](torch.stack([q] + moved, dim=1))
             elif s.relations:
-                rel = [z[r].detach() if s.stop_gradient else z[r] for r in s.relations]
-                z[t] = self.relation_dnns[str(t)](torch.cat([q] + rel, dim=1))
+                z[t] = self.relation_dnns[str(t)](torch.cat([q] + received, dim=1))
             else:
                 z[t] = q
         return torch.cat([self.heads[t](z[t]) for t in range(len(self.specs))], dim=1)
-
-    def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
-        return self.predict(self.embed(dense, sparse)[0])

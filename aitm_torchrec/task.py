@@ -5,7 +5,8 @@ it exactly as training does. The wrapper ``MultiTaskTrain`` owns the loss and fo
 train-pipeline contract: ``forward(batch) -> (loss, (loss, logits, labels, weights))``, all
 detached but the first.
 
-    L = sum_t weight_t * BCE_t                                   (weighted mean over real rows)
+    L = sum_t weight_t * BCE_t                                   (weighted mean over real rows;
+                                                                  weight_t: tower x CLASSIFICATION weight)
       + sum_t alpha_t * mean( sum_{r in relations(t)} max(p_t - p_r, 0) )   ORDER_CALIBRATE_LOSS
       + l2_regularization * sum ||dense kernel||^2 / 2
       + embedding_regularization * ||pooled embeddings of this batch's rows||^2 / 2   (EasyRec: a sum)
@@ -20,15 +21,21 @@ import torch.nn.functional as F
 from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
-from aitm_torchrec.config import Config
+from aitm_torchrec.baselines import DBMTL, ESMM, MMoE, SharedBottom
+from aitm_torchrec.config import DNN, Config
 from aitm_torchrec.data import Batch
 from aitm_torchrec.features import embedding_bag_configs
-from aitm_torchrec.model import AITM, TowerSpec
+from aitm_torchrec.model import AITM, EmbeddingInput, MLPSpec, TowerSpec
 
 
-def build_model(cfg: Config, device: torch.device | str = "meta", dense_device: torch.device | str | None = None) -> AITM:
-    """The config's model. Tables on ``device`` (``meta`` for sharding), dense layers on
-    ``dense_device`` (default: ``cpu`` when tables are on ``meta``)."""
+def mlp_spec(dnn: DNN) -> MLPSpec:
+    return MLPSpec(tuple(dnn.hidden_units), dnn.dropout_ratio, dnn.use_bn)
+
+
+def build_model(cfg: Config, device: torch.device | str = "meta",
+                dense_device: torch.device | str | None = None) -> EmbeddingInput:
+    """The config's model (``model_config.model_class``). Tables on ``device`` (``meta`` for
+    sharding), dense layers on ``dense_device`` (default: ``cpu`` when tables are on ``meta``)."""
     if dense_device is None:
         dense_device = "cpu" if str(device) == "meta" else device
     feats = cfg.feature_config.features
@@ -38,25 +45,35 @@ def build_model(cfg: Config, device: torch.device | str = "meta", dense_device: 
         if f.feature_type == "RawFeature":
             dense_slices[f.name] = (pos, pos + f.raw_input_dim)
             pos += f.raw_input_dim
+    mc = cfg.model_config
+    mp = mc.model_params
+    inputs = dict(ebc=ebc, groups=[g.feature_names for g in mc.feature_groups], dense_slices=dense_slices,
+                  backbone=mlp_spec(mc.backbone.mlp))
     index = {t.tower_name: i for i, t in enumerate(cfg.towers)}
+    dnns = [mlp_spec(t.dnn) for t in cfg.towers]
+    if mc.model_class == "SharedBottom":
+        return SharedBottom(**inputs, towers=dnns, device=dense_device)
+    if mc.model_class == "ESMM":
+        parents = [index[t.relation_tower_names[0]] if t.relation_tower_names else None for t in cfg.towers]
+        return ESMM(**inputs, towers=dnns, parents=parents, device=dense_device)
+    if mc.model_class == "MMoE":
+        return MMoE(**inputs, expert=mlp_spec(mp.expert_dnn), num_expert=mp.num_expert, towers=dnns,
+                    device=dense_device)
     towers = [
         TowerSpec(
-            hidden_units=t.dnn.hidden_units,
+            dnn=dnn,
             relations=tuple(index[r] for r in t.relation_tower_names),
             use_ait=t.use_ait_module,
             project_dim=t.ait_project_dim,
+            transfer=mlp_spec(mp.transfer_mlp),
+            relation_dnn=mlp_spec(t.relation_dnn),
+            stop_gradient=mp.stop_gradient,
         )
-        for t in cfg.towers
+        for t, dnn in zip(cfg.towers, dnns)
     ]
-    mc = cfg.model_config
-    return AITM(
-        ebc,
-        groups=[g.feature_names for g in mc.feature_groups],
-        dense_slices=dense_slices,
-        backbone_units=mc.backbone.mlp.hidden_units,
-        towers=towers,
-        device=dense_device,
-    )
+    if mc.model_class == "DBMTL":
+        return DBMTL(**inputs, towers=towers, device=dense_device)
+    return AITM(**inputs, towers=towers, ait_attention=mp.ait_attention, device=dense_device)
 
 
 class MultiTaskLoss(nn.Module):
@@ -87,7 +104,7 @@ def calibration_pairs(cfg: Config) -> list[tuple[int, int, float]]:
 class MultiTaskTrain(nn.Module):
     """Owns the loss. forward(batch) -> (loss, (loss, B x T logits, B x T labels, B weights))."""
 
-    def __init__(self, model: AITM, loss: MultiTaskLoss, l2_regularization: float = 0.0,
+    def __init__(self, model: EmbeddingInput, loss: MultiTaskLoss, l2_regularization: float = 0.0,
                  embedding_regularization: float = 0.0) -> None:
         super().__init__()
         self.model = model
@@ -113,7 +130,7 @@ def build_train_module(cfg: Config, device: torch.device | str = "meta",
     mp = cfg.model_config.model_params
     return MultiTaskTrain(
         build_model(cfg, device, dense_device),
-        MultiTaskLoss([t.weight for t in cfg.towers], calibration_pairs(cfg)),
+        MultiTaskLoss([t.classification_weight for t in cfg.towers], calibration_pairs(cfg)),
         l2_regularization=mp.l2_regularization,
         embedding_regularization=cfg.model_config.embedding_regularization,
     )

@@ -79,3 +79,89 @@ def test_config_is_frozen():
     cfg = load_config()
     with pytest.raises(Exception):
         cfg.train_config.num_steps = 3  # type: ignore[misc]
+
+
+# --------------------------------------------------------------------------------------------
+# Model configs: the shipped variants, DAG checks, baseline options.
+
+MODEL_CONFIGS = {
+    "aitm_3step.yaml": ("AITM", ["clk", "cart", "buy"]),
+    "aitm_dag.yaml": ("AITM", ["clk", "cart", "buy"]),
+    "esmm_taobao.yaml": ("ESMM", ["clk", "buy"]),
+    "mmoe_taobao.yaml": ("MMoE", ["clk", "buy"]),
+    "shared_bottom_taobao.yaml": ("SharedBottom", ["clk", "buy"]),
+    "dbmtl_taobao.yaml": ("DBMTL", ["clk", "buy"]),
+}
+
+
+def config_path(name: str):
+    from aitm_torchrec.config import DEFAULT_CONFIG
+    return DEFAULT_CONFIG.parent / name
+
+
+@pytest.mark.parametrize("name", sorted(MODEL_CONFIGS))
+def test_model_configs_load(name):
+    cfg = load_config(config_path(name))
+    model_class, labels = MODEL_CONFIGS[name]
+    assert cfg.model_config.model_class == model_class
+    assert [t.label_name for t in cfg.towers] == labels
+    assert cfg.model_dir == f"runs/{name[:-5]}"
+    assert cfg.features == load_config().features  # same features and tables as the seed
+
+
+def test_new_model_keys_have_documented_defaults():
+    cfg = load_config()
+    mp = cfg.model_config.model_params
+    assert (mp.ait_attention, mp.stop_gradient, mp.transfer_mlp.hidden_units) == ("self", False, ())
+    assert (mp.num_expert, mp.expert_dnn.hidden_units) == (3, ())
+    dnn = cfg.towers[0].dnn
+    assert (dnn.dropout_ratio, dnn.use_bn) == (0.0, False)
+    assert cfg.towers[1].relation_dnn.hidden_units == ()
+    dag = load_config(config_path("aitm_dag.yaml")).towers
+    assert dag[2].relation_tower_names == ("ctr", "cart") and dag[2].calibration_alpha == 1.0
+
+
+def test_classification_weight_is_tower_weight_times_loss_weight():
+    cfg = load_config(None, ["model_config.model_params.task_towers.1.weight=2",
+                             "model_config.model_params.task_towers.1.losses.0.weight=0.5",
+                             "model_config.model_params.task_towers.1.losses.1.weight=0.3"])
+    assert cfg.towers[1].classification_weight == 1.0
+    assert cfg.towers[1].calibration_alpha == 0.3  # alpha is the calibrator's own weight
+    assert cfg.towers[0].classification_weight == 1.0
+
+
+TOWERS = "model_config.model_params.task_towers"
+
+
+@pytest.mark.parametrize("name,overrides,message", [
+    ("aitm_dag.yaml", [f"{TOWERS}.0.relation_tower_names=[buy]"], "form a cycle among towers: ctr, buy"),
+    ("aitm_3step.yaml", [f"{TOWERS}.0.relation_tower_names=[buy]"], "form a cycle among towers: ctr, cart, buy"),
+    ("aitm_dag.yaml", [f"{TOWERS}.2.relation_tower_names=[ctr, ctr]"], "(buy) names tower 'ctr' twice"),
+    ("aitm_dag.yaml", [f"{TOWERS}.2.relation_tower_names=[ctr, click]"], "(buy) names unknown tower 'click'"),
+    ("aitm_dag.yaml", [f"{TOWERS}.2.relation_tower_names=[buy]"], "(buy) names itself"),
+    ("aitm_3step.yaml", [f"{TOWERS}.2.label_name=cart"],
+     "(buy) label 'cart' is already used by tower 'cart'"),
+    ("aitm_3step.yaml", [f"{TOWERS}.1.tower_name=buy"], "'buy' is used by more than one tower"),
+    ("aitm_3step.yaml", ["model_config.model_params.ait_attention=dot"],
+     "ait_attention is 'dot'; allowed: self, cross"),
+    ("aitm_3step.yaml", [f"{TOWERS}.1.dnn.dropout_ratio=1.5"],
+     "task_towers[1].dnn.dropout_ratio (cart) must be in [0, 1)"),
+    ("aitm_3step.yaml", ["model_config.backbone.mlp.use_bn=1"], "use_bn must be true or false"),
+    ("aitm_3step.yaml", ["model_config.model_params.transfer_mlp.hidden_units=[0]"],
+     "transfer_mlp.hidden_units must list positive sizes"),
+    ("aitm_3step.yaml", [f"{TOWERS}.2.weight=-1"], "(buy) weight and losses[].weight must be >= 0"),
+    ("aitm_3step.yaml", ["model_config.model_class=PLE"],
+     "model_class is 'PLE'; allowed: AITM, DBMTL, ESMM, MMoE, SharedBottom"),
+    ("esmm_taobao.yaml", [f"{TOWERS}.0.relation_tower_names=[cvr]"], "form a cycle among towers: ctr, cvr"),
+    ("aitm_dag.yaml", ["model_config.model_class=ESMM"], "(buy) ESMM multiplies along a chain"),
+    ("mmoe_taobao.yaml", ["model_config.model_params.expert_dnn.hidden_units=[]"],
+     "expert_dnn.hidden_units must list at least one size"),
+    ("mmoe_taobao.yaml", ["model_config.model_params.num_expert=0"], "num_expert must be >= 1"),
+    ("dbmtl_taobao.yaml", [f"{TOWERS}.1.relation_dnn.hidden_units=[-4]"],
+     "relation_dnn.hidden_units (cvr) must list positive sizes"),
+])
+def test_model_errors_name_the_file_the_key_and_the_tower(name, overrides, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(config_path(name), overrides)
+    assert message in str(e.value)
+    assert name in str(e.value)

@@ -1,0 +1,145 @@
+"""Baselines users compare AITM against, on the same input (EmbeddingBagCollection, groups).
+
+Each takes the ebc and plain sizes exactly as AITM does and has the same interface
+(``embed(dense, sparse) -> (x, pooled)``, ``predict(x) -> B x T logits``, ``forward``), so the
+train wrapper, DistributedModelParallel and the train pipeline run them unchanged.
+
+    SharedBottom   b = backbone(v); logit_t = head_t(tower_t(b))
+    ESMM           c_t = head_t(tower_t(b)) is the logit of P(step t | step r) for t's relation
+                   tower r; the output is the logit of the marginal P(step t) = prod of sigmoid(c)
+                   along the chain (pCTCVR = pCTR x pCVR), trained on all impressions.
+    MMoE           e_i = expert_i(b); g_t = softmax(W_t b + c_t) over experts;
+                   logit_t = head_t(tower_t(sum_i g_ti e_i))
+    DBMTL          AITM with every tower's use_ait false: relation dnn over concat(own, relations)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+from aitm_torchrec.config import topological_order
+from aitm_torchrec.model import AITM, MLP, Device, EmbeddingInput, MLPSpec, TowerSpec
+
+# Marginal probabilities are capped at exp(MAX_LOG_PROB) ~ 1 - 1e-6 so their logits stay finite.
+MAX_LOG_PROB = -1e-6
+
+
+class SharedBottom(EmbeddingInput):
+    """Shared backbone, one tower and head per task. forward(dense, sparse) -> B x T logits."""
+
+    def __init__(self, ebc: EmbeddingBagCollection, groups: Sequence[Sequence[str]],
+                 dense_slices: dict[str, tuple[int, int]], backbone: MLPSpec, towers: Sequence[MLPSpec],
+                 device: Device = None) -> None:
+        super().__init__(ebc, groups, dense_slices)
+        self.backbone = MLP(self.input_dim, backbone, device)
+        self.towers = nn.ModuleList(MLP(self.backbone.out_dim, s, device) for s in towers)
+        self.heads = nn.ModuleList(nn.Linear(t.out_dim, 1, device=device) for t in self.towers)
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        b = self.backbone(x)
+        return torch.cat([head(tower(b)) for tower, head in zip(self.towers, self.heads)], dim=1)
+
+
+def log1mexp(log_p: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(log_p)) for log_p < 0, accurate at both ends (Maechler 2012)."""
+    return torch.where(log_p > -0.6931471805599453, torch.log(-torch.expm1(log_p)),
+                       torch.log1p(-torch.exp(log_p)))
+
+
+def marginal_logits(conditional: torch.Tensor, parents: Sequence[int | None]) -> torch.Tensor:
+    """ESMM's chain rule on logits.
+
+    conditional: B x T logits of P(step t | step parents[t]), or of P(step t) where parents[t] is
+    None; parents form chains (no cycles). Returns B x T logits of the marginal probabilities
+    P(step t) = sigmoid(c_t) * P(step parents[t]), computed in log space.
+    """
+    conditional = conditional.float()  # log space needs float32 even under autocast
+    log_p: list[torch.Tensor | None] = [None] * len(parents)
+    out: list[torch.Tensor | None] = [None] * len(parents)
+    for t in topological_order([[] if p is None else [p] for p in parents]):
+        own = F.logsigmoid(conditional[:, t])
+        if parents[t] is None:
+            log_p[t], out[t] = own, conditional[:, t]  # already the marginal's logit, exactly
+        else:
+            log_p[t] = own + log_p[parents[t]]
+            lp = log_p[t].clamp(max=MAX_LOG_PROB)
+            out[t] = lp - log1mexp(lp)  # logit(p) = log p - log(1 - p)
+    return torch.stack(out, dim=1)
+
+
+class ESMM(EmbeddingInput):
+    """Entire-space multi-task model (Ma et al., SIGIR 2018), for chains of any length.
+
+    ``parents[t]``: the tower whose step must happen before step t (None for a first step).
+    predict(x) -> B x T logits of the marginal probabilities over all impressions.
+    """
+
+    def __init__(self, ebc: EmbeddingBagCollection, groups: Sequence[Sequence[str]],
+                 dense_slices: dict[str, tuple[int, int]], backbone: MLPSpec, towers: Sequence[MLPSpec],
+                 parents: Sequence[int | None], device: Device = None) -> None:
+        super().__init__(ebc, groups, dense_slices)
+        if len(parents) != len(towers):
+            raise ValueError(f"ESMM needs one parent entry per tower: {len(parents)} for {len(towers)}")
+        self.parents = list(parents)
+        self.backbone = MLP(self.input_dim, backbone, device)
+        self.towers = nn.ModuleList(MLP(self.backbone.out_dim, s, device) for s in towers)
+        self.heads = nn.ModuleList(nn.Linear(t.out_dim, 1, device=device) for t in self.towers)
+
+    def conditional_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """B x T logits of each step given its parent step."""
+        b = self.backbone(x)
+        return torch.cat([head(tower(b)) for tower, head in zip(self.towers, self.heads)], dim=1)
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        return marginal_logits(self.conditional_logits(x), self.parents)
+
+
+class MMoE(EmbeddingInput):
+    """Multi-gate mixture of experts (Ma et al., KDD 2018).
+
+    Experts and gates read the backbone output (the model input when the backbone is empty).
+    forward(dense, sparse) -> B x T logits.
+    """
+
+    def __init__(self, ebc: EmbeddingBagCollection, groups: Sequence[Sequence[str]],
+                 dense_slices: dict[str, tuple[int, int]], backbone: MLPSpec, expert: MLPSpec,
+                 num_expert: int, towers: Sequence[MLPSpec], device: Device = None) -> None:
+        super().__init__(ebc, groups, dense_slices)
+        self.backbone = MLP(self.input_dim, backbone, device)
+        in_dim = self.backbone.out_dim
+        self.experts = nn.ModuleList(MLP(in_dim, expert, device) for _ in range(num_expert))
+        self.gates = nn.ModuleList(nn.Linear(in_dim, num_expert, device=device) for _ in towers)
+        expert_dim = self.experts[0].out_dim
+        self.towers = nn.ModuleList(MLP(expert_dim, s, device) for s in towers)
+        self.heads = nn.ModuleList(nn.Linear(t.out_dim, 1, device=device) for t in self.towers)
+
+    def gate_weights(self, b: torch.Tensor) -> torch.Tensor:
+        """B x T x E: per task, a softmax over the experts."""
+        return torch.stack([torch.softmax(gate(b), dim=1) for gate in self.gates], dim=1)
+
+    def mix(self, b: torch.Tensor) -> torch.Tensor:
+        """B x T x D: each task's gated sum of the expert outputs."""
+        experts = torch.stack([e(b) for e in self.experts], dim=1)  # B x E x D
+        return torch.einsum("bte,bed->btd", self.gate_weights(b), experts)
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        mixed = self.mix(self.backbone(x))
+        return torch.cat([head(tower(mixed[:, t])) for t, (tower, head) in enumerate(zip(self.towers, self.heads))],
+                         dim=1)
+
+
+class DBMTL(AITM):
+    """DBMTL (Bayesian-network multi-task): AITM's towers with a relation dnn for every tower
+    that has relation towers, never AIT."""
+
+    def __init__(self, ebc: EmbeddingBagCollection, groups: Sequence[Sequence[str]],
+                 dense_slices: dict[str, tuple[int, int]], backbone: MLPSpec,
+                 towers: Sequence[TowerSpec], device: Device = None) -> None:
+        super().__init__(ebc, groups, dense_slices, backbone,
+                         [dataclasses.replace(s, use_ait=False) for s in towers], device=device)

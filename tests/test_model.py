@@ -1,0 +1,317 @@
+"""The model math on small tensors with fixed weights, checked against values computed by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from aitm_torchrec.baselines import DBMTL, ESMM, MMoE, SharedBottom, marginal_logits
+from aitm_torchrec.config import load_config
+from aitm_torchrec.data import Batch
+from aitm_torchrec.model import AIT, AITM, MLPSpec, TowerSpec
+from aitm_torchrec.task import MultiTaskLoss, MultiTaskTrain, build_model, calibration_pairs
+from tests.conftest import REPO
+
+
+def tiny_ebc(rows: int = 100, dim: int = 2) -> EmbeddingBagCollection:
+    """Two sum-pooled tables, a and b, on the CPU."""
+    return EmbeddingBagCollection(tables=[
+        EmbeddingBagConfig(name=n, feature_names=[n], num_embeddings=rows, embedding_dim=dim) for n in ("a", "b")
+    ], device=torch.device("cpu"))
+
+
+def tiny_aitm(towers: list[TowerSpec], backbone: tuple[int, ...] = (3,), **kwargs) -> AITM:
+    return AITM(tiny_ebc(), [["a", "b"]], {}, MLPSpec(backbone), towers, **kwargs)
+
+
+def two_towers(width: int = 2, **kwargs) -> list[TowerSpec]:
+    return [TowerSpec(MLPSpec((width,))), TowerSpec(MLPSpec((width,)), relations=(0,), **kwargs)]
+
+
+def set_weights(linear: nn.Linear, rows: list[list[float]]) -> None:
+    with torch.no_grad():
+        linear.weight.copy_(torch.tensor(rows))
+
+
+# --------------------------------------------------------------------------------------------
+# AIT
+
+
+@pytest.fixture
+def ait_inputs() -> tuple[torch.Tensor, list[list[float]]]:
+    """Candidates B=2 x C=2 x D=3 (own tower first) and the fixed maps (D=3 -> k=2)."""
+    candidates = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 2.0]],
+                               [[0.0, 0.0, 1.0], [1.0, 3.0, 1.0]]])
+    return candidates, [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], [[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]
+
+
+def fixed_ait(attention: str, h1: list, h23: list) -> AIT:
+    ait = AIT(dim=3, project_dim=2, attention=attention)
+    set_weights(ait.h1, h1)
+    set_weights(ait.h2, h23)
+    set_weights(ait.h3, h23)
+    return ait
+
+
+def test_ait_self_attention_scores_each_candidate_by_itself(ait_inputs):
+    candidates, h1, h23 = ait_inputs
+    ait = fixed_ait("self", h1, h23)
+    # h2(u) = h3(u) = (u0, u2), so s_u = (u0^2 + u2^2) / sqrt(k), k = 2 (not D = 3).
+    # row 0: s_q = 1/sqrt2, s_p = 4/sqrt2;  row 1: s_q = 1/sqrt2, s_p = 2/sqrt2.
+    w0p = 1 / (1 + math.exp(-3 / math.sqrt(2)))
+    w1p = 1 / (1 + math.exp(-1 / math.sqrt(2)))
+    expected_w = torch.tensor([[1 - w0p, w0p], [1 - w1p, w1p]])
+    torch.testing.assert_close(ait.weights(candidates), expected_w)
+    # z = sum_u w_u h1(u), h1(u) = (u0, u1): row 0: (w_q, w_p); row 1: w_p * (1, 3).
+    torch.testing.assert_close(ait(candidates), torch.tensor([[1 - w0p, w0p], [w1p, 3 * w1p]]))
+
+
+def test_ait_cross_attention_uses_the_own_tower_as_query(ait_inputs):
+    candidates, h1, h23 = ait_inputs
+    ait = fixed_ait("cross", h1, h23)
+    # s_u = <h2(q), h3(u)> / sqrt2. row 0: h2(q) = (1, 0): s_q = 1/sqrt2, s_p = 0.
+    # row 1: h2(q) = (0, 1): s_q = 1/sqrt2, s_p = 1/sqrt2 -> equal weights.
+    w0q = 1 / (1 + math.exp(-1 / math.sqrt(2)))
+    torch.testing.assert_close(ait.weights(candidates), torch.tensor([[w0q, 1 - w0q], [0.5, 0.5]]))
+    torch.testing.assert_close(ait(candidates), torch.tensor([[w0q, 1 - w0q], [0.5, 1.5]]))
+
+
+def test_ait_softmax_runs_over_any_number_of_candidates():
+    ait = AIT(dim=2, project_dim=2)
+    set_weights(ait.h2, [[1.0, 0.0], [0.0, 1.0]])
+    set_weights(ait.h3, [[1.0, 0.0], [0.0, 1.0]])
+    # three candidates with squared norms 0, 2, 8 -> scores 0, 2/sqrt2, 8/sqrt2
+    w = ait.weights(torch.tensor([[[0.0, 0.0], [1.0, 1.0], [2.0, 2.0]]]))
+    e = [1.0, math.exp(math.sqrt(2)), math.exp(4 * math.sqrt(2))]
+    torch.testing.assert_close(w, torch.tensor([[x / sum(e) for x in e]]))
+
+
+# --------------------------------------------------------------------------------------------
+# Loss: calibrator, task weights, regularization
+
+
+def test_calibrator_is_zero_for_an_ordered_chain_and_positive_otherwise():
+    loss = MultiTaskLoss([0.0, 0.0, 0.0], [(1, 0, 0.5), (2, 1, 0.5)])  # calibration only
+    labels = torch.zeros(3, 3)
+    ordered = torch.tensor([[2.0, 1.0, 0.0], [0.0, -1.0, -1.0], [5.0, 5.0, 5.0]])
+    assert loss(ordered, labels, torch.ones(3)).item() == 0.0
+    # row 1: p = (0.5, 0.75, 0.5): cart over click by 0.25, buy below cart. Row 2 is padding.
+    logits = torch.tensor([[2.0, 1.0, 0.0], [0.0, math.log(3.0), 0.0], [-9.0, 9.0, 9.0]])
+    got = loss(logits, labels, torch.tensor([1.0, 1.0, 0.0]))
+    assert got.item() == pytest.approx(0.5 * 0.25 / 2)  # alpha x mean over the 2 real rows
+
+
+def test_task_weights_scale_each_tasks_bce():
+    loss = MultiTaskLoss([1.0, 2.0], [])
+    # logit 0 -> BCE = ln 2 for either label; padding rows do not count
+    got = loss(torch.zeros(3, 2), torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]), torch.tensor([1.0, 1.0, 0.0]))
+    assert got.item() == pytest.approx(3 * math.log(2))
+
+
+def tiny_batch() -> Batch:
+    """3 rows: (a=[1], b=[2]), (a=[3, 4], b=[]), padding (a=[5], b=[6]) with weight 0."""
+    sparse = KeyedJaggedTensor.from_lengths_sync(
+        keys=["a", "b"], values=torch.tensor([1, 3, 4, 5, 2, 6]), lengths=torch.tensor([1, 2, 1, 1, 0, 1]))
+    return Batch(torch.zeros(3, 0), sparse, torch.tensor([[1.0, 0.0], [0.0, 0.0], [1.0, 1.0]]),
+                 torch.tensor([1.0, 1.0, 0.0]))
+
+
+def constant_model() -> AITM:
+    """Input 4 (two dim-2 tables) -> backbone [3] -> towers [2] -> transfer 2 -> AIT k=2 -> heads."""
+    model = tiny_aitm(two_towers())
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Linear):
+                m.weight.fill_(0.1)
+                if m.bias is not None:
+                    m.bias.zero_()
+        tables = model.ebc.embedding_bags
+        tables["a"].weight.fill_(0.5)
+        tables["b"].weight.fill_(-1.0)
+    return model
+
+
+def test_l2_regularization_sums_squared_dense_kernels():
+    model = constant_model()
+    batch = tiny_batch()
+    base = MultiTaskTrain(model, MultiTaskLoss([1.0, 1.0], []))(batch)[0]
+    with_l2 = MultiTaskTrain(model, MultiTaskLoss([1.0, 1.0], []), l2_regularization=0.2)(batch)[0]
+    # kernels: backbone 4x3, towers 2 x (3x2), transfer 2x2, AIT 3 x (2x2), heads 2 x (2x1) = 44
+    kernels = 4 * 3 + 2 * 3 * 2 + 2 * 2 + 3 * 2 * 2 + 2 * 2
+    assert (with_l2 - base).item() == pytest.approx(0.2 * kernels * 0.1**2 / 2, rel=1e-5)
+
+
+def test_embedding_regularization_covers_only_the_batchs_rows():
+    model = constant_model()
+    batch = tiny_batch()
+    base = MultiTaskTrain(model, MultiTaskLoss([1.0, 1.0], []))(batch)[0]
+    with_reg = MultiTaskTrain(model, MultiTaskLoss([1.0, 1.0], []), embedding_regularization=0.1)(batch)[0]
+    # pooled row 0: a = (0.5, 0.5), b = (-1, -1) -> 0.5 + 2 = 2.5; row 1: a = (1, 1), b empty -> 2;
+    # padding row: 0. Whole tables would give 100 x 2 x (0.25 + 1) = 250.
+    assert (with_reg - base).item() == pytest.approx(0.1 * (2.5 + 2.0) / 2, rel=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# Towers: transfer gradients, DAG order, DBMTL
+
+
+@pytest.mark.parametrize("use_ait", [True, False])
+@pytest.mark.parametrize("stop_gradient", [False, True])
+def test_later_task_trains_the_earlier_tower_unless_stopped(use_ait, stop_gradient):
+    torch.manual_seed(0)
+    model = tiny_aitm(two_towers(8, use_ait=use_ait, stop_gradient=stop_gradient), backbone=(8,))
+    model.predict(torch.randn(16, 4))[:, 1].sum().backward()  # the later task's output only
+    earlier = model.towers[0][0].weight.grad
+    if stop_gradient:
+        assert earlier is None or earlier.abs().sum() == 0
+    else:
+        assert earlier is not None and earlier.abs().sum() > 0
+    assert model.backbone[0].weight.grad.abs().sum() > 0  # the shared part trains either way
+    receiving = model.transfers["0_1"][1] if use_ait else model.relation_dnns["1"][0]
+    assert receiving.weight.grad.abs().sum() > 0  # the transfer itself trains either way
+
+
+def test_dag_towers_run_in_topological_order_and_attend_over_all_inputs():
+    # buy (listed first) reads ctr and cart; cart reads ctr.
+    towers = [TowerSpec(MLPSpec((2,)), relations=(1, 2)), TowerSpec(MLPSpec((2,))),
+              TowerSpec(MLPSpec((2,)), relations=(1,))]
+    model = tiny_aitm(towers)
+    assert model.order == [1, 2, 0]
+    assert set(model.transfers) == {"1_0", "2_0", "1_2"}
+    seen = {}
+    model.aits["0"].register_forward_hook(lambda m, args, out: seen.update(buy=args[0].shape))
+    assert model.predict(torch.randn(5, 4)).shape == (5, 3)
+    assert seen["buy"] == (5, 3, 2)  # own + 2 transferred candidates
+
+
+def test_dbmtl_concatenates_own_and_relation_features_into_a_relation_dnn():
+    torch.manual_seed(0)
+    model = tiny_aitm(two_towers(use_ait=False))
+    assert not model.aits and not model.transfers
+    rel = model.relation_dnns["1"]
+    assert rel[0].in_features == 2 + 2 and rel.out_dim == 2  # default: one layer of the tower's size
+    seen = {}
+    rel.register_forward_hook(lambda m, args, out: seen.update(x=args[0]))
+    x = torch.randn(4, 4)
+    model.predict(x)
+    b = model.backbone(x)
+    torch.testing.assert_close(seen["x"], torch.cat([model.towers[1](b), model.towers[0](b)], dim=1))
+
+
+def test_dbmtl_baseline_never_uses_ait():
+    model = DBMTL(tiny_ebc(), [["a", "b"]], {}, MLPSpec((3,)), two_towers(use_ait=True))
+    assert not model.aits and set(model.relation_dnns) == {"1"}
+
+
+# --------------------------------------------------------------------------------------------
+# Baselines
+
+
+def logit(p: float) -> float:
+    return math.log(p / (1 - p))
+
+
+def test_esmm_marginal_is_the_product_of_conditionals_along_the_chain():
+    # conditionals 0.5, 0.5, 0.75 -> marginals 0.5, 0.25, 0.1875
+    got = marginal_logits(torch.tensor([[0.0, 0.0, math.log(3.0)]]), [None, 0, 1])
+    torch.testing.assert_close(got, torch.tensor([[0.0, logit(0.25), logit(0.1875)]]))
+    # the chain need not follow the tower order: tower 0 follows tower 2, which follows tower 1
+    got = marginal_logits(torch.tensor([[math.log(3.0), 0.0, 0.0]]), [2, None, 1])
+    torch.testing.assert_close(got, torch.tensor([[logit(0.1875), 0.0, logit(0.25)]]))
+
+
+def test_esmm_marginal_logits_stay_finite_at_the_extremes():
+    c = torch.tensor([[40.0, 40.0], [-60.0, -60.0]], requires_grad=True)
+    got = marginal_logits(c, [None, 0])
+    got.sum().backward()
+    assert torch.isfinite(got).all() and torch.isfinite(c.grad).all()
+    assert got[0, 1].item() == pytest.approx(math.log(1 / 1e-6), rel=1e-3)  # p capped at 1 - 1e-6
+    assert got[1, 1].item() == pytest.approx(-120.0, rel=1e-5)  # log p1 + log p2, p tiny
+
+
+def test_esmm_model_outputs_marginals_of_its_towers():
+    torch.manual_seed(0)
+    model = ESMM(tiny_ebc(), [["a", "b"]], {}, MLPSpec((3,)), [MLPSpec((2,))] * 3, parents=[None, 0, 1])
+    x = torch.randn(6, 4)
+    cond = torch.sigmoid(model.conditional_logits(x))
+    marg = torch.sigmoid(model.predict(x))
+    torch.testing.assert_close(marg[:, 0], cond[:, 0])
+    torch.testing.assert_close(marg[:, 2], cond[:, 0] * cond[:, 1] * cond[:, 2])
+
+
+def test_mmoe_gates_are_a_softmax_over_experts():
+    torch.manual_seed(0)
+    model = MMoE(tiny_ebc(), [["a", "b"]], {}, MLPSpec(()), MLPSpec((2,)), 3, [MLPSpec((2,))] * 2)
+    with torch.no_grad():
+        for gate, bias in zip(model.gates, ([0.0, math.log(2), math.log(3)], [0.0, 0.0, 0.0])):
+            gate.weight.zero_()
+            gate.bias.copy_(torch.tensor(bias))
+    b = torch.randn(5, 4)
+    w = model.gate_weights(b)
+    torch.testing.assert_close(w[:, 0], torch.tensor([[1 / 6, 2 / 6, 3 / 6]] * 5))
+    torch.testing.assert_close(w[:, 1], torch.full((5, 3), 1 / 3))
+    e = [expert(b) for expert in model.experts]
+    torch.testing.assert_close(model.mix(b)[:, 0], e[0] / 6 + e[1] * 2 / 6 + e[2] * 3 / 6)
+    with torch.no_grad():
+        model.gates[1].weight.normal_()
+    torch.testing.assert_close(model.gate_weights(b).sum(-1), torch.ones(5, 2))  # per task, per row
+    assert model.predict(b).shape == (5, 2)
+
+
+def test_shared_bottom_has_no_transfer_between_towers():
+    torch.manual_seed(0)
+    model = SharedBottom(tiny_ebc(), [["a", "b"]], {}, MLPSpec((8,)), [MLPSpec((8,))] * 2)
+    model.predict(torch.randn(16, 4))[:, 1].sum().backward()
+    assert model.towers[0][0].weight.grad.abs().sum() == 0  # task 1's loss never reaches tower 0
+    assert model.towers[1][0].weight.grad.abs().sum() > 0
+
+
+# --------------------------------------------------------------------------------------------
+# From config
+
+
+SMALL = [f"feature_config.features.{i}.hash_bucket_size=50" for i in range(17)]
+
+
+def test_model_class_picks_the_model_with_the_same_input_side():
+    models = {name: build_model(load_config(REPO / "configs" / name, SMALL), device="cpu")
+              for name in ("aitm_taobao.yaml", "esmm_taobao.yaml", "mmoe_taobao.yaml",
+                           "shared_bottom_taobao.yaml", "dbmtl_taobao.yaml")}
+    assert [type(m).__name__ for m in models.values()] == ["AITM", "ESMM", "MMoE", "SharedBottom", "DBMTL"]
+    tables = {n: [c.name for c in m.ebc.embedding_bag_configs()] for n, m in models.items()}
+    assert len({tuple(t) for t in tables.values()}) == 1
+    assert {m.input_dim for m in models.values()} == {17 * 16}
+
+
+def test_options_reach_the_modules():
+    cfg = load_config(REPO / "configs" / "aitm_3step.yaml", SMALL + [
+        "model_config.model_params.ait_attention=cross",
+        "model_config.model_params.stop_gradient=true",
+        "model_config.model_params.transfer_mlp={hidden_units: [7], use_bn: true}",
+        "model_config.backbone.mlp.dropout_ratio=0.25",
+        "model_config.model_params.task_towers.1.dnn.use_bn=true",
+    ])
+    model = build_model(cfg, device="cpu")
+    assert model.order == [0, 1, 2]
+    assert {a.attention for a in model.aits.values()} == {"cross"}
+    assert all(s.stop_gradient for s in model.specs)
+    transfer = model.transfers["0_1"]
+    assert transfer[0][0].out_features == 7 and isinstance(transfer[0][1], nn.BatchNorm1d)
+    assert transfer[1].out_features == 128  # then the output layer, the receiving tower's size
+    assert [m.p for m in model.backbone if isinstance(m, nn.Dropout)] == [0.25, 0.25]
+    assert any(isinstance(m, nn.BatchNorm1d) for m in model.towers[1])
+    assert not any(isinstance(m, nn.BatchNorm1d) for m in model.towers[0])  # EasyRec's default differs
+    assert calibration_pairs(cfg) == [(1, 0, 1.0), (2, 1, 1.0)]
+
+
+def test_dag_config_calibrates_against_every_relation_tower():
+    cfg = load_config(REPO / "configs" / "aitm_dag.yaml", SMALL)
+    assert calibration_pairs(cfg) == [(2, 0, 1.0), (2, 1, 1.0)]
+    model = build_model(cfg, device="cpu")
+    assert set(model.transfers) == {"0_2", "1_2"} and set(model.aits) == {"2"}

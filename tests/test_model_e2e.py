@@ -1,0 +1,126 @@
+"""Every shipped model config trains end to end on 2 real gloo ranks, from config alone.
+
+The 3-step chain and the DAG train on 3-label data, the baselines on the seed's 2 labels, each
+for a few steps on tiny tables (about 5 s per config). Each config gets its own ``run_ranks``
+call: calling ``main`` twice in one worker re-creates the default process group on the elastic
+agent's store under the same key prefix, and the second rendezvous can read the first one's stale
+addresses and hang.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from datasets import synthetic
+from tests.conftest import REPO
+from tests.multiprocess import run_ranks
+
+STEPS = 40
+CHAIN_CONFIGS = ("aitm_3step.yaml", "aitm_dag.yaml")
+TAOBAO_CONFIGS = ("aitm_taobao.yaml", "esmm_taobao.yaml", "mmoe_taobao.yaml", "shared_bottom_taobao.yaml",
+                  "dbmtl_taobao.yaml")
+
+
+@pytest.fixture(scope="session")
+def chain_data(tmp_path_factory) -> Path:
+    """12k train / 4k eval rows with the labels clk -> cart -> buy."""
+    out = tmp_path_factory.mktemp("chain_data")
+    synthetic.main(["--out", str(out), "--rows", "12000", "--eval-rows", "4000", "--row-group-size", "1000",
+                    "--labels", "clk,cart,buy", "--seed", "11"])
+    return out
+
+
+def shrink(name: str, data: Path, model_dir: Path) -> dict:
+    """configs/<name> with small tables and layers, on ``data`` (as conftest.tiny_config_dict)."""
+    raw = yaml.safe_load((REPO / "configs" / name).read_text())
+    raw["train_input_path"] = str(data / "train")
+    raw["eval_input_path"] = str(data / "eval")
+    raw["model_dir"] = str(model_dir)
+    raw["data_config"].update(batch_size=128, prefetch_size=2)
+    raw["train_config"].update(num_steps=STEPS, log_step_count_steps=1)
+    # learning rates that show learning within STEPS
+    raw["train_config"]["sparse_optimizer"]["learning_rate"] = 0.2
+    raw["train_config"]["dense_optimizer"]["learning_rate"] = 0.01
+    for f in raw["feature_config"]["features"]:
+        if "hash_bucket_size" in f:
+            f["hash_bucket_size"] = min(f["hash_bucket_size"], 500)
+    mc = raw["model_config"]
+    if "backbone" in mc:
+        mc["backbone"]["mlp"]["hidden_units"] = [64, 32]
+    if "expert_dnn" in mc["model_params"]:
+        mc["model_params"]["expert_dnn"]["hidden_units"] = [32, 16]
+    for t in mc["model_params"]["task_towers"]:
+        t["dnn"]["hidden_units"] = [32, 16]
+        if "ait_project_dim" in t:
+            t["ait_project_dim"] = 16
+        if "relation_dnn" in t:
+            t["relation_dnn"]["hidden_units"] = [16]
+    return raw
+
+
+def _train(config_path: str) -> dict:
+    from launch.train import main
+
+    return main(["--config", config_path])
+
+
+@pytest.fixture(scope="module")
+def trained(chain_data, tiny_data, tmp_path_factory) -> dict[str, tuple[dict, dict]]:
+    """config name -> (its shrunk raw config, the summary.json it wrote)."""
+    root = tmp_path_factory.mktemp("model_e2e")
+    out = {}
+    for name in CHAIN_CONFIGS + TAOBAO_CONFIGS:
+        raw = shrink(name, chain_data if name in CHAIN_CONFIGS else tiny_data, root / Path(name).stem)
+        path = root / name
+        path.write_text(yaml.safe_dump(raw))
+        results = run_ranks(_train, str(path))
+        summary = json.loads((Path(raw["model_dir"]) / "summary.json").read_text())
+        assert summary == json.loads(json.dumps(results[0])), f"{name}: summary.json is rank 0's summary"
+        out[name] = (raw, summary)
+    return out
+
+
+def _structure(value):
+    """The nested key structure of a summary, without its numbers."""
+    if isinstance(value, dict):
+        return {k: _structure(v) for k, v in value.items()}
+    return type(value).__name__
+
+
+def _check_trained(name: str, raw: dict, summary: dict) -> None:
+    towers = [(t["tower_name"], t["label_name"]) for t in raw["model_config"]["model_params"]["task_towers"]]
+    assert [(t["tower_name"], t["label_name"]) for t in summary["towers"]] == towers
+    assert summary["world_size"] == 2
+    assert summary["train"]["steps"] == STEPS
+    assert summary["train"]["examples"] == STEPS * 2 * 128
+    losses = [loss for _, loss in summary["train"]["loss"]]
+    assert len(losses) == STEPS
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < first, f"{name}: loss did not fall ({first:.4f} -> {last:.4f})"
+    assert set(summary["eval"]) == {t for t, _ in towers}
+    for tower, m in summary["eval"].items():
+        assert set(m) == {"auc", "logloss", "calibration"}
+        assert 0.5 < m["auc"] <= 1.0 and m["logloss"] > 0, f"{name}/{tower}: {m}"
+    assert summary["eval"][towers[0][0]]["auc"] > 0.58, f"{name}: the click tower did not learn"
+    ckpt = Path(raw["model_dir"]) / "checkpoints" / f"step_{STEPS:08d}"
+    assert (ckpt / "meta.json").exists()
+
+
+@pytest.mark.parametrize("name", CHAIN_CONFIGS)
+def test_three_step_chain_and_dag_train_on_two_ranks(trained, name):
+    raw, summary = trained[name]
+    _check_trained(name, raw, summary)
+    assert [t["label_name"] for t in summary["towers"]] == ["clk", "cart", "buy"]
+
+
+@pytest.mark.parametrize("name", TAOBAO_CONFIGS[1:])
+def test_baseline_trains_on_two_ranks_with_the_same_summary(trained, name):
+    raw, summary = trained[name]
+    _check_trained(name, raw, summary)
+    _, reference = trained["aitm_taobao.yaml"]
+    assert _structure(summary) == _structure(reference), f"{name}: summary.json keys differ from AITM's"
+    assert summary["plan"].keys() == reference["plan"].keys(), "same tables, sharded the same way"
