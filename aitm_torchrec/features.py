@@ -7,10 +7,17 @@ Id rules (the same in every process, run and machine):
   ``hash()`` is never used.
 - ``num_buckets: n``: ids must already be in [0, n); anything else is an error that names the
   file and column (TorchRec would silently train row 0 instead).
-- Missing values: a null or empty-string IdFeature, a null tag list, and an empty tag list all
-  give an empty bag (a zero pooled embedding). Empty tags in a separated string ("a||b") are
+- Missing values (a documented repair, counted by the reader in ``stats["empty_bags"]``): a null
+  or empty-string IdFeature, a null tag list, an empty tag list and a null tag all give an empty
+  bag (a zero pooled embedding, sum or mean). Empty tags in a separated string ("a||b") are
   dropped.
-- RawFeature: float values; null -> 0.0; NaN/inf are an error naming file and column.
+- RawFeature: integer or float values (or fixed-length lists of them). ``normalizer`` maps each
+  value x to (f(x) - mean) / std with f(x) = sign(x) * log(1 + |x|) when ``log1p`` is set, else
+  f(x) = x. A null (row or list element) becomes 0.0 *after* normalisation (null rows are counted
+  in the reader's ``stats["null_raw"]``). NaN/inf are an error naming file and column.
+- Dictionary-encoded string columns (how the reader asks Parquet for string ids under
+  ``hash_bucket_size``) are converted per distinct value and gathered per row: the same rows as
+  the plain column, hashed once per distinct string instead of once per row.
 """
 
 from __future__ import annotations
@@ -134,6 +141,12 @@ def bag_column(feature: Feature, column: pa.ChunkedArray | pa.Array, src: Source
     """One sparse column of B rows -> (lengths: B int64, rows: sum(lengths) int64)."""
     arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     t = arr.type
+    if pa.types.is_dictionary(t):
+        if feature.num_buckets:  # range errors must come from used values only: decode
+            arr = arr.dictionary_decode()
+            t = arr.type
+        else:
+            return _dictionary_bags(feature, arr, src)
     if feature.separator and (pa.types.is_string(t) or pa.types.is_large_string(t)):
         arr = pc.split_pattern(arr, feature.separator)
         t = arr.type
@@ -160,6 +173,32 @@ def bag_column(feature: Feature, column: pa.ChunkedArray | pa.Array, src: Source
     return valid_np.astype(np.int64), ids_to_rows(feature, arr.filter(valid), src)
 
 
+def _dictionary_bags(feature: Feature, arr: pa.DictionaryArray, src: Source) -> tuple[np.ndarray, np.ndarray]:
+    """Bags of a dictionary-encoded column: convert the D distinct values, gather per row.
+
+    Hashing cannot fail, so converting unused dictionary entries is harmless (this path is only
+    taken under hash_bucket_size).
+    """
+    d_len, d_rows = bag_column(feature, arr.dictionary, src)
+    d_len = np.append(d_len, 0)  # entry D: the empty bag of a null index
+    idx = arr.indices
+    if idx.null_count:
+        idx = idx.fill_null(len(d_len) - 1)
+    idx_np = idx.to_numpy(zero_copy_only=False)
+    lengths = d_len[idx_np]
+    if d_len.max(initial=0) <= 1:
+        # one id per entry at most (IdFeature): a row's id is d_rows at the entry's rank
+        slot = np.cumsum(d_len) - 1
+        return lengths, d_rows[slot[idx_np][lengths > 0]]
+    d_off = np.zeros(len(d_len) + 1, np.int64)
+    np.cumsum(d_len, out=d_off[1:])
+    total = int(lengths.sum())
+    starts = d_off[idx_np]
+    out_off = np.cumsum(lengths) - lengths
+    gather = np.repeat(starts - out_off, lengths) + np.arange(total)
+    return lengths, d_rows[gather]
+
+
 def _drop_from_bags(lengths: np.ndarray, keep: np.ndarray) -> np.ndarray:
     """New bag lengths after dropping the flat values where ``keep`` is False."""
     bag_of = np.repeat(np.arange(lengths.size), lengths)
@@ -167,25 +206,38 @@ def _drop_from_bags(lengths: np.ndarray, keep: np.ndarray) -> np.ndarray:
 
 
 def raw_column(feature: Feature, column: pa.ChunkedArray | pa.Array, src: Source) -> np.ndarray:
-    """A RawFeature column of B rows -> B x raw_input_dim float32."""
+    """A RawFeature column of B rows -> B x raw_input_dim float32, normalised."""
     arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     t = arr.type
+    dim = feature.raw_input_dim
+    nulls = arr.null_count
     if pa.types.is_list(t) or pa.types.is_fixed_size_list(t) or pa.types.is_large_list(t):
-        lengths = arr.value_lengths().fill_null(feature.raw_input_dim).to_numpy(zero_copy_only=False)
-        if (lengths != feature.raw_input_dim).any():
+        lengths = arr.value_lengths().fill_null(dim).to_numpy(zero_copy_only=False)
+        if (lengths != dim).any():
             raise DataError(f"{src.path}: column {feature.column!r} has lists whose length is not "
-                            f"raw_input_dim={feature.raw_input_dim}")
-        arr = pc.list_flatten(arr.fill_null(pa.scalar([0.0] * feature.raw_input_dim, arr.type)))
-    elif feature.raw_input_dim != 1:
-        raise DataError(f"{src.path}: column {feature.column!r} is scalar but raw_input_dim="
-                        f"{feature.raw_input_dim}")
+                            f"raw_input_dim={dim}")
+        valid = np.repeat(arr.is_valid().to_numpy(zero_copy_only=False), dim)
+        arr = pc.list_flatten(arr.fill_null(pa.scalar([0] * dim, arr.type)))
+        nulls += arr.null_count
+        valid &= arr.is_valid().to_numpy(zero_copy_only=False)
+    elif dim != 1:
+        raise DataError(f"{src.path}: column {feature.column!r} is scalar but raw_input_dim={dim}")
+    else:
+        valid = arr.is_valid().to_numpy(zero_copy_only=False) if nulls else None
     if not (pa.types.is_floating(arr.type) or pa.types.is_integer(arr.type)):
         raise DataError(f"{src.path}: column {feature.column!r} has type {t}; RawFeature needs numbers")
     values = arr.fill_null(0).to_numpy(zero_copy_only=False).astype(np.float32)
     if not np.isfinite(values).all():
         raise DataError(f"{src.path}: column {feature.column!r} has {int((~np.isfinite(values)).sum())} "
                         "NaN or infinite values")
-    return values.reshape(-1, feature.raw_input_dim)
+    norm = feature.normalizer
+    if norm is not None:
+        if norm.log1p:
+            values = np.sign(values) * np.log1p(np.abs(values))
+        values = (values - np.float32(norm.mean)) / np.float32(norm.std)
+        if valid is not None and nulls:
+            values[~valid] = 0.0
+    return values.reshape(-1, dim)
 
 
 def embedding_bag_configs(features: tuple[Feature, ...]) -> list[EmbeddingBagConfig]:

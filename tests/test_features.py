@@ -70,3 +70,30 @@ def test_raw_feature_nan_is_an_error_and_null_is_zero():
     assert raw_column(f, pa.array([1.0, None]), SRC).tolist() == [[1.0], [0.0]]
     with pytest.raises(DataError, match="column 'x' has 1 NaN or infinite"):
         raw_column(f, pa.array([1.0, float("nan")]), SRC)
+
+
+def test_hash_buckets_are_identical_in_another_process():
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    f = Feature(("uid",), "IdFeature", hash_bucket_size=1_000_003)
+    words, ints = ["u1", "", "中文", "x" * 40], [0, -1, 2**62, 12345]
+    here = [bag_column(f, pa.array(words), SRC)[1].tolist(), bag_column(f, pa.array(ints), SRC)[1].tolist()]
+    code = ("import json, pyarrow as pa; from aitm_torchrec.config import Feature; "
+            "from aitm_torchrec.features import Source, bag_column; "
+            "f = Feature(('uid',), 'IdFeature', hash_bucket_size=1_000_003); s = Source('x'); "
+            f"print(json.dumps([bag_column(f, pa.array({words!r}), s)[1].tolist(), "
+            f"bag_column(f, pa.array({ints!r}), s)[1].tolist()]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parent.parent, env={**os.environ, "PYTHONHASHSEED": "123"})
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == here
+
+
+def test_dictionary_encoded_ids_under_num_buckets_check_only_used_values():
+    f = Feature(("price",), "IdFeature", num_buckets=50)
+    arr = pa.DictionaryArray.from_arrays(pa.array([0, 0, None], pa.int32()), pa.array([3, 99]))
+    lengths, rows = bag_column(f, arr, SRC)  # 99 is in the dictionary but no row uses it
+    assert lengths.tolist() == [1, 1, 0] and rows.tolist() == [3, 3]
