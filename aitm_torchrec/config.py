@@ -23,7 +23,7 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "aitm_taob
 
 FEATURE_TYPES = ("IdFeature", "TagFeature", "RawFeature")
 LOSS_TYPES = ("CLASSIFICATION", "ORDER_CALIBRATE_LOSS")
-MODEL_CLASSES = ("AITM",)
+MODEL_CLASSES = ("AITM", "DBMTL", "ESMM", "MMoE", "SharedBottom")
 SHARDING_TYPES_CPU = ("data_parallel", "table_wise", "column_wise", "table_column_wise")
 SHARDING_TYPES_CUDA = SHARDING_TYPES_CPU + ("row_wise", "table_row_wise")
 COMPUTE_KERNELS = ("dense", "fused", "fused_uvm", "fused_uvm_caching", "key_value")
@@ -40,6 +40,15 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
+class Normalizer:
+    """RawFeature value x -> (f(x) - mean) / std, f(x) = sign(x) * log(1 + |x|) if log1p else x."""
+
+    log1p: bool = False
+    mean: float = 0.0
+    std: float = 1.0
+
+
+@dataclass(frozen=True)
 class Feature:
     """One input column -> one embedding table (or dense values for RawFeature)."""
 
@@ -52,6 +61,7 @@ class Feature:
     separator: str = ""  # TagFeature stored as one string, e.g. "|"
     combiner: Literal["sum", "mean"] = "sum"  # pooling of the bag
     raw_input_dim: int = 1  # RawFeature width
+    normalizer: Optional[Normalizer] = None  # RawFeature only; none: values as they are
 
     @property
     def name(self) -> str:
@@ -80,7 +90,11 @@ class FeatureGroup:
 
 @dataclass(frozen=True)
 class DNN:
+    """An MLP block: Linear -> [BatchNorm] -> ReLU -> [Dropout] per hidden size."""
+
     hidden_units: Tuple[int, ...] = ()
+    dropout_ratio: float = 0.0  # after every layer's activation
+    use_bn: bool = False  # EasyRec's DNN defaults to true
 
 
 @dataclass(frozen=True)
@@ -112,12 +126,18 @@ class TaskTower:
     use_ait_module: bool = True
     ait_project_dim: int = 0  # 0 -> the tower's last hidden size
     relation_tower_names: Tuple[str, ...] = ()
+    relation_dnn: DNN = DNN()  # DBMTL (use_ait_module false); empty -> one layer of dnn's last size
     weight: float = 1.0
     num_class: int = 1
 
     @property
     def all_losses(self) -> Tuple[Loss, ...]:
         return self.losses or (Loss(self.loss_type),)
+
+    @property
+    def classification_weight(self) -> float:
+        """Weight of this tower's BCE: ``weight`` times its CLASSIFICATION entries' weights."""
+        return self.weight * sum(l.weight for l in self.all_losses if l.loss_type == "CLASSIFICATION")
 
     @property
     def calibration_alpha(self) -> float:
@@ -129,13 +149,18 @@ class TaskTower:
 class ModelParams:
     task_towers: Tuple[TaskTower, ...]
     l2_regularization: float = 0.0
+    ait_attention: Literal["self", "cross"] = "self"  # self: the paper; cross: EasyRec (own tower queries)
+    stop_gradient: bool = False  # detach what a tower receives from its relation towers
+    transfer_mlp: DNN = DNN()  # hidden layers of the transfer MLP, before its output layer
+    num_expert: int = 3  # MMoE
+    expert_dnn: DNN = DNN()  # MMoE, required there
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     feature_groups: Tuple[FeatureGroup, ...]
     model_params: ModelParams
-    model_class: Literal["AITM"] = "AITM"
+    model_class: Literal["AITM", "DBMTL", "ESMM", "MMoE", "SharedBottom"] = "AITM"
     model_name: str = ""
     backbone: Backbone = Backbone()
     embedding_regularization: float = 0.0
@@ -149,6 +174,9 @@ class DataConfig:
     shuffle_buffer_size: int = 0  # rows; 0 -> 8 batches
     prefetch_size: int = 4  # batches prepared ahead in a background thread
     eval_batch_size: int = 0  # 0 -> batch_size
+    # A row where a later step of the chain (label_fields order) is 1 while an earlier one is 0:
+    # error (default: usually swapped or misaligned label columns), drop the row, or keep it.
+    label_chain_policy: Literal["error", "drop", "keep"] = "error"
 
 
 @dataclass(frozen=True)
@@ -160,18 +188,34 @@ class Optimizer:
 
 
 @dataclass(frozen=True)
+class LearningRateSchedule:
+    """Multiplier on every optimizer's learning rate (dense and fused sparse alike)."""
+
+    warmup_steps: int = 0  # linear ramp from warmup_start_ratio to 1
+    warmup_start_ratio: float = 0.0
+    decay: Literal["constant", "linear", "cosine", "exponential"] = "constant"
+    decay_steps: int = 0  # linear/cosine: steps after warmup to reach min_ratio (0 -> to num_steps); exponential: period
+    decay_rate: float = 0.5  # exponential: factor per decay_steps
+    min_ratio: float = 0.0  # floor of the multiplier after warmup
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     num_steps: int = 1000
     sparse_optimizer: Optimizer = Optimizer("rowwise_adagrad", 0.05)
     dense_optimizer: Optimizer = Optimizer("adam", 1e-3)
+    learning_rate_schedule: LearningRateSchedule = LearningRateSchedule()
     log_step_count_steps: int = 50
     save_checkpoints_steps: int = 0  # 0 -> only at the end
+    keep_checkpoint_max: int = 5  # 0 -> keep all
+    mixed_precision: Literal["none", "bf16", "fp16"] = "none"  # autocast dtype for the dense layers
     seed: int = 2021
 
 
 @dataclass(frozen=True)
 class EvalConfig:
     num_steps: int = 0  # 0 -> the whole eval input
+    every_steps: int = 0  # also evaluate every N training steps; 0 -> only at the end
 
 
 @dataclass(frozen=True)
@@ -189,6 +233,7 @@ class ShardingConfig:
     tables: Tuple[Tuple[str, TableConstraint], ...] = ()  # per feature name, overrides the above
     hbm_cap_gb: float = 0.0  # per rank; 0 -> the device's memory (CUDA) / unused (CPU)
     ddr_cap_gb: float = 0.0  # per rank; 0 -> host memory / local world size
+    cache_load_factor: float = 0.2  # fused_uvm_caching: share of a table's rows cached in HBM
 
 
 @dataclass(frozen=True)
@@ -370,7 +415,13 @@ def validate(cfg: Config, where: str) -> None:
                 fail(key, f"({f.name}) RawFeature takes no hash_bucket_size / num_buckets")
             if f.raw_input_dim < 1:
                 fail(f"{key}.raw_input_dim", "must be >= 1")
+            if f.normalizer is not None and f.normalizer.std <= 0:
+                fail(f"{key}.normalizer.std", f"({f.name}) must be > 0")
+            if f.separator:
+                fail(f"{key}.separator", f"({f.name}) is only allowed for TagFeature")
             continue
+        if f.normalizer is not None:
+            fail(f"{key}.normalizer", f"({f.name}) is only allowed for RawFeature")
         if (f.hash_bucket_size > 0) == (f.num_buckets > 0):
             fail(key, f"({f.name}) needs exactly one of hash_bucket_size or num_buckets, > 0")
         if f.embedding_dim < 1:
@@ -386,9 +437,22 @@ def validate(cfg: Config, where: str) -> None:
             if name not in seen:
                 fail(f"model_config.feature_groups[{i}].feature_names",
                      f"names unknown feature {name!r}; defined: {', '.join(sorted(seen))}")
-    for u in mc.backbone.mlp.hidden_units:
-        if u < 1:
-            fail("model_config.backbone.mlp.hidden_units", "must be positive")
+    def check_dnn(key: str, dnn: DNN, owner: str = "", required: bool = False) -> None:
+        owner = f"({owner}) " if owner else ""
+        if required and not dnn.hidden_units:
+            fail(f"{key}.hidden_units", f"{owner}must list at least one size")
+        if any(u < 1 for u in dnn.hidden_units):
+            fail(f"{key}.hidden_units", f"{owner}must list positive sizes, got {list(dnn.hidden_units)}")
+        if not 0.0 <= dnn.dropout_ratio < 1.0:
+            fail(f"{key}.dropout_ratio", f"{owner}must be in [0, 1), got {dnn.dropout_ratio}")
+
+    check_dnn("model_config.backbone.mlp", mc.backbone.mlp)
+    mp = mc.model_params
+    check_dnn("model_config.model_params.transfer_mlp", mp.transfer_mlp)
+    check_dnn("model_config.model_params.expert_dnn", mp.expert_dnn,
+              required=mc.model_class == "MMoE")
+    if mp.num_expert < 1:
+        fail("model_config.model_params.num_expert", f"must be >= 1, got {mp.num_expert}")
 
     towers = mc.model_params.task_towers
     if len(towers) < 1:
@@ -405,20 +469,27 @@ def validate(cfg: Config, where: str) -> None:
         labels[t.label_name] = t.tower_name
         if t.num_class != 1:
             fail(f"{key}.num_class", f"({t.tower_name}) must be 1 (binary tasks only)")
-        if not t.dnn.hidden_units or min(t.dnn.hidden_units) < 1:
-            fail(f"{key}.dnn.hidden_units", f"({t.tower_name}) must list positive sizes")
+        check_dnn(f"{key}.dnn", t.dnn, t.tower_name, required=True)
+        check_dnn(f"{key}.relation_dnn", t.relation_dnn, t.tower_name)
         if t.ait_project_dim < 0:
             fail(f"{key}.ait_project_dim", f"({t.tower_name}) must be >= 0")
-        for r in t.relation_tower_names:
+        for j, r in enumerate(t.relation_tower_names):
             if r not in names:
                 fail(f"{key}.relation_tower_names", f"({t.tower_name}) names unknown tower {r!r}; "
                      f"towers: {', '.join(names)}")
             if r == t.tower_name:
                 fail(f"{key}.relation_tower_names", f"({t.tower_name}) names itself")
+            if r in t.relation_tower_names[:j]:
+                fail(f"{key}.relation_tower_names", f"({t.tower_name}) names tower {r!r} twice")
+        if mc.model_class == "ESMM" and len(t.relation_tower_names) > 1:
+            fail(f"{key}.relation_tower_names", f"({t.tower_name}) ESMM multiplies along a chain: "
+                 f"name at most one earlier tower, got {list(t.relation_tower_names)}")
         if t.calibration_alpha and not t.relation_tower_names:
             fail(f"{key}.losses", f"({t.tower_name}) ORDER_CALIBRATE_LOSS needs relation_tower_names")
         if not any(l.loss_type == "CLASSIFICATION" for l in t.all_losses):
             fail(f"{key}.losses", f"({t.tower_name}) needs a CLASSIFICATION loss")
+        if t.weight < 0 or any(l.weight < 0 for l in t.all_losses):
+            fail(f"{key}", f"({t.tower_name}) weight and losses[].weight must be >= 0")
     tower_order(towers, where)  # rejects cycles
 
     dc = cfg.data_config
@@ -427,6 +498,16 @@ def validate(cfg: Config, where: str) -> None:
              f"label_name in order: {[t.label_name for t in towers]}")
     if dc.batch_size < 1:
         fail("data_config.batch_size", "must be >= 1")
+    if dc.shuffle_buffer_size < 0:
+        fail("data_config.shuffle_buffer_size", "must be >= 0")
+    if dc.prefetch_size < 0:
+        fail("data_config.prefetch_size", "must be >= 0")
+    if dc.eval_batch_size < 0:
+        fail("data_config.eval_batch_size", "must be >= 0")
+    columns = {f.column: f.name for f in features}
+    for label in (t.label_name for t in towers):
+        if label in columns:
+            fail("data_config.label_fields", f"label {label!r} is also the input of feature {columns[label]!r}")
     if cfg.train_config.num_steps < 0:
         fail("train_config.num_steps", "must be >= 0")
     for side, allowed in (("sparse_optimizer", SPARSE_OPTIMIZERS), ("dense_optimizer", DENSE_OPTIMIZERS)):
@@ -436,7 +517,23 @@ def validate(cfg: Config, where: str) -> None:
         if opt.learning_rate <= 0:
             fail(f"train_config.{side}.learning_rate", "must be > 0")
 
+    tc = cfg.train_config
+    if tc.keep_checkpoint_max < 0 or tc.save_checkpoints_steps < 0 or tc.log_step_count_steps < 0:
+        fail("train_config", "keep_checkpoint_max, save_checkpoints_steps and log_step_count_steps must be >= 0")
+    lr = tc.learning_rate_schedule
+    if lr.warmup_steps < 0 or lr.decay_steps < 0:
+        fail("train_config.learning_rate_schedule", "warmup_steps and decay_steps must be >= 0")
+    if lr.decay == "exponential" and not lr.decay_steps:
+        fail("train_config.learning_rate_schedule.decay_steps", "must be > 0 for exponential decay")
+    if not 0 <= lr.min_ratio <= 1 or not 0 <= lr.warmup_start_ratio <= 1 or not 0 < lr.decay_rate <= 1:
+        fail("train_config.learning_rate_schedule", "min_ratio and warmup_start_ratio must be in [0, 1], "
+             "decay_rate in (0, 1]")
+    if cfg.eval_config.every_steps < 0 or cfg.eval_config.num_steps < 0:
+        fail("eval_config", "num_steps and every_steps must be >= 0")
+
     sc = cfg.sharding_config
+    if not 0 < sc.cache_load_factor <= 1:
+        fail("sharding_config.cache_load_factor", "must be in (0, 1]")
     constraints = [("sharding_config", TableConstraint(sc.sharding_types, sc.compute_kernels))]
     for name, c in sc.tables:
         if name not in seen:

@@ -15,7 +15,7 @@ from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
 from torchrec.distributed.planner.types import ParameterConstraints
-from torchrec.distributed.types import ShardingPlan
+from torchrec.distributed.types import CacheParams, ShardingPlan
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
@@ -60,8 +60,11 @@ def constraints(cfg: Config, compute_device: str) -> dict[str, ParameterConstrai
                 raise ConfigError(f"sharding_config for table {f.name!r}: {', '.join(bad)} needs CUDA; "
                                   f"on CPU use sharding types {', '.join(SHARDING_TYPES_CPU)} and "
                                   f"kernels {', '.join(CPU_KERNELS)}")
-        if types or kernels:
-            out[f.name] = ParameterConstraints(sharding_types=types or None, compute_kernels=kernels or None)
+        caching = compute_device == "cuda" and (not kernels or "fused_uvm_caching" in kernels)
+        if types or kernels or caching:
+            out[f.name] = ParameterConstraints(
+                sharding_types=types or None, compute_kernels=kernels or None,
+                cache_params=CacheParams(load_factor=sc.cache_load_factor) if caching else None)
     return out
 
 
@@ -115,3 +118,34 @@ def describe(plan: ShardingPlan) -> dict[str, dict]:
                 {s.placement.rank() for s in (ps.sharding_spec.shards if ps.sharding_spec else [])})
             out[table] = {"sharding_type": ps.sharding_type, "compute_kernel": ps.compute_kernel, "ranks": ranks}
     return out
+
+
+def plan_for_topology(cfg: Config, hosts: int, procs_per_host: int, compute_device: str) -> dict:
+    """Plans the config's tables for a cluster without running it (the planner only estimates).
+
+    Returns {"tables": {table: {sharding_type, compute_kernel, ranks, shards: [[rows, cols], ...]}},
+    "ranks": [{"rank", "hbm_gb", "ddr_gb", "tables"}...], "topology": {...}}.
+    """
+    from aitm_torchrec.task import build_train_module
+
+    world = hosts * procs_per_host
+    module = build_train_module(cfg, device="meta", dense_device="meta")
+    p = planner(cfg, world, procs_per_host, compute_device)
+    plan = p.plan(module, sharders())
+    per_rank = [{"rank": r, "hbm_gb": 0.0, "ddr_gb": 0.0, "tables": []} for r in range(world)]
+    tables: dict[str, dict] = describe(plan)
+    for option in p._best_plan or []:  # the planner's own storage estimates (weights, optimizer, buffers)
+        tables[option.name]["shards"] = [list(s.size) for s in option.shards]
+        for shard in option.shards:
+            r = per_rank[shard.rank]
+            r["hbm_gb"] += shard.storage.hbm / GB
+            r["ddr_gb"] += shard.storage.ddr / GB
+            r["tables"].append(option.name)
+    topo = p._topology
+    return {
+        "topology": {"hosts": hosts, "procs_per_host": procs_per_host, "world_size": world,
+                     "compute_device": compute_device, "hbm_cap_gb": topo.devices[0].storage.hbm / GB,
+                     "ddr_cap_gb": topo.devices[0].storage.ddr / GB},
+        "tables": tables,
+        "ranks": per_rank,
+    }

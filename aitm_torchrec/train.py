@@ -11,6 +11,7 @@ import itertools
 import logging
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -24,7 +25,7 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from tqdm import tqdm
 
 from aitm_torchrec import checkpoint
-from aitm_torchrec.config import Config, Optimizer, to_dict
+from aitm_torchrec.config import Config, LearningRateSchedule, Optimizer, to_dict
 from aitm_torchrec.data import Batch, ParquetReader
 from aitm_torchrec.dist import DistEnv
 from aitm_torchrec.metrics import TaskMetrics
@@ -53,26 +54,82 @@ def build(cfg: Config, env: DistEnv) -> tuple[DistributedModelParallel, Combined
     return dmp, optimizer, describe(plan)
 
 
-def train_reader(cfg: Config, env: DistEnv) -> ParquetReader:
+def make_reader(cfg: Config, env: DistEnv, paths: tuple[str, ...], train: bool) -> ParquetReader:
+    """The config's Parquet reader for this rank: shuffled for training, in file order for eval.
+    Label-chain checks follow the towers' relations (a later step needs its relation steps)."""
     dc = cfg.data_config
-    return ParquetReader(cfg.train_input_path, cfg.feature_config.features, [t.label_name for t in cfg.towers],
-                         dc.batch_size, env.rank, env.world_size, dc.shuffle, cfg.train_config.seed,
-                         dc.shuffle_buffer_size, dc.prefetch_size)
+    names = [t.tower_name for t in cfg.towers]
+    return ParquetReader(
+        paths, cfg.feature_config.features, [t.label_name for t in cfg.towers],
+        dc.batch_size if train else (dc.eval_batch_size or dc.batch_size), env.rank, env.world_size,
+        shuffle=dc.shuffle and train, seed=cfg.train_config.seed if train else 0,
+        buffer_rows=dc.shuffle_buffer_size, prefetch=dc.prefetch_size,
+        label_chain_policy=dc.label_chain_policy,
+        label_relations=[[names.index(r) for r in t.relation_tower_names] for t in cfg.towers],
+    )
+
+
+def train_reader(cfg: Config, env: DistEnv) -> ParquetReader:
+    return make_reader(cfg, env, cfg.train_input_path, train=True)
 
 
 def eval_reader(cfg: Config, env: DistEnv) -> ParquetReader:
-    dc = cfg.data_config
-    return ParquetReader(cfg.eval_input_path, cfg.feature_config.features, [t.label_name for t in cfg.towers],
-                         dc.eval_batch_size or dc.batch_size, env.rank, env.world_size, False, 0, 0,
-                         dc.prefetch_size)
+    return make_reader(cfg, env, cfg.eval_input_path, train=False)
 
 
-def stream(reader: ParquetReader, start_step: int) -> Iterator[Batch]:
-    """Endless batches over epochs, starting at global step ``start_step`` (the data position)."""
-    epoch, skip = divmod(start_step, reader.steps_per_epoch)
+def stream(reader: ParquetReader, epoch: int = 0, skip: int = 0) -> Iterator[Batch]:
+    """Endless batches over epochs, starting ``skip`` batches into ``epoch`` (the data position)."""
     while True:
         yield from itertools.islice(reader.epoch(epoch), skip, None)
         epoch, skip = epoch + 1, 0
+
+
+def lr_multiplier(step: int, s: LearningRateSchedule, num_steps: int) -> float:
+    """Learning-rate factor for 0-based ``step``: linear warmup, then constant/linear/cosine/
+    exponential decay with a floor of ``min_ratio``."""
+    if step < s.warmup_steps:
+        return s.warmup_start_ratio + (1.0 - s.warmup_start_ratio) * step / s.warmup_steps
+    t = step - s.warmup_steps
+    if s.decay == "constant":
+        return 1.0
+    if s.decay == "exponential":
+        return max(s.min_ratio, s.decay_rate ** (t / s.decay_steps))
+    frac = min(t / (s.decay_steps or max(num_steps - s.warmup_steps, 1)), 1.0)
+    shape = 1.0 - frac if s.decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * frac))
+    return s.min_ratio + (1.0 - s.min_ratio) * shape
+
+
+@dataclass
+class Position:
+    """Where training stands: global step, and the data position (epoch, batches into it) of
+    this world size and batch size."""
+
+    step: int = 0
+    epoch: int = 0
+    epoch_step: int = 0
+
+    def advance(self, steps_per_epoch: int) -> None:
+        self.step += 1
+        self.epoch_step += 1
+        if self.epoch_step == steps_per_epoch:
+            self.epoch, self.epoch_step = self.epoch + 1, 0
+
+    def state(self, env: DistEnv, batch_size: int) -> dict[str, torch.Tensor]:
+        values = {"step": self.step, "epoch": self.epoch, "epoch_step": self.epoch_step,
+                  "world_size": env.world_size, "batch_size": batch_size}
+        return {k: torch.tensor(v, dtype=torch.int64) for k, v in values.items()}
+
+    @classmethod
+    def restore(cls, state: dict[str, torch.Tensor], env: DistEnv, batch_size: int) -> "Position":
+        """Same world and batch size: exactly where it stopped. Otherwise the same share of the
+        same epoch (rows are dealt to ranks differently, so up to one batch per rank may repeat
+        or be skipped)."""
+        v = {k: int(t) for k, t in state.items()}
+        pos = cls(v["step"], v["epoch"], v["epoch_step"])
+        if (v["world_size"], v["batch_size"]) != (env.world_size, batch_size):
+            rows = v["epoch_step"] * v["world_size"] * v["batch_size"]
+            pos.epoch_step = rows // (env.world_size * batch_size)
+        return pos
 
 
 @torch.no_grad()
@@ -98,61 +155,94 @@ def _global_sum(value: float, env: DistEnv) -> float:
     return float(t.item())
 
 
+def restore(path: Path, dmp: DistributedModelParallel, optimizer: CombinedOptimizer, env: DistEnv,
+            batch_size: int) -> Position:
+    """Loads a checkpoint in place (resharding tables if the plan differs) and returns the position."""
+    optimizer.init_state()  # optimizer state is lazy; DCP loads into existing tensors
+    state = _state(dmp, optimizer, Position().state(env, batch_size))
+    meta = checkpoint.load(path, state)
+    dmp.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optim"])
+    pos = Position.restore(state["train"], env, batch_size)
+    logger.info("resumed from %s at step %d (saved by world size %s, now %d)", path, pos.step,
+                meta.get("world_size"), env.world_size)
+    return pos
+
+
 def run(cfg: Config, env: DistEnv, resume: bool = True) -> dict:
-    """Trains ``train_config.num_steps`` steps (resuming from the latest checkpoint), evaluates,
-    and writes ``summary.json``. Returns the summary on every rank."""
+    """Trains to ``train_config.num_steps`` (resuming from the latest complete checkpoint),
+    evaluates, and writes ``summary.json``. Returns the summary on every rank."""
     model_dir = Path(cfg.model_dir)
     ckpt_root = model_dir / "checkpoints"
+    tc, bs = cfg.train_config, cfg.data_config.batch_size
+    towers = [t.tower_name for t in cfg.towers]
+    # Readers first: bad paths or schemas fail on every rank before any collective starts.
+    reader = train_reader(cfg, env)
+    evaluator = eval_reader(cfg, env) if cfg.eval_input_path else None
     dmp, optimizer, plan = build(cfg, env)
     if env.is_main:
         logger.info("sharding plan: %s", plan)
-    tc = cfg.train_config
-    start = 0
+    pos = Position()
     if resume and (path := checkpoint.latest(ckpt_root)) is not None:
-        optimizer.init_state()  # state is lazy; DCP loads in place
-        state = _state(dmp, optimizer, 0)
-        meta = checkpoint.load(path, state)
-        dmp.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optim"])
-        start = int(state["train"]["step"])
-        logger.info("resumed from %s at step %d (saved by world size %s)", path, start, meta.get("world_size"))
+        pos = restore(path, dmp, optimizer, env, bs)
+    start = pos.step
 
-    reader = train_reader(cfg, env)
-    source = stream(reader, start)
+    def save() -> None:
+        checkpoint.save(ckpt_root, pos.step, _state(dmp, optimizer, pos.state(env, bs)),
+                        _meta(cfg, env, plan), env.is_main, tc.keep_checkpoint_max)
+
+    spe = reader.steps_per_epoch
+    source = stream(reader, pos.epoch, pos.epoch_step)
     batches = itertools.islice(source, max(tc.num_steps - start, 0))
     pipeline = TrainPipelineSparseDist(dmp, optimizer, env.device, execute_all_batches=True)
+    base_lrs = [g["lr"] for g in optimizer.param_groups]
     writer = SummaryWriter(str(model_dir / "tensorboard")) if env.is_main else None
+    window = TaskMetrics(towers, env.device)
     bar = tqdm(total=tc.num_steps, initial=start, desc="train", disable=not env.is_main, unit="step")
-    examples, last_loss, losses = 0.0, float("nan"), []
+    examples, losses, window_metrics, periodic = 0.0, [], {}, []
+    log_every = max(tc.log_step_count_steps, 1)
     t0 = time.perf_counter()
-    step = start
-    for step in range(start + 1, tc.num_steps + 1):
-        loss, _, _, weights = pipeline.progress(batches)
+    while pos.step < tc.num_steps:
+        factor = lr_multiplier(pos.step, tc.learning_rate_schedule, tc.num_steps)
+        for group, lr in zip(optimizer.param_groups, base_lrs):
+            group["lr"] = lr * factor  # fused tables pick it up at zero_grad/step
+        loss, logits, labels, weights = pipeline.progress(batches)
+        pos.advance(spe)
         examples += float(weights.sum())
-        if step % max(tc.log_step_count_steps, 1) == 0 or step == tc.num_steps:
-            last_loss = float(loss)
-            losses.append((step, last_loss))
+        window.update(logits, labels, weights)
+        if pos.step % log_every == 0 or pos.step == tc.num_steps:
+            losses.append((pos.step, float(loss)))
+            window_metrics = window.compute()  # collective: every rank logs at the same steps
+            window = TaskMetrics(towers, env.device)
             rate = examples * env.world_size / max(time.perf_counter() - t0, 1e-9)
-            bar.set_postfix(loss=f"{last_loss:.4f}", ex_s=f"{rate:,.0f}")
+            bar.set_postfix(loss=f"{float(loss):.4f}", ex_s=f"{rate:,.0f}")
             if writer:
-                writer.add_scalar("train/loss", last_loss, step)
-                writer.add_scalar("train/examples_per_s", rate, step)
+                writer.add_scalar("train/loss", float(loss), pos.step)
+                writer.add_scalar("train/examples_per_s", rate, pos.step)
+                writer.add_scalar("train/lr_multiplier", factor, pos.step)
+                _scalars(writer, "train_window", window_metrics, pos.step)
         bar.update(1)
-        if tc.save_checkpoints_steps and step % tc.save_checkpoints_steps == 0 and step < tc.num_steps:
-            checkpoint.save(ckpt_root, step, _state(dmp, optimizer, step), _meta(cfg, env, plan), env.is_main)
+        if evaluator and cfg.eval_config.every_steps and pos.step % cfg.eval_config.every_steps == 0 \
+                and pos.step < tc.num_steps:
+            pipeline.detach()  # eval calls the model directly; in-flight batches stay queued
+            periodic.append({"step": pos.step, **evaluate(dmp, evaluator, towers, env, cfg.eval_config.num_steps)})
+            if writer:
+                _scalars(writer, "eval", periodic[-1], pos.step)
+        if tc.save_checkpoints_steps and pos.step % tc.save_checkpoints_steps == 0 and pos.step < tc.num_steps:
+            save()
     elapsed = time.perf_counter() - t0
     source.close()  # stops the prefetch thread
     bar.close()
     pipeline.detach()
-    trained = max(tc.num_steps - start, 0)
+    trained = pos.step - start
     total_examples = _global_sum(examples, env)
     if trained:
-        checkpoint.save(ckpt_root, tc.num_steps, _state(dmp, optimizer, tc.num_steps), _meta(cfg, env, plan), env.is_main)
+        save()
 
-    eval_metrics = evaluate(dmp, eval_reader(cfg, env), [t.tower_name for t in cfg.towers], env,
-                            cfg.eval_config.num_steps) if cfg.eval_input_path else {}
+    eval_metrics = evaluate(dmp, evaluator, towers, env, cfg.eval_config.num_steps) if evaluator else {}
     summary = {
         "eval": eval_metrics,
+        "eval_history": periodic,
         "train": {
             "steps": tc.num_steps,
             "steps_this_run": trained,
@@ -161,6 +251,7 @@ def run(cfg: Config, env: DistEnv, resume: bool = True) -> dict:
             "examples_per_s": total_examples / elapsed if trained and elapsed > 0 else 0.0,
             "seconds": elapsed,
             "loss": losses,
+            "window": window_metrics,
         },
         "world_size": env.world_size,
         "device": env.device.type,
@@ -168,18 +259,22 @@ def run(cfg: Config, env: DistEnv, resume: bool = True) -> dict:
         "plan": plan,
     }
     if env.is_main:
-        for tower, m in eval_metrics.items():
-            for k, v in m.items():
-                if writer and math.isfinite(v):
-                    writer.add_scalar(f"eval/{tower}/{k}", v, tc.num_steps)
+        _scalars(writer, "eval", eval_metrics, tc.num_steps)
         checkpoint.write_json_atomic(model_dir / "summary.json", summary)
         writer.close()
     return summary
 
 
-def _state(dmp: torch.nn.Module, optimizer: CombinedOptimizer, step: int) -> dict:
-    return {"model": dmp.state_dict(), "optim": optimizer.state_dict(),
-            "train": {"step": torch.tensor(step, dtype=torch.int64)}}
+def _scalars(writer: SummaryWriter, prefix: str, metrics: dict, step: int) -> None:
+    for tower, values in metrics.items():
+        if isinstance(values, dict):
+            for k, v in values.items():
+                if math.isfinite(v):
+                    writer.add_scalar(f"{prefix}/{tower}/{k}", v, step)
+
+
+def _state(dmp: torch.nn.Module, optimizer: CombinedOptimizer, train: dict[str, torch.Tensor]) -> dict:
+    return {"model": dmp.state_dict(), "optim": optimizer.state_dict(), "train": train}
 
 
 def _meta(cfg: Config, env: DistEnv, plan: dict) -> dict:

@@ -3,7 +3,9 @@
 ``dist.ddp`` is TorchX's own ``dist.ddp`` with one addition: when neither ``--script`` nor ``-m``
 is given, a first positional argument ending in ``.py`` is taken as the script. So the command
 users type, ``torchx run dist.ddp -j 2x8 launch/train.py``, works as typed; every other use of
-``dist.ddp`` behaves exactly as TorchX documents it. (TorchX loads only the registered groups
+``dist.ddp`` behaves as TorchX documents it, except that ``--max_retries N`` also
+passes ``--max-restarts N`` to torchrun, so a killed worker restarts the job's workers in place
+(they resume from the last checkpoint) even on schedulers without retries, such as local_cwd. (TorchX loads only the registered groups
 once any are registered, so setup.cfg also re-registers TorchX's ``utils``, ``serve``,
 ``metrics`` and ``interpret`` builtins.)
 """
@@ -51,7 +53,7 @@ def ddp(
         h: a registered named resource (if specified takes precedence over cpu, gpu, memMB)
         j: [{min_nnodes}:]{nnodes}x{nproc_per_node}, for gpu hosts, nproc_per_node must not exceed num gpus
         env: environment variables to be passed to the run (e.g. ENV1=v1,ENV2=v2,ENV3=v3)
-        max_retries: the number of scheduler retries allowed
+        max_retries: the number of scheduler retries allowed; also torchrun's --max-restarts
         rdzv_port: the port on rank0's host for the c10d rendezvous store (multi-node only)
         rdzv_backend: the rendezvous backend to use (multi-node only)
         mounts: mounts to mount into the worker environment/container (ex. type=<bind/volume>,src=/host,dst=/job[,readonly])
@@ -61,8 +63,15 @@ def ddp(
     args = list(script_args)
     if script is None and m is None and args and args[0].endswith(".py"):
         script, args = args[0], args[1:]
-    return torchx_dist.ddp(
+    app = torchx_dist.ddp(
         *args, script=script, m=m, image=image, name=name, h=h, cpu=cpu, gpu=gpu, memMB=memMB, j=j,
         env=env, max_retries=max_retries, rdzv_port=rdzv_port, rdzv_backend=rdzv_backend,
         mounts=mounts, debug=debug, tee=tee,
     )
+    if max_retries > 0:
+        # Also let torchrun restart failed workers in place (all ranks of the job restart and
+        # resume from the last checkpoint). Schedulers without retries (local_cwd) rely on this.
+        role = app.roles[0]
+        assert role.args[1].startswith("torchrun "), role.args
+        role.args[1] = role.args[1].replace("torchrun ", f"torchrun --max-restarts {max_retries} ", 1)
+    return app

@@ -18,6 +18,7 @@ from pathlib import Path
 # Runs as a script under torchrun: make the repository importable without installing it.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import torch.distributed  # noqa: E402
 from torch.distributed.elastic.multiprocessing.errors import record  # noqa: E402
 
 from aitm_torchrec import dist as aitm_dist  # noqa: E402
@@ -50,6 +51,9 @@ def quiet_libraries() -> None:
 def main(argv: list[str] | None = None) -> dict:
     args = parse(argv)
     cfg = load_config(args.config, args.overrides)
+    # A caller that already set up the process group (a test running several jobs in one set of
+    # processes) keeps it: destroying and re-creating the default group on the same store can hang.
+    owns_group = not torch.distributed.is_initialized()
     env = aitm_dist.setup()
     logging.basicConfig(level=logging.INFO if env.is_main else logging.WARNING,
                         format=f"[rank{env.rank}] %(asctime)s %(name)s: %(message)s")
@@ -57,7 +61,8 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         summary = run(cfg, env, resume=not args.no_resume)
     finally:
-        aitm_dist.teardown()
+        if owns_group:
+            aitm_dist.teardown()
     if env.is_main:
         brief = {"eval": summary["eval"], "train": {k: summary["train"][k] for k in ("steps", "examples", "examples_per_s")},
                  "world_size": summary["world_size"], "summary": os.path.join(cfg.model_dir, "summary.json")}

@@ -51,3 +51,85 @@ def test_failing_rank_fails_the_job_with_the_reason(tiny_config):
                  "train_input_path=/nonexistent/dir")
     assert out.returncode != 0
     assert "matches no Parquet file" in out.stdout + out.stderr
+
+
+def test_slurm_job_spec_for_two_hosts_of_eight_gpus():
+    out = torchx("run", "--dryrun", "-s", "slurm", "dist.ddp", "-j", "2x8", "--gpu", "8", "--max_retries", "3",
+                 "launch/train.py", "--config", "configs/aitm_taobao.yaml")
+    assert out.returncode == 0, out.stderr[-3000:]
+    spec = out.stdout + out.stderr
+    assert spec.count("--gpus-per-task=8") == 2 and "#SBATCH hetjob" in spec  # 2 hosts, 8 GPUs each
+    assert "--nnodes 2 --nproc_per_node 8" in spec
+    assert "torchrun --max-restarts 3" in spec  # workers restart in place
+    assert "--requeue" in spec and "TORCHX_MAX_RETRIES=3" in spec  # and the job is requeued
+    assert "launch/train.py --config configs/aitm_taobao.yaml" in spec
+
+
+def test_kubernetes_job_spec_for_two_hosts_of_eight_gpus():
+    out = torchx("run", "--workspace", "", "--dryrun", "-s", "kubernetes", "-cfg", "queue=default",
+                 "dist.ddp", "-j", "2x8", "--gpu", "8", "--max_retries", "3", "--image", "registry.example/aitm:1",
+                 "launch/train.py", "--config", "configs/aitm_taobao.yaml")
+    assert out.returncode == 0, out.stderr[-3000:]
+    spec = out.stdout + out.stderr
+    assert "nvidia.com/gpu: '8'" in spec and "image: registry.example/aitm:1" in spec
+    assert "--nnodes 2 --nproc_per_node 8" in spec and "torchrun --max-restarts 3" in spec
+    assert "maxRetry: 3" in spec and "action: RestartJob" in spec and "event: PodFailed" in spec
+
+
+def _worker_pids(marker: str, local_rank: int) -> list[int]:
+    """Training worker processes whose command line contains ``marker``."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            env = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if marker in cmd and "launch/train.py" in cmd and "torchrun" not in cmd \
+                and f"LOCAL_RANK={local_rank}".encode() in env:
+            pids.append(int(proc.name))
+    return pids
+
+
+def test_a_killed_rank_restarts_the_job_from_the_last_checkpoint(tiny_config):
+    import signal
+    import time
+
+    from aitm_torchrec import checkpoint
+
+    cfg = load_config(tiny_config)
+    root = Path(cfg.model_dir) / "checkpoints"
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "OMP_NUM_THREADS": "1"}
+    log = open(tiny_config.parent / "torchx.log", "w+")
+    job = subprocess.Popen(
+        [str(BIN / "torchx"), "run", "dist.ddp", "-j", "1x2", "--max_retries", "2", "launch/train.py",
+         "--config", str(tiny_config), "train_config.num_steps=400", "train_config.save_checkpoints_steps=20",
+         "train_config.log_step_count_steps=20", "eval_input_path=[]"],
+        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 240
+        while not checkpoint.checkpoints(root) and time.time() < deadline and job.poll() is None:
+            time.sleep(0.05)
+        victims = _worker_pids(str(tiny_config), local_rank=1)
+        assert checkpoint.checkpoints(root) and victims, "the job never reached its first checkpoint"
+        for pid in victims:
+            os.kill(pid, signal.SIGKILL)
+        killed_at = checkpoint.checkpoints(root)[-1][0]
+        job.wait(timeout=300)
+    finally:
+        if job.poll() is None:
+            job.kill()
+        log.seek(0)
+        output = log.read()
+        log.close()
+    assert job.returncode == 0, output[-4000:]
+    assert "failed (exitcode:" in output  # torchrun saw the worker die and restarted the job
+    assert killed_at < 400, "the rank was killed after training finished"
+    summary = json.loads((Path(cfg.model_dir) / "summary.json").read_text())
+    t = summary["train"]
+    assert t["steps"] == 400
+    # restarted from the last complete checkpoint at (or after) the kill: at most one interval lost
+    assert killed_at <= t["resumed_from_step"] < 400
+    assert t["resumed_from_step"] + t["steps_this_run"] == 400

@@ -1,0 +1,72 @@
+"""Print the sharding plan and per-rank memory for any topology, without running anything.
+
+    python launch/plan.py [--config FILE] --hosts 2 --procs-per-host 8 --device cuda [--hbm-gb 141]
+                          [--ddr-gb 512] [--json] [key.path=value ...]
+
+TorchRec's planner only estimates, so a CPU machine can plan a 2-host x 8-GPU job. Storage caps
+come from ``--hbm-gb`` / ``--ddr-gb`` (per rank), else ``sharding_config.hbm_cap_gb`` /
+``ddr_cap_gb``, else this machine's. Exits non-zero with the planner's reason when nothing fits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from aitm_torchrec.config import load_config  # noqa: E402
+from aitm_torchrec.sharding import plan_for_topology  # noqa: E402
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Plan table sharding for a topology, without running it.")
+    p.add_argument("--config", help="YAML config (default: configs/aitm_taobao.yaml)")
+    p.add_argument("--hosts", type=int, default=1)
+    p.add_argument("--procs-per-host", type=int, default=2, help="GPUs (or CPU processes) per host")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    p.add_argument("--hbm-gb", type=float, help="HBM per rank (default: sharding_config.hbm_cap_gb, else 80)")
+    p.add_argument("--ddr-gb", type=float, help="host memory per rank (default: sharding_config.ddr_cap_gb, else this host's / procs)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("overrides", nargs="*", metavar="key.path=value")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse(argv)
+    overrides = list(args.overrides)
+    if args.hbm_gb is not None:
+        overrides.append(f"sharding_config.hbm_cap_gb={args.hbm_gb}")
+    if args.ddr_gb is not None:
+        overrides.append(f"sharding_config.ddr_cap_gb={args.ddr_gb}")
+    cfg = load_config(args.config, overrides)
+    warnings.filterwarnings("ignore")
+    logging.getLogger("torchrec").setLevel(logging.ERROR)
+    logging.getLogger().setLevel(logging.ERROR)
+    try:
+        result = plan_for_topology(cfg, args.hosts, args.procs_per_host, args.device)
+    except Exception as e:  # the planner's PlannerError says which tables do not fit
+        raise SystemExit(f"no plan for {args.hosts} x {args.procs_per_host} {args.device}: {e}") from None
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return result
+    t = result["topology"]
+    print(f"plan for {t['hosts']} host(s) x {t['procs_per_host']} {t['compute_device']} = {t['world_size']} ranks "
+          f"(caps per rank: HBM {t['hbm_cap_gb']:.1f} GB, DDR {t['ddr_cap_gb']:.1f} GB)")
+    print(f"{'table':<24}{'sharding':<20}{'kernel':<20}{'ranks'}")
+    for name, tp in sorted(result["tables"].items()):
+        ranks = tp["ranks"]
+        shown = ",".join(map(str, ranks)) if len(ranks) <= 8 else f"{ranks[0]}..{ranks[-1]} ({len(ranks)})"
+        print(f"{name:<24}{tp['sharding_type']:<20}{tp['compute_kernel']:<20}{shown}")
+    print(f"{'rank':<6}{'HBM GB':>10}{'DDR GB':>10}  tables")
+    for r in result["ranks"]:
+        print(f"{r['rank']:<6}{r['hbm_gb']:>10.3f}{r['ddr_gb']:>10.3f}  {len(r['tables'])}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""launch/plan.py: plans for GPU clusters from this CPU machine (the planner only estimates)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from aitm_torchrec.config import load_config
+from launch import plan
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_two_hosts_of_eight_gpus_spread_tables_over_sixteen_ranks():
+    result = plan.main(["--hosts", "2", "--procs-per-host", "8", "--device", "cuda", "--hbm-gb", "141",
+                        "--ddr-gb", "512", "--json"])
+    assert result["topology"]["world_size"] == 16
+    used = {r for t in result["tables"].values() for r in t["ranks"]}
+    assert used == set(range(16))
+    sharded = [t for t in result["tables"].values() if t["sharding_type"] != "data_parallel"]
+    assert sharded and all(t["compute_kernel"].startswith("fused") for t in sharded)
+    assert all(r["hbm_gb"] > 0 for r in result["ranks"])
+    # every row of a row-wise table is placed exactly once
+    rows = {f.name: f.num_embeddings for f in load_config().feature_config.features}
+    row_wise = [n for n, t in result["tables"].items() if t["sharding_type"] in ("row_wise", "table_row_wise")]
+    assert row_wise
+    for name in row_wise:
+        assert sum(s[0] for s in result["tables"][name]["shards"]) == rows[name]
+
+
+def test_table_bigger_than_hbm_goes_to_uvm_caching():
+    result = plan.main(["--hosts", "2", "--procs-per-host", "8", "--device", "cuda", "--hbm-gb", "0.2",
+                        "--ddr-gb", "64", "--json", "feature_config.features.6.hash_bucket_size=50000000",
+                        "sharding_config.tables={user_id: {compute_kernels: [fused_uvm_caching]}}"])
+    user = result["tables"]["user_id"]
+    assert user["compute_kernel"] == "fused_uvm_caching"
+    assert sum(s[0] for s in user["shards"]) == 50_000_000
+
+
+def test_cpu_plan_rejects_gpu_only_sharding_with_a_clear_error():
+    with pytest.raises(SystemExit, match="row_wise needs CUDA"):
+        plan.main(["--device", "cpu", "sharding_config.sharding_types=[row_wise]"])
+
+
+def test_cli_prints_a_table():
+    out = subprocess.run([sys.executable, "launch/plan.py", "--hosts", "1", "--procs-per-host", "2",
+                          "--device", "cpu", "sharding_config.sharding_types=[table_wise]"],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "plan for 1 host(s) x 2 cpu = 2 ranks" in out.stdout
+    assert "user_id" in out.stdout and "table_wise" in out.stdout
