@@ -105,20 +105,28 @@ class MultiTaskTrain(nn.Module):
     """Owns the loss. forward(batch) -> (loss, (loss, B x T logits, B x T labels, B weights))."""
 
     def __init__(self, model: EmbeddingInput, loss: MultiTaskLoss, l2_regularization: float = 0.0,
-                 embedding_regularization: float = 0.0) -> None:
+                 embedding_regularization: float = 0.0, mixed_precision: str = "none",
+                 device_type: str = "cpu") -> None:
+        """``mixed_precision``: "none", "bf16" or "fp16": autocast dtype of the dense layers
+        (tables, loss and optimizer states stay fp32); ``device_type`` of the dense layers."""
         super().__init__()
         self.model = model
         self.loss_fn = loss
         self.l2 = l2_regularization
         self.emb_reg = embedding_regularization
+        self.kernels = [m.weight for m in model.modules() if isinstance(m, nn.Linear)]
+        self.autocast_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[mixed_precision]
+        self.device_type = device_type
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         x, emb = self.model.embed(batch.dense, batch.sparse)
-        logits = self.model.predict(x)
+        with torch.autocast(self.device_type, dtype=self.autocast_dtype or torch.float32,
+                            enabled=self.autocast_dtype is not None):
+            logits = self.model.predict(x)
+        logits = logits.float()
         loss = self.loss_fn(logits, batch.labels, batch.weights)
         if self.l2:
-            kernels = [m.weight for m in self.model.modules() if isinstance(m, nn.Linear)]
-            loss = loss + self.l2 * sum(w.pow(2).sum() for w in kernels) / 2
+            loss = loss + self.l2 * sum(w.pow(2).sum() for w in self.kernels) / 2
         if self.emb_reg:
             # Only the rows this batch looked up (pooled), never whole tables.
             loss = loss + self.emb_reg * (emb.pow(2).sum(1) * batch.weights).sum() / 2
@@ -133,4 +141,6 @@ def build_train_module(cfg: Config, device: torch.device | str = "meta",
         MultiTaskLoss([t.classification_weight for t in cfg.towers], calibration_pairs(cfg)),
         l2_regularization=mp.l2_regularization,
         embedding_regularization=cfg.model_config.embedding_regularization,
+        mixed_precision=cfg.train_config.mixed_precision,
+        device_type=torch.device(dense_device or "cpu").type,
     )

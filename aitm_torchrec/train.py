@@ -25,7 +25,7 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from tqdm import tqdm
 
 from aitm_torchrec import checkpoint
-from aitm_torchrec.config import Config, LearningRateSchedule, Optimizer, to_dict
+from aitm_torchrec.config import Config, ConfigError, LearningRateSchedule, Optimizer, to_dict
 from aitm_torchrec.data import Batch, ParquetReader
 from aitm_torchrec.dist import DistEnv
 from aitm_torchrec.metrics import TaskMetrics
@@ -47,6 +47,8 @@ def dense_optimizer(dmp: DistributedModelParallel, opt: Optimizer) -> KeyedOptim
 
 def build(cfg: Config, env: DistEnv) -> tuple[DistributedModelParallel, CombinedOptimizer, dict]:
     """Model on meta -> planned, sharded DMP with fused table optimizer + dense optimizer."""
+    if cfg.train_config.mixed_precision == "fp16" and env.device.type != "cuda":
+        raise ConfigError("train_config.mixed_precision: fp16 needs CUDA; use bf16 or none on the CPU")
     torch.manual_seed(cfg.train_config.seed)
     module = build_train_module(cfg, device="meta", dense_device=env.device)
     dmp, plan = shard(cfg, module, module.model.ebc, env)

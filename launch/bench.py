@@ -11,6 +11,38 @@ so data loading is not in it) and the ratio. Generates a synthetic Parquet set
 
     python launch/bench.py data [--rows 1000000] [--string-ids] [--train-steps 30]
 
+``train``: the whole trainer against the machine's dense-compute roofline. Runs a config (default
+the seed's) on ``--world-size`` real gloo processes (TorchElastic, ``OMP_NUM_THREADS`` =
+``--threads-per-rank``, default 2 ranks x 1 thread on this 2-core machine) through
+``aitm_torchrec.train.run`` exactly as ``launch/train.py`` does: Parquet reader with its prefetch
+thread, ``TrainPipelineSparseDist``, fused table optimizer, window metrics, logging; eval off
+(``eval_input_path=[]``). Data: the synthetic set of ``data`` (generated under ``--data`` if
+missing). Figures:
+
+- ``examples_per_s``: ``summary["train"]["examples_per_s"]``, real rows of all ranks per second
+  over the training loop (process start, model build and the final checkpoint not included; the
+  pipeline fill and first row-group read are).
+- ``flops_per_example``: training FLOPs of one example counted from the layer shapes: every
+  ``nn.Linear`` of the built model (backbone, towers, transfer layers, the AIT projections h1/h2/h3
+  once per candidate, heads) at 2*in*out multiply-adds forward, x3 for forward + the two backward
+  GEMMs (input and weight gradients; every layer needs both, since gradients flow to the
+  embeddings). Not counted: biases, activations, batch norm, dropout, AIT scores and softmax, the
+  loss, embedding lookups and their fused update, the dense optimizer. The rows of each layer
+  come from a forward hook on one B-row ``predict``, so a layer run on B x C candidates counts C.
+  ``flops_breakdown``: the same per top-level module group.
+- ``gemm_flops_per_s``: fp32 ``torch.mm`` measured in the same run, inside the training ranks
+  themselves (same threads, both ranks at once after a barrier, before and after training; the
+  faster is used), on exactly the model's GEMMs (forward x @ W^T, backward dY @ W and dY^T @ x at
+  the real batch size): sum over ranks of FLOPs / seconds of the fastest of several passes.
+- ``roofline_examples_per_s`` = gemm_flops_per_s / flops_per_example: the examples/s if the ranks
+  did nothing but the model's GEMMs. ``ratio_to_roofline`` = examples_per_s / roofline (goal 0.6).
+- ``big_tables``: the same run with the large id tables (hash_bucket_size >= 100000) grown so
+  all tables hold at least ``--big-table-rows`` rows (default 14M): examples/s, ratio to the
+  roofline and to the small-table figure (the fused row-wise optimizer touches only looked-up
+  rows, so it should stay near 1).
+
+    python launch/bench.py train [--steps 300] [--batch-size 0] [--no-big-tables]
+
 A benchmark, not a test: it prints numbers and asserts nothing.
 """
 
@@ -19,9 +51,13 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import os
+import shutil
 import sys
+import tempfile
 import time
+import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -135,6 +171,209 @@ def _data(args: argparse.Namespace) -> dict:
     return result
 
 
+def linear_gemms(cfg, batch_size: int) -> list[tuple[str, int, int, int]]:
+    """(layer name, rows, in, out) of every ``nn.Linear`` in one forward of ``batch_size`` rows.
+
+    Rows come from a forward hook on ``predict`` of the config's model (tables on ``meta``, dense
+    layers on the CPU), so a layer applied to B x C inputs (AIT projections) has B*C rows.
+    """
+    import torch
+    from torch import nn
+
+    from aitm_torchrec.task import build_model
+
+    model = build_model(cfg, device="meta", dense_device="cpu")
+    found: list[tuple[str, int, int, int]] = []
+    hooks = [m.register_forward_hook(
+        lambda mod, inp, out, name=name: found.append(
+            (name, inp[0].numel() // mod.in_features, mod.in_features, mod.out_features)))
+        for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    with torch.no_grad():
+        model.predict(torch.zeros(batch_size, model.input_dim))
+    for h in hooks:
+        h.remove()
+    return found
+
+
+def training_flops(gemms: list[tuple[str, int, int, int]], batch_size: int) -> tuple[float, dict[str, float]]:
+    """(training FLOPs per example, the same per top-level module group): 3 GEMMs (forward,
+    input gradient, weight gradient) of 2*rows*in*out FLOPs per Linear, divided by the batch."""
+    groups: dict[str, float] = {}
+    for name, rows, k, n in gemms:
+        group = name.split(".")[0]
+        groups[group] = groups.get(group, 0.0) + 3 * 2 * rows * k * n / batch_size
+    return sum(groups.values()), groups
+
+
+def gemm_seconds(gemms: list[tuple[str, int, int, int]], passes: int = 5, inner: int = 5) -> tuple[float, float]:
+    """(FLOPs, seconds) of one pass of the model's fp32 GEMMs on this thread count: for each
+    Linear, forward x @ W^T (rows x in x out), input gradient dY @ W and weight gradient dY^T @ x,
+    each timed as the fastest of ``passes`` runs of ``inner`` calls."""
+    import torch
+
+    flops = seconds = 0.0
+    for _, rows, k, n in gemms:
+        x, w, dy = torch.randn(rows, k), torch.randn(n, k), torch.randn(rows, n)
+        for a, b in ((x, w.t()), (dy, w), (dy.t(), x)):
+            out = torch.empty(a.shape[0], b.shape[1])
+            torch.mm(a, b, out=out)  # warm: MKL picks its kernel
+            best = math.inf
+            for _ in range(passes):
+                t0 = time.perf_counter()
+                for _ in range(inner):
+                    torch.mm(a, b, out=out)
+                best = min(best, (time.perf_counter() - t0) / inner)
+            flops += 2.0 * a.shape[0] * a.shape[1] * b.shape[1]
+            seconds += best
+    return flops, seconds
+
+
+def _world_gemm_flops_per_s(gemms, env) -> float:
+    """Sum over ranks of this GEMM mix's FLOP/s, all ranks measuring at once."""
+    import torch
+    import torch.distributed as dist
+
+    dist.barrier()
+    flops, seconds = gemm_seconds(gemms)
+    rate = torch.tensor([flops / seconds], dtype=torch.float64)
+    dist.all_reduce(rate)
+    return float(rate)
+
+
+def _train_rank(config: str | None, overrides: list[str]) -> dict:
+    """One training rank (a spawned process): GEMM roofline, training, GEMM roofline again."""
+    import logging
+
+    import torch
+
+    from aitm_torchrec import dist as aitm_dist
+    from aitm_torchrec.config import load_config
+    from aitm_torchrec.train import run
+    from launch.train import quiet_libraries
+
+    logging.basicConfig(level=logging.WARNING)
+    quiet_libraries()
+    cfg = load_config(config, overrides)
+    env = aitm_dist.setup()
+    try:
+        gemms = linear_gemms(cfg, cfg.data_config.batch_size)
+        before = _world_gemm_flops_per_s(gemms, env)
+        summary = run(cfg, env, resume=False)
+        after = _world_gemm_flops_per_s(gemms, env)
+    finally:
+        aitm_dist.teardown()
+    return {"train": {k: summary["train"][k] for k in ("steps_this_run", "examples", "examples_per_s", "seconds")},
+            "threads": torch.get_num_threads(), "gemm_before": before, "gemm_after": after}
+
+
+def _launch_ranks(fn, args: tuple, nproc: int, threads: int) -> dict:
+    """``fn(*args)`` on ``nproc`` spawned gloo processes (TorchElastic, local c10d rendezvous);
+    returns rank 0's value."""
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
+                          monitor_interval=0.1, start_method="spawn")
+    saved = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # what torchrun sets for several ranks per host
+    try:
+        return elastic_launch(config, entrypoint=fn)(*args)[0]
+    finally:
+        if saved is None:
+            os.environ.pop("OMP_NUM_THREADS")
+        else:
+            os.environ["OMP_NUM_THREADS"] = saved
+
+
+def big_table_overrides(cfg, total_rows: int) -> list[str]:
+    """Overrides growing the large hashed tables (hash_bucket_size >= 100000) equally so all
+    tables hold at least ``total_rows`` rows."""
+    feats = cfg.feature_config.features
+    large = [i for i, f in enumerate(feats) if (f.hash_bucket_size or 0) >= 100_000]
+    if not large:
+        raise ValueError("--big-tables needs features with hash_bucket_size >= 100000 to grow")
+    rest = sum(_table_rows(f) for i, f in enumerate(feats) if i not in large)
+    each = math.ceil(max(total_rows - rest, 0) / len(large))
+    return [f"feature_config.features.{i}.hash_bucket_size={each}" for i in large]
+
+
+def _table_rows(f) -> int:
+    return 0 if f.feature_type == "RawFeature" else f.num_embeddings
+
+
+def cmd_train(args: argparse.Namespace) -> dict:
+    from aitm_torchrec.config import load_config
+
+    data = Path(args.data or REPO / "data" / f"bench_taobao_int64_{args.rows}")
+    train = _ensure_data(data, args.rows, False, args.row_group_size, args.files)
+    model_dir = Path(tempfile.mkdtemp(prefix="bench_train_"))
+    base = [f"train_input_path=[{train}]", "eval_input_path=[]", f"model_dir={model_dir}",
+            f"train_config.num_steps={args.steps}", "train_config.save_checkpoints_steps=0",
+            f"train_config.log_step_count_steps={args.steps}"]
+    if args.batch_size:
+        base.append(f"data_config.batch_size={args.batch_size}")
+    overrides = list(args.overrides) + base
+    cfg = load_config(args.config, overrides)
+    batch_size = cfg.data_config.batch_size
+    gemms = linear_gemms(cfg, batch_size)
+    flops, groups = training_flops(gemms, batch_size)
+
+    def one(extra: list[str]) -> dict:
+        try:
+            return _launch_ranks(_train_rank, (args.config, overrides + extra), args.world_size,
+                                 args.threads_per_rank)
+        finally:
+            shutil.rmtree(model_dir, ignore_errors=True)
+
+    small = one([])
+    gemm = max(small["gemm_before"], small["gemm_after"])
+    roofline = gemm / flops
+    ex_s = small["train"]["examples_per_s"]
+    result = {
+        "benchmark": "train",
+        "config": str(args.config or "configs/aitm_taobao.yaml"),
+        "data": str(train),
+        "world_size": args.world_size,
+        "threads_per_rank": small["threads"],
+        "batch_size": batch_size,
+        "steps": small["train"]["steps_this_run"],
+        "examples": small["train"]["examples"],
+        "seconds": round(small["train"]["seconds"], 2),
+        "examples_per_s": round(ex_s),
+        "table_rows_total": sum(_table_rows(f) for f in cfg.feature_config.features),
+        "flops_per_example": round(flops),
+        "flops_breakdown": {k: round(v) for k, v in groups.items()},
+        "flops_counted": "nn.Linear only (incl. AIT h1/h2/h3 per candidate, transfer, heads): "
+                         "2*rows*in*out x 3 (forward, input grad, weight grad); no biases, "
+                         "activations, softmax, loss, embeddings, optimizers",
+        "gemm_flops_per_s": round(gemm),
+        "gemm_flops_per_s_before_after": [round(small["gemm_before"]), round(small["gemm_after"])],
+        "gemm_measured": f"fp32 torch.mm on the model's forward and backward GEMM shapes at batch "
+                         f"{batch_size}, inside the {args.world_size} training ranks at once "
+                         f"({small['threads']} thread(s) each), summed over ranks; fastest of 5 "
+                         f"passes per GEMM; the faster of before/after training is used",
+        "roofline_examples_per_s": round(roofline),
+        "ratio_to_roofline": round(ex_s / roofline, 3),
+        "goal_ratio_to_roofline": 0.6,
+    }
+    if args.big_tables:
+        extra = big_table_overrides(cfg, args.big_table_rows)
+        big_cfg = load_config(args.config, overrides + extra)
+        big = one(extra)
+        big_ex_s = big["train"]["examples_per_s"]
+        result["big_tables"] = {
+            "table_rows_total": sum(_table_rows(f) for f in big_cfg.feature_config.features),
+            "overrides": extra,
+            "examples_per_s": round(big_ex_s),
+            "seconds": round(big["train"]["seconds"], 2),
+            "ratio_to_roofline": round(big_ex_s / roofline, 3),
+            "ratio_to_small_tables": round(big_ex_s / ex_s, 3),
+            "gemm_flops_per_s_before_after": [round(big["gemm_before"]), round(big["gemm_after"])],
+        }
+    print(json.dumps(result, indent=2))
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description="Benchmarks that print JSON.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -151,6 +390,21 @@ def main(argv: list[str] | None = None) -> dict:
     d.add_argument("--train-steps", type=int, default=30, help="timed training steps; 0: skip training")
     d.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
     d.set_defaults(fn=cmd_data)
+    t = sub.add_parser("train", help="2-rank training examples/s from Parquet vs the GEMM roofline")
+    t.add_argument("--config", help="YAML config (default: the seed's)")
+    t.add_argument("--rows", type=int, default=1_000_000, help="rows of the generated set")
+    t.add_argument("--data", help="data directory (default data/bench_taobao_int64_<rows>; generated if missing)")
+    t.add_argument("--row-group-size", type=int, default=65536)
+    t.add_argument("--files", type=int, default=4)
+    t.add_argument("--steps", type=int, default=300, help="training steps per run")
+    t.add_argument("--batch-size", type=int, default=0, help="per rank; 0: the config's data_config.batch_size")
+    t.add_argument("--world-size", type=int, default=2, help="training processes")
+    t.add_argument("--threads-per-rank", type=int, default=1, help="OMP_NUM_THREADS of each rank")
+    t.add_argument("--big-tables", action=argparse.BooleanOptionalAction, default=True,
+                   help="also train with the large tables grown to --big-table-rows rows in all")
+    t.add_argument("--big-table-rows", type=int, default=14_000_000)
+    t.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
+    t.set_defaults(fn=cmd_train)
     args = p.parse_args(argv)
     return args.fn(args)
 

@@ -52,3 +52,15 @@ def test_cli_prints_a_table():
     assert out.returncode == 0, out.stderr[-2000:]
     assert "plan for 1 host(s) x 2 cpu = 2 ranks" in out.stdout
     assert "user_id" in out.stdout and "table_wise" in out.stdout
+
+
+def test_gpu_check_skips_cleanly_without_cuda():
+    import torch
+
+    out = subprocess.run([sys.executable, "launch/gpu_check.py"], cwd=REPO, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    if not torch.cuda.is_available():
+        assert '"skipped"' in out.stdout
+    else:
+        assert '"ok": true' in out.stdout
