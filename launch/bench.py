@@ -20,8 +20,8 @@ thread, ``TrainPipelineSparseDist``, fused table optimizer, window metrics, logg
 missing). Figures:
 
 - ``examples_per_s``: ``summary["train"]["examples_per_s"]``, real rows of all ranks per second
-  over the training loop (process start, model build and the final checkpoint not included; the
-  pipeline fill and first row-group read are).
+  over the training loop from the end of its first step (process start, model build, the pipeline
+  fill and first row-group read of step 1, and the final checkpoint not included).
 - ``flops_per_example``: training FLOPs of one example counted from the layer shapes: every
   ``nn.Linear`` of the built model (backbone, towers, transfer layers, the AIT projections h1/h2/h3
   once per candidate, heads) at 2*in*out multiply-adds forward, x3 for forward + the two backward
@@ -36,12 +36,20 @@ missing). Figures:
   the real batch size): sum over ranks of FLOPs / seconds of the fastest of several passes.
 - ``roofline_examples_per_s`` = gemm_flops_per_s / flops_per_example: the examples/s if the ranks
   did nothing but the model's GEMMs. ``ratio_to_roofline`` = examples_per_s / roofline (goal 0.6).
+- ``cpu_during_run``: wall and CPU seconds of ``run()`` (model build and final checkpoint
+  included): the ranks' own (all threads), everything else on the machine (the launcher, other
+  users; near 0 means nothing competed for the cores), and VM steal. A low ratio with large
+  ``other_processes_cpu_s`` is a disturbed run, not a slow trainer.
+- ``bare_pipeline``: in the same ranks after ``run()``, a fresh DMP + ``TrainPipelineSparseDist``
+  cycling 16 pre-read batches (no reader, metrics, logging, LR schedule; ``--bare-steps``, 0 to
+  skip): its examples/s, ratio to the roofline, and the trainer's examples/s over it (the cost of
+  the whole system beyond TorchRec and the model).
 - ``big_tables``: the same run with the large id tables (hash_bucket_size >= 100000) grown so
   all tables hold at least ``--big-table-rows`` rows (default 14M): examples/s, ratio to the
   roofline and to the small-table figure (the fused row-wise optimizer touches only looked-up
   rows, so it should stay near 1).
 
-    python launch/bench.py train [--steps 300] [--batch-size 0] [--no-big-tables]
+    python launch/bench.py train [--steps 300] [--batch-size 0] [--no-big-tables] [--bare-steps 100]
 
 A benchmark, not a test: it prints numbers and asserts nothing.
 """
@@ -87,28 +95,43 @@ def _read_epoch(reader) -> tuple[int, int, float, float]:
 
 def _train_examples_per_s(cfg, batches: list, steps: int, warmup: int = 5) -> float:
     """Single-process training throughput on pre-read batches (data loading excluded)."""
-    from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
-
     from aitm_torchrec import dist as aitm_dist
-    from aitm_torchrec.train import build
 
     env = aitm_dist.setup()
     try:
-        dmp, optimizer = build(cfg, env)[:2]
-        pipeline = TrainPipelineSparseDist(dmp, optimizer, env.device)
-        source = itertools.cycle(batches)
-        for _ in range(warmup):
-            pipeline.progress(source)
-        t0 = time.perf_counter()
-        examples = 0.0
-        for _ in range(steps):
-            _, _, _, weights = pipeline.progress(source)
-            examples += float(weights.sum())
-        elapsed = time.perf_counter() - t0
-        del pipeline, dmp, optimizer
-        return examples / elapsed
+        return _pipeline_examples_per_s(cfg, env, batches, steps, warmup)
     finally:
         aitm_dist.teardown()
+
+
+def _pipeline_examples_per_s(cfg, env, batches: list, steps: int, warmup: int = 5) -> float:
+    """Examples/s of all ranks of a fresh DMP + ``TrainPipelineSparseDist`` cycling over
+    pre-read batches: no reader, metrics, logging or LR schedule."""
+    import torch
+    import torch.distributed as dist
+    from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+
+    from aitm_torchrec.train import build
+
+    dmp, optimizer = build(cfg, env)[:2]
+    pipeline = TrainPipelineSparseDist(dmp, optimizer, env.device)
+    source = itertools.cycle(batches)
+    for _ in range(warmup):
+        pipeline.progress(source)
+    if env.world_size > 1:
+        dist.barrier()
+    t0 = time.perf_counter()
+    examples = 0.0
+    for _ in range(steps):
+        _, _, _, weights = pipeline.progress(source)
+        examples += float(weights.sum())
+    elapsed = time.perf_counter() - t0
+    del pipeline, dmp, optimizer
+    if env.world_size == 1:
+        return examples / elapsed
+    total = torch.tensor([examples, elapsed], dtype=torch.float64)
+    dist.all_reduce(total)  # elapsed: the ranks' mean
+    return float(total[0] / (total[1] / env.world_size))
 
 
 def cmd_data(args: argparse.Namespace) -> dict:
@@ -228,7 +251,7 @@ def gemm_seconds(gemms: list[tuple[str, int, int, int]], passes: int = 5, inner:
     return flops, seconds
 
 
-def _world_gemm_flops_per_s(gemms, env) -> float:
+def _world_gemm_flops_per_s(gemms) -> float:
     """Sum over ranks of this GEMM mix's FLOP/s, all ranks measuring at once."""
     import torch
     import torch.distributed as dist
@@ -240,15 +263,34 @@ def _world_gemm_flops_per_s(gemms, env) -> float:
     return float(rate)
 
 
-def _train_rank(config: str | None, overrides: list[str]) -> dict:
-    """One training rank (a spawned process): GEMM roofline, training, GEMM roofline again."""
+def _cpu_seconds() -> dict[str, float]:
+    """CPU seconds of this process (all threads) and of the whole machine (busy and steal),
+    from getrusage and /proc/stat."""
+    import resource
+
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    out = {"process": ru.ru_utime + ru.ru_stime, "machine_busy": 0.0, "machine_steal": 0.0}
+    try:
+        fields = [float(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        tick = os.sysconf("SC_CLK_TCK")
+        out["machine_busy"] = (sum(fields[:3]) + sum(fields[5:7])) / tick  # user nice system irq softirq
+        out["machine_steal"] = (fields[7] if len(fields) > 7 else 0.0) / tick
+    except (OSError, ValueError):
+        pass
+    return out
+
+
+def _train_rank(config: str | None, overrides: list[str], bare_steps: int) -> dict:
+    """One training rank (a spawned process): GEMM roofline, ``train.run``, GEMM roofline again,
+    then (``bare_steps`` > 0) a bare pipeline on pre-read batches of the same reader."""
     import logging
 
     import torch
+    import torch.distributed as dist
 
     from aitm_torchrec import dist as aitm_dist
     from aitm_torchrec.config import load_config
-    from aitm_torchrec.train import run
+    from aitm_torchrec.train import run, train_reader
     from launch.train import quiet_libraries
 
     logging.basicConfig(level=logging.WARNING)
@@ -257,13 +299,28 @@ def _train_rank(config: str | None, overrides: list[str]) -> dict:
     env = aitm_dist.setup()
     try:
         gemms = linear_gemms(cfg, cfg.data_config.batch_size)
-        before = _world_gemm_flops_per_s(gemms, env)
+        before = _world_gemm_flops_per_s(gemms)
+        dist.barrier()
+        cpu0, wall0 = _cpu_seconds(), time.perf_counter()
         summary = run(cfg, env, resume=False)
-        after = _world_gemm_flops_per_s(gemms, env)
+        wall, cpu1 = time.perf_counter() - wall0, _cpu_seconds()
+        ranks_cpu = torch.tensor([cpu1["process"] - cpu0["process"]], dtype=torch.float64)
+        dist.all_reduce(ranks_cpu)
+        after = _world_gemm_flops_per_s(gemms)
+        bare = None
+        if bare_steps:
+            reader = train_reader(cfg, env)
+            batches = list(itertools.islice(reader.epoch(0), 16))
+            bare = _pipeline_examples_per_s(cfg, env, batches, bare_steps)
     finally:
         aitm_dist.teardown()
+    busy = cpu1["machine_busy"] - cpu0["machine_busy"]
     return {"train": {k: summary["train"][k] for k in ("steps_this_run", "examples", "examples_per_s", "seconds")},
-            "threads": torch.get_num_threads(), "gemm_before": before, "gemm_after": after}
+            "threads": torch.get_num_threads(), "gemm_before": before, "gemm_after": after, "bare": bare,
+            "cpu": {"wall_s": round(wall, 2), "ranks_cpu_s": round(float(ranks_cpu), 2),
+                    "other_processes_cpu_s": round(busy - float(ranks_cpu), 2),
+                    "steal_s": round(cpu1["machine_steal"] - cpu0["machine_steal"], 2),
+                    "cores": os.cpu_count()}}
 
 
 def _launch_ranks(fn, args: tuple, nproc: int, threads: int) -> dict:
@@ -318,14 +375,14 @@ def cmd_train(args: argparse.Namespace) -> dict:
     gemms = linear_gemms(cfg, batch_size)
     flops, groups = training_flops(gemms, batch_size)
 
-    def one(extra: list[str]) -> dict:
+    def one(extra: list[str], bare_steps: int = 0) -> dict:
         try:
-            return _launch_ranks(_train_rank, (args.config, overrides + extra), args.world_size,
-                                 args.threads_per_rank)
+            return _launch_ranks(_train_rank, (args.config, overrides + extra, bare_steps),
+                                 args.world_size, args.threads_per_rank)
         finally:
             shutil.rmtree(model_dir, ignore_errors=True)
 
-    small = one([])
+    small = one([], args.bare_steps)
     gemm = max(small["gemm_before"], small["gemm_after"])
     roofline = gemm / flops
     ex_s = small["train"]["examples_per_s"]
@@ -355,7 +412,17 @@ def cmd_train(args: argparse.Namespace) -> dict:
         "roofline_examples_per_s": round(roofline),
         "ratio_to_roofline": round(ex_s / roofline, 3),
         "goal_ratio_to_roofline": 0.6,
+        "cpu_during_run": small["cpu"],
     }
+    if small["bare"]:
+        result["bare_pipeline"] = {
+            "what": "same ranks after run(): fresh DMP + TrainPipelineSparseDist cycling 16 pre-read "
+                    "batches; no reader, metrics, logging, LR schedule",
+            "steps": args.bare_steps,
+            "examples_per_s": round(small["bare"]),
+            "ratio_to_roofline": round(small["bare"] / roofline, 3),
+            "trainer_over_bare": round(ex_s / small["bare"], 3),
+        }
     if args.big_tables:
         extra = big_table_overrides(cfg, args.big_table_rows)
         big_cfg = load_config(args.config, overrides + extra)
@@ -369,6 +436,7 @@ def cmd_train(args: argparse.Namespace) -> dict:
             "ratio_to_roofline": round(big_ex_s / roofline, 3),
             "ratio_to_small_tables": round(big_ex_s / ex_s, 3),
             "gemm_flops_per_s_before_after": [round(big["gemm_before"]), round(big["gemm_after"])],
+            "cpu_during_run": big["cpu"],
         }
     print(json.dumps(result, indent=2))
     return result
@@ -403,6 +471,8 @@ def main(argv: list[str] | None = None) -> dict:
     t.add_argument("--big-tables", action=argparse.BooleanOptionalAction, default=True,
                    help="also train with the large tables grown to --big-table-rows rows in all")
     t.add_argument("--big-table-rows", type=int, default=14_000_000)
+    t.add_argument("--bare-steps", type=int, default=100,
+                   help="steps of the bare pipeline on pre-read batches after the run; 0: skip")
     t.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
     t.set_defaults(fn=cmd_train)
     args = p.parse_args(argv)

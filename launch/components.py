@@ -63,6 +63,11 @@ def ddp(
     args = list(script_args)
     if script is None and m is None and args and args[0].endswith(".py"):
         script, args = args[0], args[1:]
+    if max_retries > 0:
+        # By default torchrun's workers share the rendezvous TCP store, whose keys outlive a
+        # restart: a restarted worker can read its peer's address from the dead attempt and fail
+        # with "connectFullMesh ... Connection refused". A store per rendezvous round avoids it.
+        env = {**(env or {}), "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
     app = torchx_dist.ddp(
         *args, script=script, m=m, image=image, name=name, h=h, cpu=cpu, gpu=gpu, memMB=memMB, j=j,
         env=env, max_retries=max_retries, rdzv_port=rdzv_port, rdzv_backend=rdzv_backend,

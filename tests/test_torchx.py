@@ -46,6 +46,18 @@ def test_users_command_as_typed_uses_local_cwd_and_positional_script(tiny_config
     assert summary["train"]["steps"] == 10 and summary["world_size"] == 2
 
 
+def test_two_hosts_of_two_processes_train_and_evaluate(tiny_config):
+    # -j 2x2 on local_cwd: two torchrun agents rendezvous like two hosts (world size 4).
+    out = torchx("run", "dist.ddp", "-j", "2x2", "launch/train.py", "--config", str(tiny_config),
+                 "train_config.num_steps=12", "train_config.log_step_count_steps=4")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    summary = json.loads((Path(load_config(tiny_config).model_dir) / "summary.json").read_text())
+    assert summary["world_size"] == 4 and summary["train"]["steps"] == 12
+    assert summary["train"]["examples"] == 12 * 4 * load_config(tiny_config).data_config.batch_size
+    assert all(0.0 < m["auc"] < 1.0 for m in summary["eval"].values())
+    assert {r for t in summary["plan"].values() for r in t["ranks"]} <= {0, 1, 2, 3}
+
+
 def test_failing_rank_fails_the_job_with_the_reason(tiny_config):
     out = torchx("run", "dist.ddp", "-j", "1x2", "launch/train.py", "--config", str(tiny_config),
                  "train_input_path=/nonexistent/dir")
@@ -62,6 +74,7 @@ def test_slurm_job_spec_for_two_hosts_of_eight_gpus():
     assert "--nnodes 2 --nproc_per_node 8" in spec
     assert "torchrun --max-restarts 3" in spec  # workers restart in place
     assert "--requeue" in spec and "TORCHX_MAX_RETRIES=3" in spec  # and the job is requeued
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in spec  # a fresh store per restart
     assert "launch/train.py --config configs/aitm_taobao.yaml" in spec
 
 
