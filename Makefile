@@ -15,6 +15,7 @@ GPU_FLAG := $(if $(HAS_CUDA),--gpu $(NPROC),)
 
 DEMO_DATA := data/taobao_synth
 DEMO_CONFIG := configs/aitm_taobao.yaml
+# A short run of the seed's config: 300 steps of 1024 rows per rank (the seed's batch is 4096).
 
 .PHONY: demo test install clean
 
@@ -31,7 +32,8 @@ $(DEMO_DATA)/_SUCCESS: | $(STAMP)
 	$(PY) -m datasets.synthetic --out $(DEMO_DATA) --rows 400000 --eval-rows 100000
 
 demo: $(STAMP) $(DEMO_DATA)/_SUCCESS
-	torchx run dist.ddp -j 1x$(NPROC) $(GPU_FLAG) launch/train.py --config $(DEMO_CONFIG) --no-resume
+	torchx run dist.ddp -j 1x$(NPROC) $(GPU_FLAG) launch/train.py --config $(DEMO_CONFIG) --no-resume \
+	    data_config.batch_size=1024
 	$(PY) -m launch.report runs/aitm_taobao/summary.json
 
 test: $(STAMP)
