@@ -73,8 +73,9 @@ def marginal_logits(conditional: torch.Tensor, parents: Sequence[int | None]) ->
     return torch.stack(out, dim=1)
 
 
-class ESMM(EmbeddingInput):
-    """Entire-space multi-task model (Ma et al., SIGIR 2018), for chains of any length.
+class ESMM(SharedBottom):
+    """Entire-space multi-task model (Ma et al., SIGIR 2018), for chains of any length: a
+    shared-bottom network whose heads give conditional logits, chained into marginals.
 
     ``parents[t]``: the tower whose step must happen before step t (None for a first step).
     predict(x) -> B x T logits of the marginal probabilities over all impressions.
@@ -83,18 +84,14 @@ class ESMM(EmbeddingInput):
     def __init__(self, ebc: EmbeddingBagCollection, groups: Sequence[Sequence[str]],
                  dense_slices: dict[str, tuple[int, int]], backbone: MLPSpec, towers: Sequence[MLPSpec],
                  parents: Sequence[int | None], device: Device = None) -> None:
-        super().__init__(ebc, groups, dense_slices)
         if len(parents) != len(towers):
             raise ValueError(f"ESMM needs one parent entry per tower: {len(parents)} for {len(towers)}")
+        super().__init__(ebc, groups, dense_slices, backbone, towers, device)
         self.parents = list(parents)
-        self.backbone = MLP(self.input_dim, backbone, device)
-        self.towers = nn.ModuleList(MLP(self.backbone.out_dim, s, device) for s in towers)
-        self.heads = nn.ModuleList(nn.Linear(t.out_dim, 1, device=device) for t in self.towers)
 
     def conditional_logits(self, x: torch.Tensor) -> torch.Tensor:
         """B x T logits of each step given its parent step."""
-        b = self.backbone(x)
-        return torch.cat([head(tower(b)) for tower, head in zip(self.towers, self.heads)], dim=1)
+        return super().predict(x)
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         return marginal_logits(self.conditional_logits(x), self.parents)
