@@ -48,7 +48,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec.streamable import Pipelineable
 
 from aitm_torchrec.config import Feature
-from aitm_torchrec.features import DataError, Source, bag_column, raw_column
+from aitm_torchrec.features import DataError, Source, bag_column, is_string, raw_column
 
 logger = logging.getLogger(__name__)
 
@@ -259,7 +259,7 @@ class ParquetReader:
                 t = _value_type(schema.field(col).type)
                 if not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)):
                     raise DataError(f"{path}: label column {col!r} has type {t}; labels must be 0/1 numbers")
-            self._dictionary_columns[path] = sorted(c for c in hashed_strings if _is_string(schema.field(c).type))
+            self._dictionary_columns[path] = sorted(c for c in hashed_strings if is_string(schema.field(c).type))
             groups += [_Group(path, i, meta.row_group(i).num_rows) for i in range(meta.num_row_groups)
                        if meta.row_group(i).num_rows]
         return groups
@@ -430,16 +430,12 @@ def _value_type(t: pa.DataType) -> pa.DataType:
     return t.value_type if pa.types.is_dictionary(t) else t
 
 
-def _is_string(t: pa.DataType) -> bool:
-    return pa.types.is_string(t) or pa.types.is_large_string(t)
-
-
 def _check_feature_type(f: Feature, t: pa.DataType, path: str) -> None:
     """Raises DataError when a column's Arrow type cannot feed feature ``f``."""
     t = _value_type(t)
     is_list = pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
     inner = _value_type(t.value_type) if is_list else t
-    ids = pa.types.is_integer(inner) or _is_string(inner)
+    ids = pa.types.is_integer(inner) or is_string(inner)
     numbers = pa.types.is_integer(inner) or pa.types.is_floating(inner)
     if f.feature_type == "IdFeature":
         ok, need = ids and not is_list, "int64 or string ids (a list column needs TagFeature)"

@@ -43,6 +43,11 @@ class DataError(ValueError):
     """Bad input data, with the file and column in the message."""
 
 
+def is_string(t: pa.DataType) -> bool:
+    """A string or large_string Arrow type."""
+    return pa.types.is_string(t) or pa.types.is_large_string(t)
+
+
 def mix64(x: np.ndarray) -> np.ndarray:
     """splitmix64 finaliser over uint64 (wrapping arithmetic). N -> N uint64."""
     with np.errstate(over="ignore"):
@@ -110,7 +115,7 @@ class Source:
 def ids_to_rows(feature: Feature, values: pa.Array, src: Source) -> np.ndarray:
     """Non-null ids (int or string Arrow array) -> int64 table rows in [0, num_embeddings)."""
     col = feature.column
-    if pa.types.is_string(values.type) or pa.types.is_large_string(values.type):
+    if is_string(values.type):
         if feature.num_buckets:
             values = _strings_as_ints(values, feature, src)
         else:
@@ -147,7 +152,7 @@ def bag_column(feature: Feature, column: pa.ChunkedArray | pa.Array, src: Source
             t = arr.type
         else:
             return _dictionary_bags(feature, arr, src)
-    if feature.separator and (pa.types.is_string(t) or pa.types.is_large_string(t)):
+    if feature.separator and is_string(t):
         arr = pc.split_pattern(arr, feature.separator)
         t = arr.type
     if pa.types.is_list(t) or pa.types.is_large_list(t):
@@ -156,18 +161,18 @@ def bag_column(feature: Feature, column: pa.ChunkedArray | pa.Array, src: Source
         lengths = arr.value_lengths().fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
         flat = arr.flatten()  # respects slicing, unlike .values
         keep = flat.is_valid()
-        if pa.types.is_string(flat.type) or pa.types.is_large_string(flat.type):
+        if is_string(flat.type):
             keep = pc.and_(keep, pc.not_equal(pc.utf8_length(flat), 0)).fill_null(False)
         keep_np = keep.to_numpy(zero_copy_only=False)
         if not keep_np.all():
             lengths = _drop_from_bags(lengths, keep_np)
             flat = flat.filter(keep)
         return lengths, ids_to_rows(feature, flat, src)
-    if feature.feature_type == "TagFeature" and not (pa.types.is_integer(t) or pa.types.is_string(t) or pa.types.is_large_string(t)):
+    if feature.feature_type == "TagFeature" and not (pa.types.is_integer(t) or is_string(t)):
         raise DataError(f"{src.path}: column {feature.column!r} has type {t}; TagFeature needs a list "
                         "column or a string with `separator`")
     valid = arr.is_valid()
-    if pa.types.is_string(t) or pa.types.is_large_string(t):
+    if is_string(t):
         valid = pc.and_(valid, pc.not_equal(pc.utf8_length(arr), 0)).fill_null(False)  # "" is missing, as in CSV
     valid_np = valid.to_numpy(zero_copy_only=False)
     return valid_np.astype(np.int64), ids_to_rows(feature, arr.filter(valid), src)
