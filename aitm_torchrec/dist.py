@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import os
 import socket
+import uuid
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -64,3 +66,24 @@ def setup(backend: str | None = None, timeout_s: float = 600) -> DistEnv:
 def teardown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def run_local(fn: Callable[..., Any], *args: Any, nproc: int = 2, threads: int = 1) -> dict[int, Any]:
+    """Calls ``fn(*args)`` in ``nproc`` spawned processes on this host (TorchElastic's launcher,
+    a local c10d rendezvous, ``OMP_NUM_THREADS=threads`` as torchrun sets it); returns
+    {rank: return value}. ``fn`` must be module-level (it is pickled into each process). A failure
+    on any rank stops all of them and raises ChildFailedError with that rank's traceback."""
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
+                          monitor_interval=0.1, start_method="spawn")
+    saved = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    try:
+        return elastic_launch(config, entrypoint=fn)(*args)
+    finally:
+        if saved is None:
+            os.environ.pop("OMP_NUM_THREADS")
+        else:
+            os.environ["OMP_NUM_THREADS"] = saved

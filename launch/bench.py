@@ -65,7 +65,6 @@ import shutil
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -324,22 +323,10 @@ def _train_rank(config: str | None, overrides: list[str], bare_steps: int) -> di
 
 
 def _launch_ranks(fn, args: tuple, nproc: int, threads: int) -> dict:
-    """``fn(*args)`` on ``nproc`` spawned gloo processes (TorchElastic, local c10d rendezvous);
-    returns rank 0's value."""
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+    """``fn(*args)`` on ``nproc`` local gloo processes; returns rank 0's value."""
+    from aitm_torchrec.dist import run_local
 
-    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
-                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
-                          monitor_interval=0.1, start_method="spawn")
-    saved = os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = str(threads)  # what torchrun sets for several ranks per host
-    try:
-        return elastic_launch(config, entrypoint=fn)(*args)[0]
-    finally:
-        if saved is None:
-            os.environ.pop("OMP_NUM_THREADS")
-        else:
-            os.environ["OMP_NUM_THREADS"] = saved
+    return run_local(fn, *args, nproc=nproc, threads=threads)[0]
 
 
 def big_table_overrides(cfg, total_rows: int) -> list[str]:
