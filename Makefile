@@ -37,6 +37,7 @@ demo: $(STAMP) $(DEMO_DATA)/_SUCCESS
 	$(PY) -m launch.report runs/aitm_taobao/summary.json
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
 clean:

@@ -16,7 +16,7 @@ train wrapper, DistributedModelParallel and the train pipeline run them unchange
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F

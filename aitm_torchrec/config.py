@@ -13,9 +13,10 @@ import dataclasses
 import math
 import types
 import typing
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional, Sequence, Tuple
+from typing import Any, Literal
 
 import yaml
 
@@ -52,7 +53,7 @@ class Normalizer:
 class Feature:
     """One input column -> one embedding table (or dense values for RawFeature)."""
 
-    input_names: Tuple[str, ...]
+    input_names: tuple[str, ...]
     feature_type: Literal["IdFeature", "TagFeature", "RawFeature"] = "IdFeature"
     feature_name: str = ""  # defaults to input_names[0]
     embedding_dim: int = 16
@@ -61,7 +62,7 @@ class Feature:
     separator: str = ""  # TagFeature stored as one string, e.g. "|"
     combiner: Literal["sum", "mean"] = "sum"  # pooling of the bag
     raw_input_dim: int = 1  # RawFeature width
-    normalizer: Optional[Normalizer] = None  # RawFeature only; none: values as they are
+    normalizer: Normalizer | None = None  # RawFeature only; none: values as they are
 
     @property
     def name(self) -> str:
@@ -78,13 +79,13 @@ class Feature:
 
 @dataclass(frozen=True)
 class FeatureConfig:
-    features: Tuple[Feature, ...]
+    features: tuple[Feature, ...]
 
 
 @dataclass(frozen=True)
 class FeatureGroup:
     group_name: str
-    feature_names: Tuple[str, ...]
+    feature_names: tuple[str, ...]
     wide_deep: Literal["DEEP"] = "DEEP"
 
 
@@ -92,7 +93,7 @@ class FeatureGroup:
 class DNN:
     """An MLP block: Linear -> [BatchNorm] -> ReLU -> [Dropout] per hidden size."""
 
-    hidden_units: Tuple[int, ...] = ()
+    hidden_units: tuple[int, ...] = ()
     dropout_ratio: float = 0.0  # after every layer's activation
     use_bn: bool = False  # EasyRec's DNN defaults to true
 
@@ -112,7 +113,7 @@ class Loss:
 
 @dataclass(frozen=True)
 class MetricsSet:
-    auc: Optional[dict] = None
+    auc: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -120,18 +121,18 @@ class TaskTower:
     tower_name: str
     label_name: str
     loss_type: Literal["CLASSIFICATION", "ORDER_CALIBRATE_LOSS"] = "CLASSIFICATION"
-    losses: Tuple[Loss, ...] = ()  # when given, replaces loss_type
-    metrics_set: Tuple[MetricsSet, ...] = ()
+    losses: tuple[Loss, ...] = ()  # when given, replaces loss_type
+    metrics_set: tuple[MetricsSet, ...] = ()
     dnn: DNN = DNN()
     use_ait_module: bool = True
     ait_project_dim: int = 0  # 0 -> the tower's last hidden size
-    relation_tower_names: Tuple[str, ...] = ()
+    relation_tower_names: tuple[str, ...] = ()
     relation_dnn: DNN = DNN()  # DBMTL (use_ait_module false); empty -> one layer of dnn's last size
     weight: float = 1.0
     num_class: int = 1
 
     @property
-    def all_losses(self) -> Tuple[Loss, ...]:
+    def all_losses(self) -> tuple[Loss, ...]:
         return self.losses or (Loss(self.loss_type),)
 
     @property
@@ -147,7 +148,7 @@ class TaskTower:
 
 @dataclass(frozen=True)
 class ModelParams:
-    task_towers: Tuple[TaskTower, ...]
+    task_towers: tuple[TaskTower, ...]
     l2_regularization: float = 0.0
     ait_attention: Literal["self", "cross"] = "self"  # self: the paper; cross: EasyRec (own tower queries)
     stop_gradient: bool = False  # detach what a tower receives from its relation towers
@@ -158,7 +159,7 @@ class ModelParams:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    feature_groups: Tuple[FeatureGroup, ...]
+    feature_groups: tuple[FeatureGroup, ...]
     model_params: ModelParams
     model_class: Literal["AITM", "DBMTL", "ESMM", "MMoE", "SharedBottom"] = "AITM"
     model_name: str = ""
@@ -169,7 +170,7 @@ class ModelConfig:
 @dataclass(frozen=True)
 class DataConfig:
     batch_size: int = 1024  # per rank
-    label_fields: Tuple[str, ...] = ()
+    label_fields: tuple[str, ...] = ()
     shuffle: bool = True
     shuffle_buffer_size: int = 0  # rows; 0 -> 8 batches
     prefetch_size: int = 4  # batches prepared ahead in a background thread
@@ -220,17 +221,17 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class TableConstraint:
-    sharding_types: Tuple[str, ...] = ()
-    compute_kernels: Tuple[str, ...] = ()
+    sharding_types: tuple[str, ...] = ()
+    compute_kernels: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
 class ShardingConfig:
     """Planner inputs. Empty lists leave the choice to the planner."""
 
-    sharding_types: Tuple[str, ...] = ()  # allowed for every table
-    compute_kernels: Tuple[str, ...] = ()
-    tables: Tuple[Tuple[str, TableConstraint], ...] = ()  # per feature name, overrides the above
+    sharding_types: tuple[str, ...] = ()  # allowed for every table
+    compute_kernels: tuple[str, ...] = ()
+    tables: tuple[tuple[str, TableConstraint], ...] = ()  # per feature name, overrides the above
     hbm_cap_gb: float = 0.0  # per rank; 0 -> the device's memory (CUDA) / unused (CPU)
     ddr_cap_gb: float = 0.0  # per rank; 0 -> host memory / local world size
     cache_load_factor: float = 0.2  # fused_uvm_caching: share of a table's rows cached in HBM
@@ -244,8 +245,8 @@ class Config:
     train_config: TrainConfig = TrainConfig()
     eval_config: EvalConfig = EvalConfig()
     sharding_config: ShardingConfig = ShardingConfig()
-    train_input_path: Tuple[str, ...] = ()
-    eval_input_path: Tuple[str, ...] = ()
+    train_input_path: tuple[str, ...] = ()
+    eval_input_path: tuple[str, ...] = ()
     model_dir: str = ""  # default runs/<config file stem>
 
     @property
@@ -253,7 +254,7 @@ class Config:
         return {f.name: f for f in self.feature_config.features}
 
     @property
-    def towers(self) -> Tuple[TaskTower, ...]:
+    def towers(self) -> tuple[TaskTower, ...]:
         return self.model_config.model_params.task_towers
 
 
@@ -339,7 +340,7 @@ def _keys(cls: type) -> str:
 
 
 def _convert(tp: Any, value: Any, where: str) -> Any:
-    if tp == Tuple[Tuple[str, TableConstraint], ...]:
+    if tp == tuple[tuple[str, TableConstraint], ...]:
         # ShardingConfig.tables is a mapping in YAML: {feature_name: {sharding_types: [...]}}.
         if not isinstance(value, dict):
             raise ConfigError(f"{where} must map feature names to constraints, got {value!r}")
@@ -562,7 +563,7 @@ def topological_order(relations: Sequence[Sequence[int]]) -> list[int]:
     return order
 
 
-def tower_order(towers: Tuple[TaskTower, ...], where: str = "config") -> list[int]:
+def tower_order(towers: tuple[TaskTower, ...], where: str = "config") -> list[int]:
     """Indices of towers in an order where every relation tower comes first."""
     index = {t.tower_name: i for i, t in enumerate(towers)}
     try:

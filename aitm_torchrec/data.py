@@ -37,8 +37,8 @@ import os
 import queue
 import threading
 from collections import Counter
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -67,7 +67,7 @@ class Batch(Pipelineable):
     labels: torch.Tensor
     weights: torch.Tensor
 
-    def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
+    def to(self, device: torch.device, non_blocking: bool = False) -> Batch:
         return Batch(
             self.dense.to(device, non_blocking=non_blocking),
             self.sparse.to(device, non_blocking=non_blocking),
@@ -81,7 +81,7 @@ class Batch(Pipelineable):
         self.labels.record_stream(stream)
         self.weights.record_stream(stream)
 
-    def pin_memory(self) -> "Batch":
+    def pin_memory(self) -> Batch:
         return Batch(self.dense.pin_memory(), self.sparse.pin_memory(),
                      self.labels.pin_memory(), self.weights.pin_memory())
 
@@ -120,7 +120,7 @@ class _Chunk:
     values: list[np.ndarray]
 
     @staticmethod
-    def concat(chunks: list["_Chunk"]) -> "_Chunk":
+    def concat(chunks: list[_Chunk]) -> _Chunk:
         if len(chunks) == 1:
             return chunks[0]
         lengths = [np.concatenate(ls) for ls in zip(*(c.lengths for c in chunks))]
@@ -132,7 +132,7 @@ class _Chunk:
             [np.concatenate(vs) for vs in zip(*(c.values for c in chunks))],
         )
 
-    def take(self, idx: np.ndarray) -> "_Chunk":
+    def take(self, idx: np.ndarray) -> _Chunk:
         """Rows ``idx`` (any order) as a new chunk; jagged values gathered without a row loop."""
         lengths, offsets, values = [], [], []
         for ln, off, val in zip(self.lengths, self.offsets, self.values):
@@ -145,7 +145,7 @@ class _Chunk:
             lengths.append(new_ln), offsets.append(new_off), values.append(val[gather])
         return _Chunk(self.dense[idx], self.labels[idx], lengths, offsets, values)
 
-    def slice(self, start: int, stop: int) -> "_Chunk":
+    def slice(self, start: int, stop: int) -> _Chunk:
         """Rows [start, stop) as a new chunk (views where possible)."""
         return _Chunk(self.dense[start:stop], self.labels[start:stop],
                       [ln[start:stop] for ln in self.lengths],

@@ -7,7 +7,7 @@ calibration = mean prediction / mean label (1.0 is perfectly calibrated).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F

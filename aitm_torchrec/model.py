@@ -22,8 +22,9 @@ of distribution, files or logging: it takes an EmbeddingBagCollection (usually b
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal
 
 import torch
 from torch import nn

@@ -11,9 +11,9 @@ import itertools
 import logging
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -123,7 +123,7 @@ class Position:
         return {k: torch.tensor(v, dtype=torch.int64) for k, v in values.items()}
 
     @classmethod
-    def restore(cls, state: dict[str, torch.Tensor], env: DistEnv, batch_size: int) -> "Position":
+    def restore(cls, state: dict[str, torch.Tensor], env: DistEnv, batch_size: int) -> Position:
         """Same world and batch size: exactly where it stopped. Otherwise the same share of the
         same epoch (rows are dealt to ranks differently, so up to one batch per rank may repeat
         or be skipped)."""

@@ -138,8 +138,8 @@ def write_split(world: World, out_dir: Path, rows: int, seed: int, string_ids: b
 
 def oracle_auc(path: Path, labels: list[str]) -> dict[str, float]:
     """AUC of the true probabilities (the best any model can do) on the files under ``path``."""
-    from torchmetrics.functional.classification import binary_auroc
     import torch
+    from torchmetrics.functional.classification import binary_auroc
 
     table = pq.read_table(path, columns=labels + [f"p_{l}" for l in labels])
     return {

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
 from aitm_torchrec import checkpoint
 from aitm_torchrec.config import LearningRateSchedule
@@ -75,7 +76,7 @@ def _crash_mid_save(root: str) -> None:
 
 
 def test_a_crash_mid_save_leaves_no_checkpoint_that_looks_complete(tmp_path):
-    with pytest.raises(Exception):
+    with pytest.raises(ChildFailedError):
         run_ranks(_crash_mid_save, str(tmp_path))
     assert [step for step, _ in checkpoint.checkpoints(tmp_path)] == [1]
     assert checkpoint.latest(tmp_path).name == "step_00000001"

@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import yaml
 
@@ -77,7 +79,7 @@ def test_error_for_missing_required_key_and_bad_yaml(tmp_path, seed_raw):
 
 def test_config_is_frozen():
     cfg = load_config()
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.train_config.num_steps = 3  # type: ignore[misc]
 
 

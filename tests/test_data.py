@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -66,7 +67,7 @@ def _epoch_rids(reader: ParquetReader, epoch: int) -> tuple[list[int], int, list
 def test_every_row_exactly_once_per_epoch_and_equal_steps(rows_dir, world, shuffle):
     readers = [_reader(rows_dir, r, world, shuffle=shuffle, seed=5, buffer_rows=100) for r in range(world)]
     assert readers[0].num_rows == N_ROWS
-    expected_steps = -(-(-(-N_ROWS // world)) // 32)
+    expected_steps = math.ceil(math.ceil(N_ROWS / world) / 32)
     for epoch in (0, 1):
         seen = []
         for reader in readers:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
 from aitm_torchrec import dist as aitm_dist
 from aitm_torchrec.config import load_config
 from tests.multiprocess import run_ranks

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+
 import pytest
 import torch
 from torchmetrics.functional.classification import binary_auroc

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from aitm_torchrec.config import load_config
+from aitm_torchrec.dist import DistEnv
 from aitm_torchrec.task import build_train_module
 from aitm_torchrec.train import train_reader
-from aitm_torchrec.dist import DistEnv
 
 
 @pytest.mark.parametrize("precision,dtype", [("none", torch.float32), ("bf16", torch.bfloat16)])
