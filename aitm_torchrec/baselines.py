@@ -1,16 +1,15 @@
-"""Baselines users compare AITM against, on the same input (EmbeddingBagCollection, groups).
+"""Baselines users compare AITM against: heads over the same input side and backbone.
 
-Each takes the ebc and plain sizes exactly as AITM does and has the same interface
-(``embed(dense, sparse) -> (x, pooled)``, ``predict(x) -> B x T logits``, ``forward``), so the
-train wrapper, DistributedModelParallel and the train pipeline run them unchanged.
+Each is a head of a ``MultiTaskModel`` (B x H backbone output -> B x T logits), so the train
+wrapper, DistributedModelParallel and the train pipeline run them unchanged.
 
-    SharedBottom   b = backbone(v); logit_t = head_t(tower_t(b))
-    ESMM           c_t = head_t(tower_t(b)) is the logit of P(step t | step r) for t's relation
+    SharedBottom   logit_t = output_t(tower_t(b))
+    ESMM           c_t = output_t(tower_t(b)) is the logit of P(step t | step r) for t's relation
                    tower r; the output is the logit of the marginal P(step t) = prod of sigmoid(c)
                    along the chain (pCTCVR = pCTR x pCVR), trained on all impressions.
     MMoE           e_i = expert_i(b); g_t = softmax(W_t b + c_t) over experts;
-                   logit_t = head_t(tower_t(sum_i g_ti e_i))
-    DBMTL          AITM with every tower's use_ait false: relation dnn over concat(own, relations)
+                   logit_t = output_t(tower_t(sum_i g_ti e_i))
+    DBMTL          AITM's head with every tower's use_ait false: relation dnn over concat(own, relations)
 """
 
 from __future__ import annotations
@@ -21,29 +20,24 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
-from aitm_torchrec.config import topological_order
-from aitm_torchrec.model import AITM, MLP, Device, EmbeddingInput, MLPSpec, TowerSpec
+from aitm_torchrec.model import MLP, AITMHead, Device, MLPSpec, TowerSpec
+from aitm_torchrec.schema import topological_order
 
 # Marginal probabilities are capped at exp(MAX_LOG_PROB) ~ 1 - 1e-6 so their logits stay finite.
 MAX_LOG_PROB = -1e-6
 
 
-class SharedBottom(EmbeddingInput):
-    """Shared backbone, one tower and head per task. forward(dense, sparse) -> B x T logits."""
+class SharedBottomHead(nn.Module):
+    """One tower and output layer per task. forward(b: B x H) -> B x T logits."""
 
-    def __init__(self, ebc: EmbeddingBagCollection, groups: Sequence[Sequence[str]],
-                 dense_slices: dict[str, tuple[int, int]], backbone: MLPSpec, towers: Sequence[MLPSpec],
-                 device: Device = None) -> None:
-        super().__init__(ebc, groups, dense_slices)
-        self.backbone = MLP(self.input_dim, backbone, device)
-        self.towers = nn.ModuleList(MLP(self.backbone.out_dim, s, device) for s in towers)
-        self.heads = nn.ModuleList(nn.Linear(t.out_dim, 1, device=device) for t in self.towers)
+    def __init__(self, in_dim: int, towers: Sequence[MLPSpec], device: Device = None) -> None:
+        super().__init__()
+        self.towers = nn.ModuleList(MLP(in_dim, s, device) for s in towers)
+        self.outputs = nn.ModuleList(nn.Linear(t.out_dim, 1, device=device) for t in self.towers)
 
-    def predict(self, x: torch.Tensor) -> torch.Tensor:
-        b = self.backbone(x)
-        return torch.cat([head(tower(b)) for tower, head in zip(self.towers, self.heads)], dim=1)
+    def forward(self, b: torch.Tensor) -> torch.Tensor:
+        return torch.cat([out(tower(b)) for tower, out in zip(self.towers, self.outputs)], dim=1)
 
 
 def log1mexp(log_p: torch.Tensor) -> torch.Tensor:
@@ -73,48 +67,41 @@ def marginal_logits(conditional: torch.Tensor, parents: Sequence[int | None]) ->
     return torch.stack(out, dim=1)
 
 
-class ESMM(SharedBottom):
-    """Entire-space multi-task model (Ma et al., SIGIR 2018), for chains of any length: a
-    shared-bottom network whose heads give conditional logits, chained into marginals.
+class ESMMHead(SharedBottomHead):
+    """Entire-space multi-task model (Ma et al., SIGIR 2018), for chains of any length: shared-
+    bottom towers whose outputs are conditional logits, chained into marginals.
 
     ``parents[t]``: the tower whose step must happen before step t (None for a first step).
-    predict(x) -> B x T logits of the marginal probabilities over all impressions.
+    forward(b) -> B x T logits of the marginal probabilities over all impressions.
     """
 
-    def __init__(self, ebc: EmbeddingBagCollection, groups: Sequence[Sequence[str]],
-                 dense_slices: dict[str, tuple[int, int]], backbone: MLPSpec, towers: Sequence[MLPSpec],
-                 parents: Sequence[int | None], device: Device = None) -> None:
+    def __init__(self, in_dim: int, towers: Sequence[MLPSpec], parents: Sequence[int | None],
+                 device: Device = None) -> None:
         if len(parents) != len(towers):
             raise ValueError(f"ESMM needs one parent entry per tower: {len(parents)} for {len(towers)}")
-        super().__init__(ebc, groups, dense_slices, backbone, towers, device)
+        super().__init__(in_dim, towers, device)
         self.parents = list(parents)
 
-    def conditional_logits(self, x: torch.Tensor) -> torch.Tensor:
+    def conditional_logits(self, b: torch.Tensor) -> torch.Tensor:
         """B x T logits of each step given its parent step."""
-        return super().predict(x)
+        return super().forward(b)
 
-    def predict(self, x: torch.Tensor) -> torch.Tensor:
-        return marginal_logits(self.conditional_logits(x), self.parents)
+    def forward(self, b: torch.Tensor) -> torch.Tensor:
+        return marginal_logits(self.conditional_logits(b), self.parents)
 
 
-class MMoE(EmbeddingInput):
-    """Multi-gate mixture of experts (Ma et al., KDD 2018).
+class MMoEHead(nn.Module):
+    """Multi-gate mixture of experts (Ma et al., KDD 2018) over the backbone output.
+    forward(b: B x H) -> B x T logits."""
 
-    Experts and gates read the backbone output (the model input when the backbone is empty).
-    forward(dense, sparse) -> B x T logits.
-    """
-
-    def __init__(self, ebc: EmbeddingBagCollection, groups: Sequence[Sequence[str]],
-                 dense_slices: dict[str, tuple[int, int]], backbone: MLPSpec, expert: MLPSpec,
-                 num_expert: int, towers: Sequence[MLPSpec], device: Device = None) -> None:
-        super().__init__(ebc, groups, dense_slices)
-        self.backbone = MLP(self.input_dim, backbone, device)
-        in_dim = self.backbone.out_dim
+    def __init__(self, in_dim: int, expert: MLPSpec, num_expert: int, towers: Sequence[MLPSpec],
+                 device: Device = None) -> None:
+        super().__init__()
         self.experts = nn.ModuleList(MLP(in_dim, expert, device) for _ in range(num_expert))
         self.gates = nn.ModuleList(nn.Linear(in_dim, num_expert, device=device) for _ in towers)
         expert_dim = self.experts[0].out_dim
         self.towers = nn.ModuleList(MLP(expert_dim, s, device) for s in towers)
-        self.heads = nn.ModuleList(nn.Linear(t.out_dim, 1, device=device) for t in self.towers)
+        self.outputs = nn.ModuleList(nn.Linear(t.out_dim, 1, device=device) for t in self.towers)
 
     def gate_weights(self, b: torch.Tensor) -> torch.Tensor:
         """B x T x E: per task, a softmax over the experts."""
@@ -125,18 +112,15 @@ class MMoE(EmbeddingInput):
         experts = torch.stack([e(b) for e in self.experts], dim=1)  # B x E x D
         return torch.einsum("bte,bed->btd", self.gate_weights(b), experts)
 
-    def predict(self, x: torch.Tensor) -> torch.Tensor:
-        mixed = self.mix(self.backbone(x))
-        return torch.cat([head(tower(mixed[:, t])) for t, (tower, head) in enumerate(zip(self.towers, self.heads))],
+    def forward(self, b: torch.Tensor) -> torch.Tensor:
+        mixed = self.mix(b)
+        return torch.cat([out(tower(mixed[:, t])) for t, (tower, out) in enumerate(zip(self.towers, self.outputs))],
                          dim=1)
 
 
-class DBMTL(AITM):
+class DBMTLHead(AITMHead):
     """DBMTL (Bayesian-network multi-task): AITM's towers with a relation dnn for every tower
     that has relation towers, never AIT."""
 
-    def __init__(self, ebc: EmbeddingBagCollection, groups: Sequence[Sequence[str]],
-                 dense_slices: dict[str, tuple[int, int]], backbone: MLPSpec,
-                 towers: Sequence[TowerSpec], device: Device = None) -> None:
-        super().__init__(ebc, groups, dense_slices, backbone,
-                         [dataclasses.replace(s, use_ait=False) for s in towers], device=device)
+    def __init__(self, in_dim: int, towers: Sequence[TowerSpec], device: Device = None) -> None:
+        super().__init__(in_dim, [dataclasses.replace(s, use_ait=False) for s in towers], device=device)

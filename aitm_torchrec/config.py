@@ -10,21 +10,25 @@ allowed. ``load_config(path, overrides)`` is the only entry point; overrides are
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import types
 import typing
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
+from aitm_torchrec.registry import MODELS
+from aitm_torchrec.schema import Normalizer, Schema, topological_order
+
+__all__ = ["Normalizer", "topological_order"]  # re-exported: part of the config vocabulary
+
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "aitm_taobao.yaml"
 
 FEATURE_TYPES = ("IdFeature", "TagFeature", "RawFeature")
 LOSS_TYPES = ("CLASSIFICATION", "ORDER_CALIBRATE_LOSS")
-MODEL_CLASSES = ("AITM", "DBMTL", "ESMM", "MMoE", "SharedBottom")
 SHARDING_TYPES_CPU = ("data_parallel", "table_wise", "column_wise", "table_column_wise")
 SHARDING_TYPES_CUDA = SHARDING_TYPES_CPU + ("row_wise", "table_row_wise")
 COMPUTE_KERNELS = ("dense", "fused", "fused_uvm", "fused_uvm_caching", "key_value")
@@ -38,15 +42,6 @@ class ConfigError(ValueError):
 
 # --------------------------------------------------------------------------------------------
 # Schema. Field names are the YAML keys.
-
-
-@dataclass(frozen=True)
-class Normalizer:
-    """RawFeature value x -> (f(x) - mean) / std, f(x) = sign(x) * log(1 + |x|) if log1p else x."""
-
-    log1p: bool = False
-    mean: float = 0.0
-    std: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -161,7 +156,7 @@ class ModelParams:
 class ModelConfig:
     feature_groups: tuple[FeatureGroup, ...]
     model_params: ModelParams
-    model_class: Literal["AITM", "DBMTL", "ESMM", "MMoE", "SharedBottom"] = "AITM"
+    model_class: str = "AITM"  # a name in registry.MODELS
     model_name: str = ""
     backbone: Backbone = Backbone()
     embedding_regularization: float = 0.0
@@ -252,6 +247,11 @@ class Config:
     @property
     def features(self) -> dict:
         return {f.name: f for f in self.feature_config.features}
+
+    @functools.cached_property
+    def schema(self) -> Schema:
+        """The resolved schema (feature layout, id rules, label order, tower indices), built once."""
+        return Schema.from_config(self)
 
     @property
     def towers(self) -> tuple[TaskTower, ...]:
@@ -431,6 +431,8 @@ def validate(cfg: Config, where: str) -> None:
             fail(f"{key}.separator", f"({f.name}) is only allowed for TagFeature")
 
     mc = cfg.model_config
+    if mc.model_class not in MODELS:
+        fail("model_config.model_class", f"is {mc.model_class!r}; allowed: {', '.join(MODELS)}")
     if not mc.feature_groups:
         fail("model_config.feature_groups", "must list at least one group")
     for i, g in enumerate(mc.feature_groups):
@@ -491,7 +493,11 @@ def validate(cfg: Config, where: str) -> None:
             fail(f"{key}.losses", f"({t.tower_name}) needs a CLASSIFICATION loss")
         if t.weight < 0 or any(l.weight < 0 for l in t.all_losses):
             fail(f"{key}", f"({t.tower_name}) weight and losses[].weight must be >= 0")
-    tower_order(towers, where)  # rejects cycles
+    try:
+        _ = cfg.schema  # the one place tower indices are resolved; rejects cycles
+    except ValueError as e:
+        cycle = ", ".join(towers[i].tower_name for i in e.args[0])
+        fail("model_config.model_params.task_towers", f"relation_tower_names form a cycle among towers: {cycle}")
 
     dc = cfg.data_config
     if dc.label_fields and tuple(dc.label_fields) != tuple(t.label_name for t in towers):
@@ -547,31 +553,6 @@ def validate(cfg: Config, where: str) -> None:
         for k in c.compute_kernels:
             if k not in COMPUTE_KERNELS:
                 fail(f"{key}.compute_kernels", f"has {k!r}; allowed: {', '.join(COMPUTE_KERNELS)}")
-
-
-def topological_order(relations: Sequence[Sequence[int]]) -> list[int]:
-    """Node indices ordered so each node's relations come first; ValueError naming a cycle."""
-    order: list[int] = []
-    pending = dict(enumerate(relations))
-    while pending:
-        ready = [i for i, deps in pending.items() if all(d in order for d in deps)]
-        if not ready:
-            raise ValueError(sorted(pending))
-        order += ready
-        for i in ready:
-            del pending[i]
-    return order
-
-
-def tower_order(towers: tuple[TaskTower, ...], where: str = "config") -> list[int]:
-    """Indices of towers in an order where every relation tower comes first."""
-    index = {t.tower_name: i for i, t in enumerate(towers)}
-    try:
-        return topological_order([[index[r] for r in t.relation_tower_names if r in index] for t in towers])
-    except ValueError as e:
-        cycle = ", ".join(towers[i].tower_name for i in e.args[0])
-        raise ConfigError(f"{where}: model_config.model_params.task_towers relation_tower_names "
-                          f"form a cycle among towers: {cycle}") from None
 
 
 def to_dict(cfg: Any) -> Any:

@@ -1,4 +1,4 @@
-"""Features: Arrow columns -> table rows, vectorised, and the EmbeddingBagConfigs they feed.
+"""Features: Arrow columns -> table rows and dense values, vectorised (the id rules of ``schema.ID_HASH``).
 
 Id rules (the same in every process, run and machine):
 - ``hash_bucket_size: n``: row = mix64(id) mod n. Integer ids are mixed as their int64 value;
@@ -28,9 +28,8 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 
-from aitm_torchrec.config import Feature
+from aitm_torchrec.schema import DenseFeature, SparseFeature
 
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
@@ -112,7 +111,7 @@ class Source:
     path: str
 
 
-def ids_to_rows(feature: Feature, values: pa.Array, src: Source) -> np.ndarray:
+def ids_to_rows(feature: SparseFeature, values: pa.Array, src: Source) -> np.ndarray:
     """Non-null ids (int or string Arrow array) -> int64 table rows in [0, num_embeddings)."""
     col = feature.column
     if is_string(values.type):
@@ -134,7 +133,7 @@ def ids_to_rows(feature: Feature, values: pa.Array, src: Source) -> np.ndarray:
     return (mix64(ints.view(np.uint64)) % np.uint64(feature.hash_bucket_size)).astype(np.int64)
 
 
-def _strings_as_ints(values: pa.Array, feature: Feature, src: Source) -> pa.Array:
+def _strings_as_ints(values: pa.Array, feature: SparseFeature, src: Source) -> pa.Array:
     try:
         return pc.cast(values, pa.int64())
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
@@ -142,7 +141,7 @@ def _strings_as_ints(values: pa.Array, feature: Feature, src: Source) -> pa.Arra
                         f"num_buckets needs ids in [0, {feature.num_buckets})") from None
 
 
-def bag_column(feature: Feature, column: pa.ChunkedArray | pa.Array, src: Source) -> tuple[np.ndarray, np.ndarray]:
+def bag_column(feature: SparseFeature, column: pa.ChunkedArray | pa.Array, src: Source) -> tuple[np.ndarray, np.ndarray]:
     """One sparse column of B rows -> (lengths: B int64, rows: sum(lengths) int64)."""
     arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     t = arr.type
@@ -178,7 +177,7 @@ def bag_column(feature: Feature, column: pa.ChunkedArray | pa.Array, src: Source
     return valid_np.astype(np.int64), ids_to_rows(feature, arr.filter(valid), src)
 
 
-def _dictionary_bags(feature: Feature, arr: pa.DictionaryArray, src: Source) -> tuple[np.ndarray, np.ndarray]:
+def _dictionary_bags(feature: SparseFeature, arr: pa.DictionaryArray, src: Source) -> tuple[np.ndarray, np.ndarray]:
     """Bags of a dictionary-encoded column: convert the D distinct values, gather per row.
 
     Hashing cannot fail, so converting unused dictionary entries is harmless (this path is only
@@ -210,11 +209,11 @@ def _drop_from_bags(lengths: np.ndarray, keep: np.ndarray) -> np.ndarray:
     return np.bincount(bag_of[keep], minlength=lengths.size).astype(np.int64)
 
 
-def raw_column(feature: Feature, column: pa.ChunkedArray | pa.Array, src: Source) -> np.ndarray:
+def raw_column(feature: DenseFeature, column: pa.ChunkedArray | pa.Array, src: Source) -> np.ndarray:
     """A RawFeature column of B rows -> B x raw_input_dim float32, normalised."""
     arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     t = arr.type
-    dim = feature.raw_input_dim
+    dim = feature.dim
     nulls = arr.null_count
     if pa.types.is_list(t) or pa.types.is_fixed_size_list(t) or pa.types.is_large_list(t):
         lengths = arr.value_lengths().fill_null(dim).to_numpy(zero_copy_only=False)
@@ -243,19 +242,3 @@ def raw_column(feature: Feature, column: pa.ChunkedArray | pa.Array, src: Source
         if valid is not None and nulls:
             values[~valid] = 0.0
     return values.reshape(-1, dim)
-
-
-def embedding_bag_configs(features: tuple[Feature, ...]) -> list[EmbeddingBagConfig]:
-    """One table per sparse feature, named after the feature."""
-    pooling = {"sum": PoolingType.SUM, "mean": PoolingType.MEAN}
-    return [
-        EmbeddingBagConfig(
-            name=f.name,
-            feature_names=[f.name],
-            num_embeddings=f.num_embeddings,
-            embedding_dim=f.embedding_dim,
-            pooling=pooling[f.combiner],
-        )
-        for f in features
-        if f.feature_type != "RawFeature"
-    ]

@@ -7,16 +7,18 @@
     z_t    = AIT([q_t] + [p_rt for r]) if use_ait and t has relation towers
            = relation_dnn_t(concat(q_t, z_r for r))       if not use_ait (DBMTL)
            = q_t                                          if t has no relation towers
-    logit_t= head_t(z_t)
+    logit_t= output_t(z_t)
 
 AIT scores each candidate u: ``self`` (the paper, its official code):
 s_u = <h2(u), h3(u)> / sqrt(k); ``cross`` (EasyRec): s_u = <h2(q_t), h3(u)> / sqrt(k). Then
 w = softmax over candidates, z_t = sum_u w_u h1(u). h1, h2, h3 are bias-free maps to k dims.
 
-Towers may form a DAG (``relations``); they run in a topological order. The module knows nothing
-of distribution, files or logging: it takes an EmbeddingBagCollection (usually built on
-``meta``) and plain sizes, and is sharded from outside by DistributedModelParallel. The baselines
-(``baselines.py``) share the input side, ``EmbeddingInput``.
+Towers may form a DAG (``relations``); they run in a topological order. Every model is a
+``MultiTaskModel``: the shared input side (an EmbeddingBagCollection, usually built on ``meta``,
+and the dense block), a backbone MLP, and a head that takes the B x H backbone output, so heads
+are testable without tables. ``AITMHead`` is here; the baselines' heads are in ``baselines.py``;
+``registry.py`` maps ``model_class`` to a head. Nothing here knows of distribution, files or
+logging: DistributedModelParallel shards the model from outside.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from aitm_torchrec.config import topological_order
+from aitm_torchrec.schema import topological_order
 
 Device = torch.device | str | None
 
@@ -107,18 +109,20 @@ class TowerSpec:
     stop_gradient: bool = False  # detach what the relation towers pass in
 
 
-class EmbeddingInput(nn.Module):
-    """The input side every model shares: pooled embeddings and raw values, concatenated.
+class MultiTaskModel(nn.Module):
+    """Every model's construction shape: input side -> backbone -> head.
 
     Args:
         ebc: EmbeddingBagCollection with one table per sparse feature (any device, ``meta`` ok).
         groups: feature names per feature group, concatenated in order into the model input.
         dense_slices: RawFeature name -> (start, stop) columns of the dense input.
-    Subclasses define ``predict(x: B x input_dim) -> B x T logits``.
+        backbone: shared MLP over the model input (B x input_dim -> B x H; may have no layers).
+        head: the model class's towers (B x H -> B x T logits), e.g. ``AITMHead``.
+    forward(dense: B x D_dense, sparse: KJT) -> B x T logits.
     """
 
     def __init__(self, ebc: EmbeddingBagCollection, groups: Sequence[Sequence[str]],
-                 dense_slices: dict[str, tuple[int, int]]) -> None:
+                 dense_slices: dict[str, tuple[int, int]], backbone: nn.Module, head: nn.Module) -> None:
         super().__init__()
         self.ebc = ebc
         dims = {c.feature_names[0]: c.embedding_dim for c in ebc.embedding_bag_configs()}
@@ -127,6 +131,8 @@ class EmbeddingInput(nn.Module):
         self.dense_slices = dict(dense_slices)
         self.input_dim = sum(dims[n] if n in dims else dense_slices[n][1] - dense_slices[n][0]
                              for n in self.inputs)
+        self.backbone = backbone
+        self.head = head
 
     def embed(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (model input B x input_dim, pooled embeddings B x E of all sparse features)."""
@@ -136,33 +142,30 @@ class EmbeddingInput(nn.Module):
         return torch.cat(parts, dim=1), pooled.values()
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """Model input B x input_dim -> B x T logits."""
+        return self.head(self.backbone(x))
 
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
         """B x T logits."""
         return self.predict(self.embed(dense, sparse)[0])
 
 
-class AITM(EmbeddingInput):
-    """AITM multi-task model (and DBMTL, for towers with ``use_ait`` false).
+class AITMHead(nn.Module):
+    """AITM's towers (and DBMTL's, for towers with ``use_ait`` false) over the backbone output.
 
     Args:
-        ebc, groups, dense_slices: the input, see ``EmbeddingInput``.
-        backbone: shared MLP (may have no layers).
+        in_dim: H, the backbone's output width.
         towers: one spec per task, in config order; relations must form a DAG.
         ait_attention: "self" (paper) or "cross" (EasyRec).
-    forward(dense: B x D_dense, sparse: KJT) -> B x T logits.
+    forward(b: B x H) -> B x T logits.
     """
 
-    def __init__(self, ebc: EmbeddingBagCollection, groups: Sequence[Sequence[str]],
-                 dense_slices: dict[str, tuple[int, int]], backbone: MLPSpec,
-                 towers: Sequence[TowerSpec], ait_attention: Literal["self", "cross"] = "self",
+    def __init__(self, in_dim: int, towers: Sequence[TowerSpec], ait_attention: Literal["self", "cross"] = "self",
                  device: Device = None) -> None:
-        super().__init__(ebc, groups, dense_slices)
-        self.backbone = MLP(self.input_dim, backbone, device)
+        super().__init__()
         self.specs = list(towers)
         self.order = topological_order([s.relations for s in self.specs])
-        self.towers = nn.ModuleList(MLP(self.backbone.out_dim, s.dnn, device) for s in self.specs)
+        self.towers = nn.ModuleList(MLP(in_dim, s.dnn, device) for s in self.specs)
         out_dims = [0] * len(self.specs)  # dim of z_t
         self.transfers = nn.ModuleDict()
         self.aits = nn.ModuleDict()
@@ -187,11 +190,10 @@ class AITM(EmbeddingInput):
                 out_dims[t] = rel.out_dim
             else:
                 out_dims[t] = q_dim
-        self.heads = nn.ModuleList(nn.Linear(out_dims[t], 1, device=device) for t in range(len(self.specs)))
+        self.outputs = nn.ModuleList(nn.Linear(out_dims[t], 1, device=device) for t in range(len(self.specs)))
 
-    def predict(self, x: torch.Tensor) -> torch.Tensor:
-        """Model input B x I -> B x T logits."""
-        b = self.backbone(x)
+    def forward(self, b: torch.Tensor) -> torch.Tensor:
+        """Backbone output B x H -> B x T logits."""
         z: list[torch.Tensor | None] = [None] * len(self.specs)
         for t in self.order:
             s = self.specs[t]
@@ -204,4 +206,4 @@ class AITM(EmbeddingInput):
                 z[t] = self.relation_dnns[str(t)](torch.cat([q] + received, dim=1))
             else:
                 z[t] = q
-        return torch.cat([self.heads[t](z[t]) for t in range(len(self.specs))], dim=1)
+        return torch.cat([self.outputs[t](z[t]) for t in range(len(self.specs))], dim=1)

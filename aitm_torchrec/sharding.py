@@ -48,9 +48,7 @@ def constraints(cfg: Config, compute_device: str) -> dict[str, ParameterConstrai
     sc = cfg.sharding_config
     per_table = dict(sc.tables)
     out = {}
-    for f in cfg.feature_config.features:
-        if f.feature_type == "RawFeature":
-            continue
+    for f in cfg.schema.sparse:
         c = per_table.get(f.name)
         types = list((c and c.sharding_types) or sc.sharding_types)
         kernels = list((c and c.compute_kernels) or sc.compute_kernels)

@@ -21,59 +21,24 @@ import torch.nn.functional as F
 from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
-from aitm_torchrec.baselines import DBMTL, ESMM, MMoE, SharedBottom
-from aitm_torchrec.config import DNN, Config
+from aitm_torchrec.config import Config
 from aitm_torchrec.data import Batch
-from aitm_torchrec.features import embedding_bag_configs
-from aitm_torchrec.model import AITM, EmbeddingInput, MLPSpec, TowerSpec
-
-
-def mlp_spec(dnn: DNN) -> MLPSpec:
-    return MLPSpec(tuple(dnn.hidden_units), dnn.dropout_ratio, dnn.use_bn)
+from aitm_torchrec.model import MLP, MultiTaskModel
+from aitm_torchrec.registry import MODELS, mlp_spec
 
 
 def build_model(cfg: Config, device: torch.device | str = "meta",
-                dense_device: torch.device | str | None = None) -> EmbeddingInput:
-    """The config's model (``model_config.model_class``). Tables on ``device`` (``meta`` for
-    sharding), dense layers on ``dense_device`` (default: ``cpu`` when tables are on ``meta``)."""
+                dense_device: torch.device | str | None = None) -> MultiTaskModel:
+    """The config's model (``model_config.model_class``, see ``registry.MODELS``). Tables on
+    ``device`` (``meta`` for sharding), dense layers on ``dense_device`` (default: ``cpu`` when
+    tables are on ``meta``)."""
     if dense_device is None:
         dense_device = "cpu" if str(device) == "meta" else device
-    feats = cfg.feature_config.features
-    ebc = EmbeddingBagCollection(tables=embedding_bag_configs(feats), device=torch.device(device))
-    dense_slices, pos = {}, 0
-    for f in feats:
-        if f.feature_type == "RawFeature":
-            dense_slices[f.name] = (pos, pos + f.raw_input_dim)
-            pos += f.raw_input_dim
-    mc = cfg.model_config
-    mp = mc.model_params
-    inputs = dict(ebc=ebc, groups=[g.feature_names for g in mc.feature_groups], dense_slices=dense_slices,
-                  backbone=mlp_spec(mc.backbone.mlp))
-    index = {t.tower_name: i for i, t in enumerate(cfg.towers)}
-    dnns = [mlp_spec(t.dnn) for t in cfg.towers]
-    if mc.model_class == "SharedBottom":
-        return SharedBottom(**inputs, towers=dnns, device=dense_device)
-    if mc.model_class == "ESMM":
-        parents = [index[t.relation_tower_names[0]] if t.relation_tower_names else None for t in cfg.towers]
-        return ESMM(**inputs, towers=dnns, parents=parents, device=dense_device)
-    if mc.model_class == "MMoE":
-        return MMoE(**inputs, expert=mlp_spec(mp.expert_dnn), num_expert=mp.num_expert, towers=dnns,
-                    device=dense_device)
-    towers = [
-        TowerSpec(
-            dnn=dnn,
-            relations=tuple(index[r] for r in t.relation_tower_names),
-            use_ait=t.use_ait_module,
-            project_dim=t.ait_project_dim,
-            transfer=mlp_spec(mp.transfer_mlp),
-            relation_dnn=mlp_spec(t.relation_dnn),
-            stop_gradient=mp.stop_gradient,
-        )
-        for t, dnn in zip(cfg.towers, dnns)
-    ]
-    if mc.model_class == "DBMTL":
-        return DBMTL(**inputs, towers=towers, device=dense_device)
-    return AITM(**inputs, towers=towers, ait_attention=mp.ait_attention, device=dense_device)
+    schema, mc = cfg.schema, cfg.model_config
+    ebc = EmbeddingBagCollection(tables=schema.embedding_bag_configs(), device=torch.device(device))
+    backbone = MLP(schema.input_dim, mlp_spec(mc.backbone.mlp), dense_device)
+    head = MODELS[mc.model_class](schema, mc.model_params, backbone.out_dim, dense_device)
+    return MultiTaskModel(ebc, schema.groups, schema.dense_slices, backbone, head)
 
 
 class MultiTaskLoss(nn.Module):
@@ -95,16 +60,10 @@ class MultiTaskLoss(nn.Module):
         return loss
 
 
-def calibration_pairs(cfg: Config) -> list[tuple[int, int, float]]:
-    index = {t.tower_name: i for i, t in enumerate(cfg.towers)}
-    return [(i, index[r], t.calibration_alpha) for i, t in enumerate(cfg.towers)
-            if t.calibration_alpha for r in t.relation_tower_names]
-
-
 class MultiTaskTrain(nn.Module):
     """Owns the loss. forward(batch) -> (loss, (loss, B x T logits, B x T labels, B weights))."""
 
-    def __init__(self, model: EmbeddingInput, loss: MultiTaskLoss, l2_regularization: float = 0.0,
+    def __init__(self, model: MultiTaskModel, loss: MultiTaskLoss, l2_regularization: float = 0.0,
                  embedding_regularization: float = 0.0, mixed_precision: str = "none",
                  device_type: str = "cpu") -> None:
         """``mixed_precision``: "none", "bf16" or "fp16": autocast dtype of the dense layers
@@ -138,7 +97,7 @@ def build_train_module(cfg: Config, device: torch.device | str = "meta",
     mp = cfg.model_config.model_params
     return MultiTaskTrain(
         build_model(cfg, device, dense_device),
-        MultiTaskLoss([t.classification_weight for t in cfg.towers], calibration_pairs(cfg)),
+        MultiTaskLoss([t.classification_weight for t in cfg.schema.tasks], cfg.schema.calibration_pairs),
         l2_regularization=mp.l2_regularization,
         embedding_regularization=cfg.model_config.embedding_regularization,
         mixed_precision=cfg.train_config.mixed_precision,

@@ -61,14 +61,10 @@ def make_reader(cfg: Config, env: DistEnv, paths: tuple[str, ...], train: bool) 
     """The config's Parquet reader for this rank: shuffled for training, in file order for eval.
     Label-chain checks follow the towers' relations (a later step needs its relation steps)."""
     dc = cfg.data_config
-    names = [t.tower_name for t in cfg.towers]
     return ParquetReader(
-        paths, cfg.feature_config.features, [t.label_name for t in cfg.towers],
-        dc.batch_size if train else (dc.eval_batch_size or dc.batch_size), env.rank, env.world_size,
-        shuffle=dc.shuffle and train, seed=cfg.train_config.seed if train else 0,
-        buffer_rows=dc.shuffle_buffer_size, prefetch=dc.prefetch_size,
-        label_chain_policy=dc.label_chain_policy,
-        label_relations=[[names.index(r) for r in t.relation_tower_names] for t in cfg.towers],
+        paths, cfg.schema, dc.batch_size if train else (dc.eval_batch_size or dc.batch_size),
+        env.rank, env.world_size, shuffle=dc.shuffle and train, seed=cfg.train_config.seed if train else 0,
+        buffer_rows=dc.shuffle_buffer_size, prefetch=dc.prefetch_size, label_chain_policy=dc.label_chain_policy,
     )
 
 
@@ -172,13 +168,128 @@ def restore(path: Path, dmp: DistributedModelParallel, optimizer: CombinedOptimi
     return pos
 
 
-def run(cfg: Config, env: DistEnv, resume: bool = True) -> dict:
+@dataclass
+class TrainResult:
+    """What a training run did and reached; ``to_dict`` is ``summary.json``.
+
+    eval: whole-eval metrics per tower ({} without eval input); eval_history: periodic evals
+    ({"step", tower: metrics}); loss: (step, loss) at every log step; window: the last log
+    interval's training metrics; examples_per_s: real rows of all ranks per second, the first
+    step (start-up) excluded.
+    """
+
+    steps: int
+    steps_this_run: int
+    resumed_from_step: int
+    examples: int
+    examples_per_s: float
+    seconds: float
+    loss: list[tuple[int, float]]
+    window: dict
+    eval: dict
+    eval_history: list[dict]
+    world_size: int
+    device: str
+    towers: list[dict[str, str]]
+    plan: dict
+
+    def to_dict(self) -> dict:
+        train_keys = ("steps", "steps_this_run", "resumed_from_step", "examples", "examples_per_s", "seconds",
+                      "loss", "window")
+        return {
+            "eval": self.eval,
+            "eval_history": self.eval_history,
+            "train": {k: getattr(self, k) for k in train_keys},
+            "world_size": self.world_size,
+            "device": self.device,
+            "towers": self.towers,
+            "plan": self.plan,
+        }
+
+
+class _Loop:
+    """The training loop's state and its named steps: one train step, window logging,
+    periodic eval, periodic save. ``run`` strings them together."""
+
+    def __init__(self, cfg: Config, env: DistEnv, dmp: DistributedModelParallel, optimizer: CombinedOptimizer,
+                 plan: dict, evaluator: ParquetReader | None, pos: Position) -> None:
+        self.cfg, self.env, self.dmp, self.optimizer, self.plan = cfg, env, dmp, optimizer, plan
+        self.evaluator, self.pos, self.start = evaluator, pos, pos.step
+        self.towers = cfg.schema.tower_names
+        self.base_lrs = [g["lr"] for g in optimizer.param_groups]
+        model_dir = Path(cfg.model_dir)
+        self.ckpt_root = model_dir / "checkpoints"
+        self.writer = SummaryWriter(str(model_dir / "tensorboard")) if env.is_main else None
+        self.window: list[tuple[torch.Tensor, ...]] = []  # this log interval's (logits, labels, weights)
+        self.window_metrics: dict = {}
+        self.losses: list[tuple[int, float]] = []
+        self.history: list[dict] = []
+        self.examples = self.timed = 0.0
+        self.t0 = time.perf_counter()  # restarted after the first step: examples/s excludes start-up
+
+    def train_step(self, pipeline: TrainPipelineSparseDist, batches: Iterator[Batch], steps_per_epoch: int) -> torch.Tensor:
+        tc = self.cfg.train_config
+        factor = lr_multiplier(self.pos.step, tc.learning_rate_schedule, tc.num_steps)
+        for group, lr in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = lr * factor  # fused tables pick it up at zero_grad/step
+        loss, logits, labels, weights = pipeline.progress(batches)
+        self.pos.advance(steps_per_epoch)
+        rows = float(weights.sum())
+        self.examples += rows
+        if self.pos.step == self.start + 1:
+            self.t0 = time.perf_counter()
+        else:
+            self.timed += rows
+        self.window.append((logits, labels, weights))
+        return loss
+
+    def rate(self) -> float:
+        return self.timed * self.env.world_size / max(time.perf_counter() - self.t0, 1e-9)
+
+    def log_window(self, loss: torch.Tensor, bar: tqdm) -> None:
+        """At log steps: the loss, and the interval's metrics (a collective: every rank logs)."""
+        tc, step = self.cfg.train_config, self.pos.step
+        if step % max(tc.log_step_count_steps, 1) and step != tc.num_steps:
+            return
+        self.losses.append((step, float(loss)))
+        self.window_metrics = _window_metrics(self.towers, self.window, self.env)
+        self.window = []
+        rate = self.rate()
+        bar.set_postfix(loss=f"{float(loss):.4f}", ex_s=f"{rate:,.0f}")
+        if self.writer:
+            self.writer.add_scalar("train/loss", float(loss), step)
+            self.writer.add_scalar("train/examples_per_s", rate, step)
+            self.writer.add_scalar("train/lr_multiplier",
+                                   lr_multiplier(step - 1, tc.learning_rate_schedule, tc.num_steps), step)
+            _scalars(self.writer, "train_window", self.window_metrics, step)
+
+    def periodic_eval(self, pipeline: TrainPipelineSparseDist) -> None:
+        every, step = self.cfg.eval_config.every_steps, self.pos.step
+        if not (self.evaluator and every and step % every == 0 and step < self.cfg.train_config.num_steps):
+            return
+        pipeline.detach()  # eval calls the model directly; in-flight batches stay queued
+        self.history.append({"step": step, **evaluate(self.dmp, self.evaluator, self.towers, self.env,
+                                                      self.cfg.eval_config.num_steps)})
+        if self.writer:
+            _scalars(self.writer, "eval", self.history[-1], step)
+
+    def save(self) -> None:
+        bs = self.cfg.data_config.batch_size
+        checkpoint.save(self.ckpt_root, self.pos.step,
+                        _state(self.dmp, self.optimizer, self.pos.state(self.env, bs)),
+                        _meta(self.cfg, self.env, self.plan), self.env.is_main,
+                        self.cfg.train_config.keep_checkpoint_max)
+
+    def periodic_save(self) -> None:
+        every, step = self.cfg.train_config.save_checkpoints_steps, self.pos.step
+        if every and step % every == 0 and step < self.cfg.train_config.num_steps:
+            self.save()
+
+
+def run(cfg: Config, env: DistEnv, resume: bool = True) -> TrainResult:
     """Trains to ``train_config.num_steps`` (resuming from the latest complete checkpoint),
-    evaluates, and writes ``summary.json``. Returns the summary on every rank."""
-    model_dir = Path(cfg.model_dir)
-    ckpt_root = model_dir / "checkpoints"
+    evaluates, and writes ``summary.json``. Returns the result on every rank."""
     tc, bs = cfg.train_config, cfg.data_config.batch_size
-    towers = [t.tower_name for t in cfg.towers]
     # Readers first: bad paths or schemas fail on every rank before any collective starts.
     reader = train_reader(cfg, env)
     evaluator = eval_reader(cfg, env) if cfg.eval_input_path else None
@@ -186,91 +297,42 @@ def run(cfg: Config, env: DistEnv, resume: bool = True) -> dict:
     if env.is_main:
         logger.info("sharding plan: %s", plan)
     pos = Position()
-    if resume and (path := checkpoint.latest(ckpt_root)) is not None:
+    if resume and (path := checkpoint.latest(Path(cfg.model_dir) / "checkpoints")) is not None:
         pos = restore(path, dmp, optimizer, env, bs)
-    start = pos.step
-
-    def save() -> None:
-        checkpoint.save(ckpt_root, pos.step, _state(dmp, optimizer, pos.state(env, bs)),
-                        _meta(cfg, env, plan), env.is_main, tc.keep_checkpoint_max)
+    loop = _Loop(cfg, env, dmp, optimizer, plan, evaluator, pos)
 
     spe = reader.steps_per_epoch
     source = stream(reader, pos.epoch, pos.epoch_step)
-    batches = itertools.islice(source, max(tc.num_steps - start, 0))
+    batches = itertools.islice(source, max(tc.num_steps - loop.start, 0))
     pipeline = TrainPipelineSparseDist(dmp, optimizer, env.device, execute_all_batches=True)
-    base_lrs = [g["lr"] for g in optimizer.param_groups]
-    writer = SummaryWriter(str(model_dir / "tensorboard")) if env.is_main else None
-    window: list[tuple[torch.Tensor, ...]] = []  # this log interval's (logits, labels, weights)
-    bar = tqdm(total=tc.num_steps, initial=start, desc="train", disable=not env.is_main, unit="step")
-    examples, timed, losses, window_metrics, periodic = 0.0, 0.0, [], {}, []
-    log_every = max(tc.log_step_count_steps, 1)
-    t0 = time.perf_counter()  # restarted after the first step: examples/s excludes start-up
+    bar = tqdm(total=tc.num_steps, initial=loop.start, desc="train", disable=not env.is_main, unit="step")
     while pos.step < tc.num_steps:
-        factor = lr_multiplier(pos.step, tc.learning_rate_schedule, tc.num_steps)
-        for group, lr in zip(optimizer.param_groups, base_lrs):
-            group["lr"] = lr * factor  # fused tables pick it up at zero_grad/step
-        loss, logits, labels, weights = pipeline.progress(batches)
-        pos.advance(spe)
-        rows = float(weights.sum())
-        examples += rows
-        if pos.step == start + 1:
-            t0 = time.perf_counter()
-        else:
-            timed += rows
-        window.append((logits, labels, weights))
-        if pos.step % log_every == 0 or pos.step == tc.num_steps:
-            losses.append((pos.step, float(loss)))
-            window_metrics = _window_metrics(towers, window, env)  # collective: same steps on every rank
-            window = []
-            rate = timed * env.world_size / max(time.perf_counter() - t0, 1e-9)
-            bar.set_postfix(loss=f"{float(loss):.4f}", ex_s=f"{rate:,.0f}")
-            if writer:
-                writer.add_scalar("train/loss", float(loss), pos.step)
-                writer.add_scalar("train/examples_per_s", rate, pos.step)
-                writer.add_scalar("train/lr_multiplier", factor, pos.step)
-                _scalars(writer, "train_window", window_metrics, pos.step)
+        loss = loop.train_step(pipeline, batches, spe)
+        loop.log_window(loss, bar)
         bar.update(1)
-        if evaluator and cfg.eval_config.every_steps and pos.step % cfg.eval_config.every_steps == 0 \
-                and pos.step < tc.num_steps:
-            pipeline.detach()  # eval calls the model directly; in-flight batches stay queued
-            periodic.append({"step": pos.step, **evaluate(dmp, evaluator, towers, env, cfg.eval_config.num_steps)})
-            if writer:
-                _scalars(writer, "eval", periodic[-1], pos.step)
-        if tc.save_checkpoints_steps and pos.step % tc.save_checkpoints_steps == 0 and pos.step < tc.num_steps:
-            save()
-    elapsed = time.perf_counter() - t0
+        loop.periodic_eval(pipeline)
+        loop.periodic_save()
+    elapsed = time.perf_counter() - loop.t0
     source.close()  # stops the prefetch thread
     bar.close()
     pipeline.detach()
-    trained = pos.step - start
-    total_examples, timed_examples = _global_sum(examples, env), _global_sum(timed, env)
+    trained = pos.step - loop.start
+    total_examples, timed_examples = _global_sum(loop.examples, env), _global_sum(loop.timed, env)
     if trained:
-        save()
+        loop.save()
 
-    eval_metrics = evaluate(dmp, evaluator, towers, env, cfg.eval_config.num_steps) if evaluator else {}
-    summary = {
-        "eval": eval_metrics,
-        "eval_history": periodic,
-        "train": {
-            "steps": tc.num_steps,
-            "steps_this_run": trained,
-            "resumed_from_step": start,
-            "examples": int(total_examples),
-            "examples_per_s": timed_examples / elapsed if trained > 1 and elapsed > 0 else 0.0,
-            "seconds": elapsed,
-            "loss": losses,
-            "window": window_metrics,
-        },
-        "world_size": env.world_size,
-        "device": env.device.type,
-        "towers": [{"tower_name": t.tower_name, "label_name": t.label_name} for t in cfg.towers],
-        "plan": plan,
-    }
+    eval_metrics = evaluate(dmp, evaluator, loop.towers, env, cfg.eval_config.num_steps) if evaluator else {}
+    result = TrainResult(
+        steps=tc.num_steps, steps_this_run=trained, resumed_from_step=loop.start, examples=int(total_examples),
+        examples_per_s=timed_examples / elapsed if trained > 1 and elapsed > 0 else 0.0, seconds=elapsed,
+        loss=loop.losses, window=loop.window_metrics, eval=eval_metrics, eval_history=loop.history,
+        world_size=env.world_size, device=env.device.type,
+        towers=[{"tower_name": t.tower_name, "label_name": t.label_name} for t in cfg.schema.tasks], plan=plan)
     if env.is_main:
-        _scalars(writer, "eval", eval_metrics, tc.num_steps)
-        checkpoint.write_json_atomic(model_dir / "summary.json", summary)
-        writer.close()
-    return summary
+        _scalars(loop.writer, "eval", eval_metrics, tc.num_steps)
+        checkpoint.write_json_atomic(Path(cfg.model_dir) / "summary.json", result.to_dict())
+        loop.writer.close()
+    return result
 
 
 def _window_metrics(towers: list[str], window: list[tuple[torch.Tensor, ...]], env: DistEnv) -> dict:

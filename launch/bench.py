@@ -157,12 +157,10 @@ def _data(args: argparse.Namespace) -> dict:
     kind = "string" if args.string_ids else "int64"
     data = Path(args.data or REPO / "data" / f"bench_taobao_{kind}_{args.rows}")
     train = _ensure_data(data, args.rows, args.string_ids, args.row_group_size, args.files)
-    labels = [t.label_name for t in cfg.towers]
     batch_size = args.batch_size or cfg.data_config.batch_size
 
     def reader(**kw) -> ParquetReader:
-        return ParquetReader([str(train)], cfg.feature_config.features, labels, batch_size,
-                             shuffle=args.shuffle, seed=1, prefetch=0, **kw)
+        return ParquetReader([str(train)], cfg.schema, batch_size, shuffle=args.shuffle, seed=1, prefetch=0, **kw)
 
     _read_epoch(reader())  # warm: imports, page cache, hash tables
     runs = [_read_epoch(reader()) for _ in range(args.repeats)]
@@ -301,7 +299,7 @@ def _train_rank(config: str | None, overrides: list[str], bare_steps: int) -> di
         before = _world_gemm_flops_per_s(gemms)
         dist.barrier()
         cpu0, wall0 = _cpu_seconds(), time.perf_counter()
-        summary = run(cfg, env, resume=False)
+        summary = run(cfg, env, resume=False).to_dict()
         wall, cpu1 = time.perf_counter() - wall0, _cpu_seconds()
         ranks_cpu = torch.tensor([cpu1["process"] - cpu0["process"]], dtype=torch.float64)
         dist.all_reduce(ranks_cpu)

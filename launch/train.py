@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
                         format=f"[rank{env.rank}] %(asctime)s %(name)s: %(message)s")
     quiet_libraries()
     try:
-        summary = run(cfg, env, resume=not args.no_resume)
+        summary = run(cfg, env, resume=not args.no_resume).to_dict()
     finally:
         if owns_group:
             aitm_dist.teardown()

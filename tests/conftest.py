@@ -46,3 +46,17 @@ def tiny_config(tiny_data, tmp_path) -> Path:
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(tiny_config_dict(tiny_data, tmp_path / "run")))
     return path
+
+
+def sparse_of(feature):
+    """A config ``Feature`` as the schema's ``SparseFeature`` (what the id functions take)."""
+    from aitm_torchrec.schema import Schema
+
+    return Schema.from_features([feature]).sparse[0]
+
+
+def dense_of(feature):
+    """A config RawFeature as the schema's ``DenseFeature``."""
+    from aitm_torchrec.schema import Schema
+
+    return Schema.from_features([feature]).dense[0]

@@ -21,6 +21,7 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from aitm_torchrec.config import Feature
 from aitm_torchrec.data import ParquetReader
 from aitm_torchrec.features import DataError
+from aitm_torchrec.schema import Schema
 from tests.conftest import tiny_config_dict
 from tests.multiprocess import run_ranks
 
@@ -55,7 +56,7 @@ def _write(tmp_path: Path, name: str = "part-0.parquet", **changes) -> Path:
 
 
 def _read_all(paths, features=FEATURES, prefetch: int = 2, **kw) -> ParquetReader:
-    reader = ParquetReader([str(p) for p in paths], features, ["clk", "buy"], batch_size=8, prefetch=prefetch, **kw)
+    reader = ParquetReader([str(p) for p in paths], Schema.from_features(features, ["clk", "buy"]), batch_size=8, prefetch=prefetch, **kw)
     for _ in reader.epoch(0):
         pass
     return reader
@@ -64,10 +65,10 @@ def _read_all(paths, features=FEATURES, prefetch: int = 2, **kw) -> ParquetReade
 def test_missing_column(tmp_path):
     path = _write(tmp_path, price=None)
     with pytest.raises(DataError, match=r"part-0.parquet: missing column 'price' \(needed by price\)"):
-        ParquetReader([str(path)], FEATURES, ["clk", "buy"], 8)
+        ParquetReader([str(path)], Schema.from_features(FEATURES, ["clk", "buy"]), 8)
     path = _write(tmp_path, "p1.parquet", buy=None)
     with pytest.raises(DataError, match=r"p1.parquet: missing column 'buy' \(needed by labels\)"):
-        ParquetReader([str(path)], FEATURES, ["clk", "buy"], 8)
+        ParquetReader([str(path)], Schema.from_features(FEATURES, ["clk", "buy"]), 8)
 
 
 @pytest.mark.parametrize("column,value,message", [
@@ -80,7 +81,7 @@ def test_missing_column(tmp_path):
 def test_wrong_column_type_is_found_at_construction(tmp_path, column, value, message):
     path = _write(tmp_path, **{column: value})
     with pytest.raises(DataError, match=re.escape(f"part-0.parquet: {message}")):
-        ParquetReader([str(path)], FEATURES, ["clk", "buy"], 8)
+        ParquetReader([str(path)], Schema.from_features(FEATURES, ["clk", "buy"]), 8)
 
 
 @pytest.mark.parametrize("value,message", [
@@ -99,7 +100,7 @@ def test_label_chain_violation_is_an_error_by_default(tmp_path):
     with pytest.raises(DataError, match="part-0.parquet: label column 'buy' is 1 while the earlier step 'clk' "
                                         "is 0 in 5 rows.*label_chain_policy"):
         _read_all([path])
-    assert _read_all([path], label_chain_policy="drop").stats["rows_dropped"] == 5
+    assert _read_all([path], label_chain_policy="drop").stats.rows_dropped == 5
 
 
 def test_empty_files_are_skipped_but_no_rows_at_all_is_an_error(tmp_path, caplog):
@@ -108,22 +109,22 @@ def test_empty_files_are_skipped_but_no_rows_at_all_is_an_error(tmp_path, caplog
     pq.write_table(pa.table(_good()).slice(0, 0), empty)
     with caplog.at_level("WARNING"):
         reader = _read_all([good, empty])
-    assert reader.num_rows == 20 and reader.stats["empty_files"] == [str(empty)]
+    assert reader.num_rows == 20 and reader.stats.empty_files == [str(empty)]
     assert "empty.parquet: no rows, skipped" in caplog.text
     with pytest.raises(DataError, match="holds no rows"):
-        ParquetReader([str(empty)], FEATURES, ["clk", "buy"], 8)
+        ParquetReader([str(empty)], Schema.from_features(FEATURES, ["clk", "buy"]), 8)
 
 
 def test_paths_matching_nothing(tmp_path):
     with pytest.raises(DataError, match="matches no Parquet file"):
-        ParquetReader([str(tmp_path / "nope*.parquet")], FEATURES, ["clk", "buy"], 8)
+        ParquetReader([str(tmp_path / "nope*.parquet")], Schema.from_features(FEATURES, ["clk", "buy"]), 8)
 
 
 def test_truncated_parquet(tmp_path):
     path = _write(tmp_path)
     path.write_bytes(path.read_bytes()[:-50])
     with pytest.raises(DataError, match="part-0.parquet: not a readable Parquet file"):
-        ParquetReader([str(path)], FEATURES, ["clk", "buy"], 8)
+        ParquetReader([str(path)], Schema.from_features(FEATURES, ["clk", "buy"]), 8)
 
 
 def test_corrupt_row_group_names_file_row_group_and_column(tmp_path):
@@ -136,7 +137,7 @@ def test_corrupt_row_group_names_file_row_group_and_column(tmp_path):
     for i in range(len(data) // 4, len(data) // 2):
         data[i] = (data[i] * 7 + 13) % 256
     path.write_bytes(bytes(data))
-    reader = ParquetReader([str(path)], (USER,), ["clk", "buy"], 100, prefetch=2)
+    reader = ParquetReader([str(path)], Schema.from_features((USER,), ["clk", "buy"]), 100, prefetch=2)
     with pytest.raises(DataError, match=r"part-0.parquet: row group \d+, column '\w+', cannot be read"):
         for _ in reader.epoch(0):
             pass
@@ -161,14 +162,14 @@ def test_nan_and_inf_raw_values(tmp_path, bad):
 def test_empty_and_null_tag_lists_are_empty_bags_and_counted(tmp_path):
     tags = pa.array([[], None, [1, None]] + [[1]] * 17, pa.list_(pa.int64()))
     path = _write(tmp_path, tags=tags, user=pa.array([None, ""] + ["u"] * 18), x=pa.array([None] + [1.0] * 19))
-    reader = ParquetReader([str(path)], FEATURES, ["clk", "buy"], batch_size=20, prefetch=0)
+    reader = ParquetReader([str(path)], Schema.from_features(FEATURES, ["clk", "buy"]), batch_size=20, prefetch=0)
     (batch,) = list(reader.epoch(0))
     d = batch.sparse.to_dict()
     assert d["tags"].lengths().tolist()[:4] == [0, 0, 1, 1]
     assert d["user"].lengths().tolist()[:3] == [0, 0, 1]
     assert batch.dense[0, 0] == 0.0
-    assert reader.stats["empty_bags"] == {"tags": 2, "user": 2, "price": 0}
-    assert reader.stats["null_raw"] == {"x": 1}
+    assert reader.stats.empty_bags == {"tags": 2, "user": 2, "price": 0}
+    assert reader.stats.null_raw == {"x": 1}
 
 
 # --------------------------------------------------------------------------------------------
@@ -181,6 +182,7 @@ def _train(config_path: str) -> dict:
     return main(["--config", config_path, "--no-resume"])
 
 
+@pytest.mark.slow
 def test_bad_data_on_one_rank_fails_the_job_promptly(tiny_data, tmp_path):
     train = tmp_path / "train"
     train.mkdir()

@@ -29,6 +29,7 @@ def _main_runs(config_path: str, runs: list[list[str]]) -> list[dict]:
         aitm_dist.teardown()
 
 
+@pytest.mark.slow
 def test_stop_and_resume_equals_uninterrupted_run(tiny_config, tmp_path):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     common = [TW, "train_config.log_step_count_steps=1", "eval_input_path=[]"]
@@ -46,6 +47,7 @@ def test_stop_and_resume_equals_uninterrupted_run(tiny_config, tmp_path):
         assert second[step] == pytest.approx(whole[step], rel=1e-5, abs=1e-6), f"step {step}"
 
 
+@pytest.mark.slow
 def test_resume_on_one_and_four_ranks_reshards_tables(tiny_config, tmp_path):
     d = str(tmp_path / "run")
     saved = run_ranks(_main_runs, str(tiny_config), [[TW, f"model_dir={d}", "train_config.num_steps=10"]])[0][0]
@@ -75,6 +77,7 @@ def _crash_mid_save(root: str) -> None:
     checkpoint.save(Path(root), 2, state, {"ok": True}, env.is_main)
 
 
+@pytest.mark.slow
 def test_a_crash_mid_save_leaves_no_checkpoint_that_looks_complete(tmp_path):
     with pytest.raises(ChildFailedError):
         run_ranks(_crash_mid_save, str(tmp_path))
@@ -82,6 +85,7 @@ def test_a_crash_mid_save_leaves_no_checkpoint_that_looks_complete(tmp_path):
     assert checkpoint.latest(tmp_path).name == "step_00000001"
 
 
+@pytest.mark.slow
 def test_keep_last_n_checkpoints(tiny_config, tmp_path):
     d = tmp_path / "run"
     run_ranks(_main_runs, str(tiny_config), [[f"model_dir={d}", "train_config.num_steps=8",

@@ -14,6 +14,7 @@ from aitm_torchrec.config import DEFAULT_CONFIG, load_config
 from aitm_torchrec.data import ParquetReader
 from aitm_torchrec.features import Source, bag_column
 from datasets import aliccp, taobao_csv
+from tests.conftest import sparse_of
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -94,7 +95,7 @@ def test_aliccp_output_loads_with_its_config(aliccp_raw, tmp_path):
     aliccp.main(["--raw", str(aliccp_raw), "--out", str(out), "--min-count", "1"])
     cfg = load_config(REPO / "configs" / "aitm_aliccp.yaml",
                       [f"train_input_path={out / 'train'}", f"eval_input_path={out / 'test'}"])
-    reader = ParquetReader(cfg.train_input_path, cfg.feature_config.features, [t.label_name for t in cfg.towers],
+    reader = ParquetReader(cfg.train_input_path, cfg.schema,
                            batch_size=8, prefetch=0)
     (batch,) = list(reader.epoch(0))
     d = batch.sparse.to_dict()
@@ -142,7 +143,7 @@ def test_taobao_csv_converter_and_round_trip(tmp_path):
     t = table.to_pydict()
     assert t["clk"] == [1, 0, 1] and t["buy"] == [0, 0, 1] and t["price"] == [12, 0, 49]
     assert t["user_id"] == ["581738", None, "581738"] and t["tag_category_list"] == ["4|5", None, "4"]
-    reader = ParquetReader(cfg.train_input_path, cfg.feature_config.features, ["clk", "buy"], batch_size=4, prefetch=0)
+    reader = ParquetReader(cfg.train_input_path, cfg.schema, batch_size=4, prefetch=0)
     (batch,) = list(reader.epoch(0))
     d = batch.sparse.to_dict()
     assert d["tag_category_list"].lengths().tolist() == [2, 0, 1, 0]
@@ -150,7 +151,7 @@ def test_taobao_csv_converter_and_round_trip(tmp_path):
     assert d["user_id"].lengths().tolist() == [1, 0, 1, 0]
     assert d["price"].values().tolist() == [12, 0, 49]
     features = {f.name: f for f in cfg.feature_config.features}
-    expected = bag_column(features["adgroup_id"], pa.array(["123"] * 3), Source("x"))[1]
+    expected = bag_column(sparse_of(features["adgroup_id"]), pa.array(["123"] * 3), Source("x"))[1]
     np.testing.assert_array_equal(d["adgroup_id"].values().numpy(), expected)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -13,6 +14,8 @@ import pytest
 from aitm_torchrec.config import Feature, Normalizer
 from aitm_torchrec.data import ParquetReader
 from aitm_torchrec.features import Source, bag_column, raw_column
+from aitm_torchrec.schema import Schema, Task
+from tests.conftest import dense_of, sparse_of
 
 N_ROWS = 1000
 RID = Feature(("rid",), "IdFeature", num_buckets=N_ROWS)  # num_buckets keeps ids as they are
@@ -47,7 +50,7 @@ def rows_dir(tmp_path_factory) -> Path:
 
 def _reader(d: Path, rank: int, world: int, **kw) -> ParquetReader:
     kw.setdefault("prefetch", 0)
-    return ParquetReader([str(d)], FEATURES, ["clk", "buy"], batch_size=32, rank=rank, world_size=world, **kw)
+    return ParquetReader([str(d)], Schema.from_features(FEATURES, ["clk", "buy"]), batch_size=32, rank=rank, world_size=world, **kw)
 
 
 def _epoch_rids(reader: ParquetReader, epoch: int) -> tuple[list[int], int, list]:
@@ -117,21 +120,21 @@ def test_prefetch_thread_gives_the_same_batches(rows_dir):
 
 def test_empty_file_is_skipped_and_stats_count_repairs(rows_dir, caplog):
     reader = _reader(rows_dir, 0, 1)
-    assert [Path(p).name for p in reader.stats["empty_files"]] == ["part-9-empty.parquet"]
+    assert [Path(p).name for p in reader.stats.empty_files] == ["part-9-empty.parquet"]
     list(reader.epoch(0))
-    assert reader.stats["rows"] == N_ROWS
-    assert reader.stats["empty_bags"]["user"] == len(range(0, N_ROWS, 7))
-    assert reader.stats["empty_bags"]["tags"] == len(range(0, N_ROWS, 4))
-    assert reader.stats["empty_bags"]["rid"] == 0
+    assert reader.stats.rows == N_ROWS
+    assert reader.stats.empty_bags["user"] == len(range(0, N_ROWS, 7))
+    assert reader.stats.empty_bags["tags"] == len(range(0, N_ROWS, 4))
+    assert reader.stats.empty_bags["rid"] == 0
 
 
 def test_dictionary_encoded_strings_give_the_same_rows_as_plain_strings():
     src = Source("x.parquet")
     values = ["a|b", "", None, "c||a", "a|b", "zz"]
     for f in (TAGS, USER, Feature(("t",), "TagFeature", hash_bucket_size=1000)):
-        plain = bag_column(f, pa.array(values), src)
-        encoded = bag_column(f, pa.array(values).dictionary_encode(), src)
-        sliced = bag_column(f, pa.array(values).dictionary_encode().slice(2), src)
+        plain = bag_column(sparse_of(f), pa.array(values), src)
+        encoded = bag_column(sparse_of(f), pa.array(values).dictionary_encode(), src)
+        sliced = bag_column(sparse_of(f), pa.array(values).dictionary_encode().slice(2), src)
         for x, y in zip(plain, encoded):
             np.testing.assert_array_equal(x, y)
         np.testing.assert_array_equal(sliced[0], plain[0][2:])
@@ -141,9 +144,9 @@ def test_dictionary_encoded_strings_give_the_same_rows_as_plain_strings():
 def test_string_ids_read_from_parquet_hash_like_plain_strings(tmp_path):
     t = pa.table({"user": pa.array(["u1", "u2", None, "", "u1"] * 40), "clk": pa.array([0, 1] * 100, pa.int8())})
     pq.write_table(t, tmp_path / "a.parquet", row_group_size=50)
-    reader = ParquetReader([str(tmp_path)], (USER,), ["clk"], batch_size=200, prefetch=0)
+    reader = ParquetReader([str(tmp_path)], Schema.from_features((USER,), ["clk"]), batch_size=200, prefetch=0)
     (batch,) = list(reader.epoch(0))
-    lengths, rows = bag_column(USER, t.column("user"), Source("a"))
+    lengths, rows = bag_column(sparse_of(USER), t.column("user"), Source("a"))
     kjt = batch.sparse.to_dict()["user"]
     np.testing.assert_array_equal(kjt.lengths().numpy(), lengths)
     np.testing.assert_array_equal(kjt.values().numpy(), rows)
@@ -153,25 +156,25 @@ def test_label_chain_policy_drop_and_keep(tmp_path):
     t = pa.table({"user": pa.array(["a"] * 10), "clk": pa.array([1, 0, 0, 1, 0] * 2, pa.int8()),
                   "buy": pa.array([1, 1, 0, 0, 1] * 2, pa.int8())})  # rows 1 and 4 of each 5 buy without clk
     pq.write_table(t, tmp_path / "a.parquet")
-    drop = ParquetReader([str(tmp_path)], (USER,), ["clk", "buy"], batch_size=4, prefetch=0, label_chain_policy="drop")
+    drop = ParquetReader([str(tmp_path)], Schema.from_features((USER,), ["clk", "buy"]), batch_size=4, prefetch=0, label_chain_policy="drop")
     batches = list(drop.epoch(0))
     assert len(batches) == drop.steps_per_epoch == 3
     labels = np.concatenate([b.labels.numpy()[b.weights.numpy() == 1] for b in batches])
     assert len(labels) == 6 and not (labels[:, 1] > labels[:, 0]).any()
-    assert drop.stats["label_chain_violations"] == 4 and drop.stats["rows_dropped"] == 4
-    keep = ParquetReader([str(tmp_path)], (USER,), ["clk", "buy"], batch_size=4, prefetch=0, label_chain_policy="keep")
+    assert drop.stats.label_chain_violations == 4 and drop.stats.rows_dropped == 4
+    keep = ParquetReader([str(tmp_path)], Schema.from_features((USER,), ["clk", "buy"]), batch_size=4, prefetch=0, label_chain_policy="keep")
     assert sum(float(b.weights.sum()) for b in keep.epoch(0)) == 10
-    assert keep.stats["label_chain_violations"] == 4 and keep.stats["rows_dropped"] == 0
+    assert keep.stats.label_chain_violations == 4 and keep.stats.rows_dropped == 0
 
 
 def test_raw_normalizer():
     src = Source("x.parquet")
     z = Feature(("x",), "RawFeature", normalizer=Normalizer(mean=2.0, std=4.0))
-    np.testing.assert_allclose(raw_column(z, pa.array([2.0, 6.0, None]), src)[:, 0], [0.0, 1.0, 0.0])
+    np.testing.assert_allclose(raw_column(dense_of(z), pa.array([2.0, 6.0, None]), src)[:, 0], [0.0, 1.0, 0.0])
     lg = Feature(("x",), "RawFeature", normalizer=Normalizer(log1p=True))
-    np.testing.assert_allclose(raw_column(lg, pa.array([0, np.e - 1, -(np.e - 1)]), src)[:, 0], [0, 1, -1], atol=1e-6)
+    np.testing.assert_allclose(raw_column(dense_of(lg), pa.array([0, np.e - 1, -(np.e - 1)]), src)[:, 0], [0, 1, -1], atol=1e-6)
     vec = Feature(("x",), "RawFeature", raw_input_dim=2, normalizer=Normalizer(mean=1.0))
-    np.testing.assert_allclose(raw_column(vec, pa.array([[1.0, 3.0], None]), src), [[0, 2], [0, 0]])
+    np.testing.assert_allclose(raw_column(dense_of(vec), pa.array([[1.0, 3.0], None]), src), [[0, 2], [0, 0]])
 
 
 def test_label_relations_give_a_dag_of_steps(tmp_path):
@@ -179,14 +182,14 @@ def test_label_relations_give_a_dag_of_steps(tmp_path):
     t = pa.table({"user": pa.array(["a"] * 4), "clk": pa.array([1, 0, 1, 0], pa.int8()),
                   "cart": pa.array([0, 1, 1, 0], pa.int8()), "buy": pa.array([0, 0, 1, 1], pa.int8())})
     pq.write_table(t, tmp_path / "a.parquet")
-    reader = ParquetReader([str(tmp_path)], (USER,), ["clk", "cart", "buy"], batch_size=4, prefetch=0,
-                           label_chain_policy="keep", label_relations=[[], [], [0, 1]])
+    chain_schema = Schema.from_features((USER,), ["clk", "cart", "buy"])
+    dag = dataclasses.replace(chain_schema, tasks=(Task("clk", "clk"), Task("cart", "cart"), Task("buy", "buy", (0, 1))))
+    reader = ParquetReader([str(tmp_path)], dag, batch_size=4, prefetch=0, label_chain_policy="keep")
     list(reader.epoch(0))
-    assert reader.stats["label_chain_violations"] == 1  # only the last row: buy without clk and cart
-    chain = ParquetReader([str(tmp_path)], (USER,), ["clk", "cart", "buy"], batch_size=4, prefetch=0,
-                          label_chain_policy="keep")
+    assert reader.stats.label_chain_violations == 1  # only the last row: buy without clk and cart
+    chain = ParquetReader([str(tmp_path)], chain_schema, batch_size=4, prefetch=0, label_chain_policy="keep")
     list(chain.epoch(0))
-    assert chain.stats["label_chain_violations"] == 2  # cart without clk, buy without cart
+    assert chain.stats.label_chain_violations == 2  # cart without clk, buy without cart
 
 
 def test_bench_data_smoke(tmp_path):

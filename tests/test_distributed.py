@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from aitm_torchrec import dist as aitm_dist
 from aitm_torchrec.config import load_config
 from tests.multiprocess import run_ranks
@@ -35,6 +37,7 @@ def _train_and_inspect(config_path: str, overrides: list[str]) -> dict:
     return {"rank": env.rank, "plan": plan, "local_rows": local_rows, "losses": losses}
 
 
+@pytest.mark.slow
 def test_table_wise_plan_shards_tables_and_loss_falls(tiny_config):
     cfg = load_config(tiny_config)
     results = run_ranks(_train_and_inspect, str(tiny_config),
@@ -64,6 +67,7 @@ def _run_main(config_path: str) -> dict:
     return main(["--config", config_path, "train_config.num_steps=30"])
 
 
+@pytest.mark.slow
 def test_train_entry_point_writes_summary_and_checkpoint(tiny_config):
     results = run_ranks(_run_main, str(tiny_config))
     cfg = load_config(tiny_config)

@@ -35,6 +35,7 @@ def _rank_metrics() -> dict:
     return out
 
 
+@pytest.mark.slow
 def test_metrics_over_two_ranks_equal_the_metrics_of_all_rows():
     results = run_ranks(_rank_metrics)
     assert results[0] == results[1]
@@ -57,6 +58,7 @@ def _train(config_path: str, overrides: list[str]) -> dict:
     return main(["--config", config_path, *overrides])
 
 
+@pytest.mark.slow
 def test_periodic_eval_window_metrics_and_bf16(tiny_config):
     results = run_ranks(_train, str(tiny_config), ["train_config.num_steps=30", "train_config.log_step_count_steps=10",
                                                   "eval_config.every_steps=10", "eval_config.num_steps=5",

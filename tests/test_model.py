@@ -11,11 +11,11 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from aitm_torchrec.baselines import DBMTL, ESMM, MMoE, SharedBottom, marginal_logits
+from aitm_torchrec.baselines import DBMTLHead, ESMMHead, MMoEHead, SharedBottomHead, marginal_logits
 from aitm_torchrec.config import load_config
 from aitm_torchrec.data import Batch
-from aitm_torchrec.model import AIT, AITM, MLPSpec, TowerSpec
-from aitm_torchrec.task import MultiTaskLoss, MultiTaskTrain, build_model, calibration_pairs
+from aitm_torchrec.model import AIT, MLP, AITMHead, MLPSpec, MultiTaskModel, TowerSpec
+from aitm_torchrec.task import MultiTaskLoss, MultiTaskTrain, build_model
 from tests.conftest import REPO
 
 
@@ -26,8 +26,14 @@ def tiny_ebc(rows: int = 100, dim: int = 2) -> EmbeddingBagCollection:
     ], device=torch.device("cpu"))
 
 
-def tiny_aitm(towers: list[TowerSpec], backbone: tuple[int, ...] = (3,), **kwargs) -> AITM:
-    return AITM(tiny_ebc(), [["a", "b"]], {}, MLPSpec(backbone), towers, **kwargs)
+def tiny_model(head_fn, backbone: tuple[int, ...] = (3,)) -> MultiTaskModel:
+    """Tables a and b (input B x 4) -> backbone -> ``head_fn(backbone width)``."""
+    mlp = MLP(4, MLPSpec(backbone))
+    return MultiTaskModel(tiny_ebc(), [["a", "b"]], {}, mlp, head_fn(mlp.out_dim))
+
+
+def tiny_aitm(towers: list[TowerSpec], backbone: tuple[int, ...] = (3,), **kwargs) -> MultiTaskModel:
+    return tiny_model(lambda width: AITMHead(width, towers, **kwargs), backbone)
 
 
 def two_towers(width: int = 2, **kwargs) -> list[TowerSpec]:
@@ -122,7 +128,7 @@ def tiny_batch() -> Batch:
                  torch.tensor([1.0, 1.0, 0.0]))
 
 
-def constant_model() -> AITM:
+def constant_model() -> MultiTaskModel:
     """Input 4 (two dim-2 tables) -> backbone [3] -> towers [2] -> transfer 2 -> AIT k=2 -> heads."""
     model = tiny_aitm(two_towers())
     with torch.no_grad():
@@ -167,13 +173,13 @@ def test_later_task_trains_the_earlier_tower_unless_stopped(use_ait, stop_gradie
     torch.manual_seed(0)
     model = tiny_aitm(two_towers(8, use_ait=use_ait, stop_gradient=stop_gradient), backbone=(8,))
     model.predict(torch.randn(16, 4))[:, 1].sum().backward()  # the later task's output only
-    earlier = model.towers[0][0].weight.grad
+    earlier = model.head.towers[0][0].weight.grad
     if stop_gradient:
         assert earlier is None or earlier.abs().sum() == 0
     else:
         assert earlier is not None and earlier.abs().sum() > 0
     assert model.backbone[0].weight.grad.abs().sum() > 0  # the shared part trains either way
-    receiving = model.transfers["0_1"][1] if use_ait else model.relation_dnns["1"][0]
+    receiving = model.head.transfers["0_1"][1] if use_ait else model.head.relation_dnns["1"][0]
     assert receiving.weight.grad.abs().sum() > 0  # the transfer itself trains either way
 
 
@@ -182,10 +188,10 @@ def test_dag_towers_run_in_topological_order_and_attend_over_all_inputs():
     towers = [TowerSpec(MLPSpec((2,)), relations=(1, 2)), TowerSpec(MLPSpec((2,))),
               TowerSpec(MLPSpec((2,)), relations=(1,))]
     model = tiny_aitm(towers)
-    assert model.order == [1, 2, 0]
-    assert set(model.transfers) == {"1_0", "2_0", "1_2"}
+    assert model.head.order == [1, 2, 0]
+    assert set(model.head.transfers) == {"1_0", "2_0", "1_2"}
     seen = {}
-    model.aits["0"].register_forward_hook(lambda m, args, out: seen.update(buy=args[0].shape))
+    model.head.aits["0"].register_forward_hook(lambda m, args, out: seen.update(buy=args[0].shape))
     assert model.predict(torch.randn(5, 4)).shape == (5, 3)
     assert seen["buy"] == (5, 3, 2)  # own + 2 transferred candidates
 
@@ -193,20 +199,20 @@ def test_dag_towers_run_in_topological_order_and_attend_over_all_inputs():
 def test_dbmtl_concatenates_own_and_relation_features_into_a_relation_dnn():
     torch.manual_seed(0)
     model = tiny_aitm(two_towers(use_ait=False))
-    assert not model.aits and not model.transfers
-    rel = model.relation_dnns["1"]
+    assert not model.head.aits and not model.head.transfers
+    rel = model.head.relation_dnns["1"]
     assert rel[0].in_features == 2 + 2 and rel.out_dim == 2  # default: one layer of the tower's size
     seen = {}
     rel.register_forward_hook(lambda m, args, out: seen.update(x=args[0]))
     x = torch.randn(4, 4)
     model.predict(x)
     b = model.backbone(x)
-    torch.testing.assert_close(seen["x"], torch.cat([model.towers[1](b), model.towers[0](b)], dim=1))
+    torch.testing.assert_close(seen["x"], torch.cat([model.head.towers[1](b), model.head.towers[0](b)], dim=1))
 
 
 def test_dbmtl_baseline_never_uses_ait():
-    model = DBMTL(tiny_ebc(), [["a", "b"]], {}, MLPSpec((3,)), two_towers(use_ait=True))
-    assert not model.aits and set(model.relation_dnns) == {"1"}
+    model = tiny_model(lambda width: DBMTLHead(width, two_towers(use_ait=True)))
+    assert not model.head.aits and set(model.head.relation_dnns) == {"1"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -237,9 +243,9 @@ def test_esmm_marginal_logits_stay_finite_at_the_extremes():
 
 def test_esmm_model_outputs_marginals_of_its_towers():
     torch.manual_seed(0)
-    model = ESMM(tiny_ebc(), [["a", "b"]], {}, MLPSpec((3,)), [MLPSpec((2,))] * 3, parents=[None, 0, 1])
+    model = tiny_model(lambda width: ESMMHead(width, [MLPSpec((2,))] * 3, parents=[None, 0, 1]))
     x = torch.randn(6, 4)
-    cond = torch.sigmoid(model.conditional_logits(x))
+    cond = torch.sigmoid(model.head.conditional_logits(model.backbone(x)))
     marg = torch.sigmoid(model.predict(x))
     torch.testing.assert_close(marg[:, 0], cond[:, 0])
     torch.testing.assert_close(marg[:, 2], cond[:, 0] * cond[:, 1] * cond[:, 2])
@@ -247,7 +253,7 @@ def test_esmm_model_outputs_marginals_of_its_towers():
 
 def test_mmoe_gates_are_a_softmax_over_experts():
     torch.manual_seed(0)
-    model = MMoE(tiny_ebc(), [["a", "b"]], {}, MLPSpec(()), MLPSpec((2,)), 3, [MLPSpec((2,))] * 2)
+    model = MMoEHead(4, MLPSpec((2,)), 3, [MLPSpec((2,))] * 2)  # a head alone: no tables needed
     with torch.no_grad():
         for gate, bias in zip(model.gates, ([0.0, math.log(2), math.log(3)], [0.0, 0.0, 0.0])):
             gate.weight.zero_()
@@ -261,15 +267,15 @@ def test_mmoe_gates_are_a_softmax_over_experts():
     with torch.no_grad():
         model.gates[1].weight.normal_()
     torch.testing.assert_close(model.gate_weights(b).sum(-1), torch.ones(5, 2))  # per task, per row
-    assert model.predict(b).shape == (5, 2)
+    assert model(b).shape == (5, 2)
 
 
 def test_shared_bottom_has_no_transfer_between_towers():
     torch.manual_seed(0)
-    model = SharedBottom(tiny_ebc(), [["a", "b"]], {}, MLPSpec((8,)), [MLPSpec((8,))] * 2)
+    model = tiny_model(lambda width: SharedBottomHead(width, [MLPSpec((8,))] * 2), backbone=(8,))
     model.predict(torch.randn(16, 4))[:, 1].sum().backward()
-    assert model.towers[0][0].weight.grad.abs().sum() == 0  # task 1's loss never reaches tower 0
-    assert model.towers[1][0].weight.grad.abs().sum() > 0
+    assert model.head.towers[0][0].weight.grad.abs().sum() == 0  # task 1's loss never reaches tower 0
+    assert model.head.towers[1][0].weight.grad.abs().sum() > 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -283,7 +289,8 @@ def test_model_class_picks_the_model_with_the_same_input_side():
     models = {name: build_model(load_config(REPO / "configs" / name, SMALL), device="cpu")
               for name in ("aitm_taobao.yaml", "esmm_taobao.yaml", "mmoe_taobao.yaml",
                            "shared_bottom_taobao.yaml", "dbmtl_taobao.yaml")}
-    assert [type(m).__name__ for m in models.values()] == ["AITM", "ESMM", "MMoE", "SharedBottom", "DBMTL"]
+    assert [type(m.head).__name__ for m in models.values()] == ["AITMHead", "ESMMHead", "MMoEHead",
+                                                                "SharedBottomHead", "DBMTLHead"]
     tables = {n: [c.name for c in m.ebc.embedding_bag_configs()] for n, m in models.items()}
     assert len({tuple(t) for t in tables.values()}) == 1
     assert {m.input_dim for m in models.values()} == {17 * 16}
@@ -298,20 +305,50 @@ def test_options_reach_the_modules():
         "model_config.model_params.task_towers.1.dnn.use_bn=true",
     ])
     model = build_model(cfg, device="cpu")
-    assert model.order == [0, 1, 2]
-    assert {a.attention for a in model.aits.values()} == {"cross"}
-    assert all(s.stop_gradient for s in model.specs)
-    transfer = model.transfers["0_1"]
+    assert model.head.order == [0, 1, 2]
+    assert {a.attention for a in model.head.aits.values()} == {"cross"}
+    assert all(s.stop_gradient for s in model.head.specs)
+    transfer = model.head.transfers["0_1"]
     assert transfer[0][0].out_features == 7 and isinstance(transfer[0][1], nn.BatchNorm1d)
     assert transfer[1].out_features == 128  # then the output layer, the receiving tower's size
     assert [m.p for m in model.backbone if isinstance(m, nn.Dropout)] == [0.25, 0.25]
-    assert any(isinstance(m, nn.BatchNorm1d) for m in model.towers[1])
-    assert not any(isinstance(m, nn.BatchNorm1d) for m in model.towers[0])  # EasyRec's default differs
-    assert calibration_pairs(cfg) == [(1, 0, 1.0), (2, 1, 1.0)]
+    assert any(isinstance(m, nn.BatchNorm1d) for m in model.head.towers[1])
+    assert not any(isinstance(m, nn.BatchNorm1d) for m in model.head.towers[0])  # EasyRec's default differs
+    assert cfg.schema.calibration_pairs == [(1, 0, 1.0), (2, 1, 1.0)]
 
 
 def test_dag_config_calibrates_against_every_relation_tower():
     cfg = load_config(REPO / "configs" / "aitm_dag.yaml", SMALL)
-    assert calibration_pairs(cfg) == [(2, 0, 1.0), (2, 1, 1.0)]
+    assert cfg.schema.calibration_pairs == [(2, 0, 1.0), (2, 1, 1.0)]
     model = build_model(cfg, device="cpu")
-    assert set(model.transfers) == {"0_2", "1_2"} and set(model.aits) == {"2"}
+    assert set(model.head.transfers) == {"0_2", "1_2"} and set(model.head.aits) == {"2"}
+
+
+# --------------------------------------------------------------------------------------------
+# Registry and tracing: every model class is traceable (the train pipeline and serving need it)
+
+
+MODEL_CONFIGS = {"AITM": "aitm_taobao.yaml", "ESMM": "esmm_taobao.yaml", "MMoE": "mmoe_taobao.yaml",
+                 "SharedBottom": "shared_bottom_taobao.yaml", "DBMTL": "dbmtl_taobao.yaml"}
+
+
+def test_every_registered_model_class_has_a_config_here():
+    from aitm_torchrec.registry import MODELS
+
+    assert set(MODELS) == set(MODEL_CONFIGS)
+
+
+@pytest.mark.parametrize("model_class", sorted(MODEL_CONFIGS))
+def test_model_class_traces_with_torchrec_fx_and_gives_the_same_logits(model_class):
+    from torchrec.fx import symbolic_trace
+
+    torch.manual_seed(0)
+    cfg = load_config(REPO / "configs" / MODEL_CONFIGS[model_class], SMALL)
+    model = build_model(cfg, device="cpu").eval()
+    keys = cfg.schema.keys
+    sparse = KeyedJaggedTensor.from_lengths_sync(keys=keys, values=torch.arange(3 * len(keys)) % 50,
+                                                 lengths=torch.ones(3 * len(keys), dtype=torch.int64))
+    dense = torch.zeros(3, cfg.schema.dense_dim)
+    traced = symbolic_trace(model)
+    torch.testing.assert_close(traced(dense, sparse), model(dense, sparse))
+    assert model(dense, sparse).shape == (3, len(cfg.schema.tasks))

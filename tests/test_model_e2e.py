@@ -110,6 +110,7 @@ def _check_trained(name: str, raw: dict, summary: dict) -> None:
     assert (ckpt / "meta.json").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", CHAIN_CONFIGS)
 def test_three_step_chain_and_dag_train_on_two_ranks(trained, name):
     raw, summary = trained[name]
@@ -117,6 +118,7 @@ def test_three_step_chain_and_dag_train_on_two_ranks(trained, name):
     assert [t["label_name"] for t in summary["towers"]] == ["clk", "cart", "buy"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", TAOBAO_CONFIGS[1:])
 def test_baseline_trains_on_two_ranks_with_the_same_summary(trained, name):
     raw, summary = trained[name]

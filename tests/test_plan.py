@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -45,6 +47,7 @@ def test_cpu_plan_rejects_gpu_only_sharding_with_a_clear_error():
         plan.main(["--device", "cpu", "sharding_config.sharding_types=[row_wise]"])
 
 
+@pytest.mark.slow
 def test_cli_prints_a_table():
     out = subprocess.run([sys.executable, "launch/plan.py", "--hosts", "1", "--procs-per-host", "2",
                           "--device", "cpu", "sharding_config.sharding_types=[table_wise]"],
@@ -54,6 +57,7 @@ def test_cli_prints_a_table():
     assert "user_id" in out.stdout and "table_wise" in out.stdout
 
 
+@pytest.mark.slow
 def test_gpu_check_skips_cleanly_without_cuda():
     import torch
 
@@ -64,3 +68,17 @@ def test_gpu_check_skips_cleanly_without_cuda():
         assert '"skipped"' in out.stdout
     else:
         assert '"ok": true' in out.stdout
+
+
+@pytest.mark.slow
+def test_gpu_check_rehearsal_runs_its_stages_on_the_cpu(tmp_path):
+    """The GPU check run as typed (no torchrun, no RANK in the environment) on the CPU: catches
+    set-up bugs of the script itself, such as a process group that cannot start, without a GPU."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                             "MASTER_PORT")}
+    out = subprocess.run([sys.executable, "launch/gpu_check.py", "--cpu-rehearsal", "--steps", "3", "--rows",
+                          "3000", "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True,
+                         timeout=300, env=env)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    report = json.loads(out.stdout[out.stdout.index("{\n"):])
+    assert report["ok"] is True and report["backend"] == "gloo" and len(report["loss"]) >= 1

@@ -16,11 +16,11 @@ def test_autocast_runs_dense_layers_in_the_chosen_dtype(tiny_config, precision, 
     cfg = load_config(tiny_config, [f"train_config.mixed_precision={precision}"])
     module = build_train_module(cfg, device="cpu")
     seen = []
-    module.model.heads[0].register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    module.model.head.outputs[0].register_forward_hook(lambda m, i, o: seen.append(o.dtype))
     env = DistEnv(0, 1, 0, 1, torch.device("cpu"), "gloo")
     batch = next(iter(train_reader(cfg, env).epoch(0)))
     loss, (_, logits, _, _) = module(batch)
     assert seen == [dtype]
     assert logits.dtype == torch.float32 and loss.dtype == torch.float32
     loss.backward()
-    assert module.model.heads[0].weight.grad.dtype == torch.float32
+    assert module.model.head.outputs[0].weight.grad.dtype == torch.float32

@@ -1,0 +1,69 @@
+"""Models by name: ``model_config.model_class`` -> a builder of the model's head.
+
+Every model is a ``MultiTaskModel`` (input side -> backbone -> head); only the head differs. A
+builder takes the schema (tower order and relations), the config's ``model_params`` and the
+backbone's output width, and returns the head (B x H -> B x T logits). Adding a model class is
+one head class and one entry in ``MODELS``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from aitm_torchrec.baselines import DBMTLHead, ESMMHead, MMoEHead, SharedBottomHead
+from aitm_torchrec.model import AITMHead, Device, MLPSpec, TowerSpec
+from aitm_torchrec.schema import Schema
+
+HeadBuilder = Callable[[Schema, Any, int, Device], nn.Module]
+
+
+def mlp_spec(dnn: Any) -> MLPSpec:
+    """A config ``DNN`` as plain sizes."""
+    return MLPSpec(tuple(dnn.hidden_units), dnn.dropout_ratio, dnn.use_bn)
+
+
+def tower_specs(schema: Schema, params: Any) -> list[TowerSpec]:
+    """AITM/DBMTL tower specs: each config tower's sizes with its relations from the schema."""
+    return [
+        TowerSpec(dnn=mlp_spec(t.dnn), relations=task.relations, use_ait=t.use_ait_module,
+                  project_dim=t.ait_project_dim, transfer=mlp_spec(params.transfer_mlp),
+                  relation_dnn=mlp_spec(t.relation_dnn), stop_gradient=params.stop_gradient)
+        for t, task in zip(params.task_towers, schema.tasks)
+    ]
+
+
+def _tower_mlps(params: Any) -> list[MLPSpec]:
+    return [mlp_spec(t.dnn) for t in params.task_towers]
+
+
+def _aitm(schema: Schema, params: Any, in_dim: int, device: Device) -> nn.Module:
+    return AITMHead(in_dim, tower_specs(schema, params), params.ait_attention, device)
+
+
+def _dbmtl(schema: Schema, params: Any, in_dim: int, device: Device) -> nn.Module:
+    return DBMTLHead(in_dim, tower_specs(schema, params), device)
+
+
+def _esmm(schema: Schema, params: Any, in_dim: int, device: Device) -> nn.Module:
+    parents = [t.relations[0] if t.relations else None for t in schema.tasks]
+    return ESMMHead(in_dim, _tower_mlps(params), parents, device)
+
+
+def _mmoe(schema: Schema, params: Any, in_dim: int, device: Device) -> nn.Module:
+    return MMoEHead(in_dim, mlp_spec(params.expert_dnn), params.num_expert, _tower_mlps(params), device)
+
+
+def _shared_bottom(schema: Schema, params: Any, in_dim: int, device: Device) -> nn.Module:
+    return SharedBottomHead(in_dim, _tower_mlps(params), device)
+
+
+MODELS: dict[str, HeadBuilder] = {
+    "AITM": _aitm,
+    "DBMTL": _dbmtl,
+    "ESMM": _esmm,
+    "MMoE": _mmoe,
+    "SharedBottom": _shared_bottom,
+}
