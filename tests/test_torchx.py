@@ -5,23 +5,14 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from aitm_torchrec.config import load_config
+from tests.multiprocess import BIN, REPO, torchx
 
 pytestmark = pytest.mark.slow  # every test here runs the TorchX CLI
-
-REPO = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
-
-
-def torchx(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([str(BIN / "torchx"), *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=timeout)
 
 
 def test_explicit_local_cwd_launch_trains_and_writes_summary(tiny_config):

@@ -1,0 +1,346 @@
+"""Score: offline batch scoring of Parquet with a trained checkpoint, on any world size.
+
+Every input row gives exactly one output row. The input's row groups are laid end to end (file
+order, never shuffled) and rank r of W scores the global rows [r*N/W, (r+1)*N/W), cut into parts
+of ``rows_per_part`` rows. Part k of rank r is written as ``part-<r>-<k>.parquet`` (five digits
+each), so reading the parts in name order gives the input order. Each part holds the reserved
+(pass-through) columns with their types, then ``probs_<tower>`` (float32) per tower, and
+``logits_<tower>`` when asked. Padding rows (ranks step together through the sharded tables'
+all-to-alls) never reach the output.
+
+Crash safety: a part is written under a temporary name and renamed when complete; ``job.json``
+records what the output is for (config, checkpoint, inputs with row counts, world size, part
+size, columns) before any part is written; ``manifest.json`` (every part with its rows and
+sha256, start and end time) and then ``_SUCCESS`` are written last, after every rank finished.
+Re-running the same command keeps the complete parts and scores only the rest; a re-run whose
+config, checkpoint, inputs, world size or columns differ stops with a message naming what
+differs, unless ``overwrite`` (which removes the old output first).
+
+``metrics``: the label columns are also passed through, and per-task AUC, logloss and
+calibration are computed over every output row (from the part files, so a resumed job's
+metrics cover all rows), exact across ranks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import itertools
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from aitm_torchrec import inference
+from aitm_torchrec.checkpoint import write_json_atomic
+from aitm_torchrec.config import Config, to_dict
+from aitm_torchrec.data import Batch, ParquetReader
+from aitm_torchrec.dist import DistEnv
+from aitm_torchrec.metrics import TaskMetrics
+
+logger = logging.getLogger(__name__)
+
+OUTPUT_KINDS = ("probs", "logits")
+
+
+class ScoreError(ValueError):
+    """A scoring job that cannot run as asked, with the reason."""
+
+
+@dataclass(frozen=True)
+class ScoreOptions:
+    output: Path
+    inputs: tuple[str, ...] = ()  # default: the config's eval_input_path
+    checkpoint: str | None = None  # default: the newest complete checkpoint under model_dir
+    reserved_columns: tuple[str, ...] = ()  # ("ALL",): every column of the input
+    output_kinds: tuple[str, ...] = ("probs",)
+    batch_size: int = 0  # 0 -> 4 x data_config.batch_size
+    rows_per_part: int = 1_000_000
+    metrics: bool = False
+    overwrite: bool = False
+
+
+@dataclass(frozen=True)
+class Part:
+    rank: int
+    index: int
+    lo: int  # global rows [lo, hi)
+    hi: int
+
+    @property
+    def name(self) -> str:
+        return f"part-{self.rank:05d}-{self.index:05d}.parquet"
+
+
+def plan_parts(num_rows: int, world_size: int, rows_per_part: int) -> list[Part]:
+    """Every rank's parts: rank r's rows [r*N/W, (r+1)*N/W) cut into ``rows_per_part`` pieces."""
+    parts = []
+    for r in range(world_size):
+        lo, hi = r * num_rows // world_size, (r + 1) * num_rows // world_size
+        for k, start in enumerate(range(lo, hi, rows_per_part)):
+            parts.append(Part(r, k, start, min(start + rows_per_part, hi)))
+    return parts
+
+
+def _broadcast(obj: object, env: DistEnv) -> object:
+    """Rank 0's ``obj`` on every rank."""
+    if env.world_size == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _all_gather(obj: object, env: DistEnv) -> list:
+    if env.world_size == 1:
+        return [obj]
+    out: list = [None] * env.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _check_same_on_every_rank(error: str | None, env: DistEnv) -> None:
+    """Raises rank 0's verdict on every rank, so no rank waits on a rank that stopped."""
+    verdict = _broadcast(error, env)
+    if verdict:
+        raise ScoreError(verdict)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _job(cfg: Config, opts: ScoreOptions, ckpt: Path, step: int, reader: ParquetReader, columns: list[str],
+         env: DistEnv, rows_per_part: int) -> dict:
+    """What this output is for; a re-run must match it to resume (as JSON data: tuples are lists)."""
+    return json.loads(json.dumps({
+        "config": to_dict(cfg),
+        "checkpoint": {"path": str(ckpt.resolve()), "step": step},
+        "inputs": {str(Path(p).resolve()): n for p, n in reader.source.file_rows().items()},
+        "rows": reader.num_rows,
+        "world_size": env.world_size,
+        "rows_per_part": rows_per_part,
+        "reserved_columns": columns,
+        "output_columns": list(opts.output_kinds),
+        "metrics": opts.metrics,
+    }))
+
+
+def _job_difference(old: dict, new: dict) -> str | None:
+    differ = [k for k in new if old.get(k) != new[k]]
+    if not differ:
+        return None
+    names = {"config": "the config", "checkpoint": "the checkpoint", "inputs": "the input files or their rows",
+             "rows": "the input rows", "world_size": "the world size", "rows_per_part": "rows_per_part",
+             "reserved_columns": "the reserved columns", "output_columns": "the output columns",
+             "metrics": "--metrics"}
+    shown = {"checkpoint": lambda c: f"step {c['step']} at {c['path']}" if c else "none",
+             "world_size": str}
+    return ", ".join(names[k] + (f" (was {shown[k](old.get(k))}, now {shown[k](new[k])})" if k in shown else "")
+                     for k in differ)
+
+
+def _prepare_output(out: Path, job: dict, opts: ScoreOptions, env: DistEnv) -> bool:
+    """Rank 0 checks (and creates) the output directory; returns True if it is already complete.
+    Every rank gets the same verdict or the same error."""
+    error, done = None, False
+    if env.is_main:
+        job_path = out / "job.json"
+        try:
+            if opts.overwrite and out.exists():
+                shutil.rmtree(out)
+            if job_path.exists():
+                diff = _job_difference(json.loads(job_path.read_text()), job)
+                if diff:
+                    error = (f"{out}: holds scores of another job: {diff} differ from {job_path}; "
+                             "use a new --output, or --overwrite to replace it")
+                done = (out / "_SUCCESS").exists()
+            elif out.exists() and any(out.iterdir()):
+                error = f"{out}: exists and is not the output of a scoring job (no job.json); use a new --output"
+            if not error:
+                out.mkdir(parents=True, exist_ok=True)
+                for tmp in out.glob(".part-*.tmp"):  # a crash's unfinished part
+                    tmp.unlink()
+                write_json_atomic(job_path, job)
+        except OSError as e:
+            error = f"{out}: cannot prepare the output directory ({e})"
+    _check_same_on_every_rank(error, env)
+    return bool(_broadcast(done, env))
+
+
+def _part_complete(path: Path, rows: int) -> bool:
+    if not path.exists():
+        return False
+    try:
+        return pq.ParquetFile(path).metadata.num_rows == rows
+    except (pa.ArrowException, OSError):
+        return False
+
+
+def _batches(reader: ParquetReader, parts: list[Part], steps: int) -> Iterator[tuple[Batch, Part | None]]:
+    """This rank's batches of ``parts`` in order, each with its part, then padding batches (part
+    None) up to ``steps`` so every rank runs the same number of forward passes."""
+    done = 0
+    for part in parts:
+        with contextlib.closing(reader.range_batches(part.lo, part.hi)) as it:
+            for batch in it:
+                yield batch, part
+                done += 1
+    for _ in range(steps - done):
+        yield reader.padding_batch(), None
+
+
+def _write_part(out: Path, part: Part, pieces: list[pa.Table]) -> None:
+    """Writes a complete part atomically (temporary name, then rename)."""
+    table = pa.concat_tables(pieces)
+    if table.num_rows != part.hi - part.lo:
+        raise RuntimeError(f"{part.name}: {table.num_rows} rows scored for {part.hi - part.lo} input rows")
+    tmp = out / f".{part.name}.tmp"
+    pq.write_table(table, tmp)
+    os.replace(tmp, out / part.name)
+    # Test hook (crash-resume tests): rank 1 dies right after writing this many parts.
+    die_after = os.environ.get("AITM_TEST_SCORE_DIE_AFTER_PARTS")
+    if die_after and part.rank == 1 and part.index + 1 >= int(die_after):
+        os._exit(3)
+
+
+def _scored_table(batch: Batch, logits: torch.Tensor, towers: Sequence[str], kinds: Sequence[str]) -> pa.Table:
+    """The real rows of a batch: pass-through columns, then probs_/logits_ per tower."""
+    n = batch.num_real
+    logits = logits[:n].float().cpu()
+    values = {"probs": torch.sigmoid(logits).numpy(), "logits": logits.numpy()}
+    scores = {f"{kind}_{tower}": pa.array(values[kind][:, t].astype(np.float32))
+              for kind in kinds for t, tower in enumerate(towers)}
+    if batch.passthrough is None:
+        return pa.table(scores)
+    table = batch.passthrough
+    for name, column in scores.items():
+        table = table.append_column(name, column)
+    return table
+
+
+def run(cfg: Config, env: DistEnv, opts: ScoreOptions) -> dict:
+    """Scores the input with the checkpoint; returns the manifest (on every rank)."""
+    started = time.time()
+    for kind in opts.output_kinds:
+        if kind not in OUTPUT_KINDS:
+            raise ScoreError(f"--output_columns: {kind!r} is not one of {', '.join(OUTPUT_KINDS)}")
+    inputs = tuple(opts.inputs) or cfg.eval_input_path
+    if not inputs:
+        raise ScoreError("no input: pass --input PATH, or set eval_input_path in the config")
+    ckpt = inference.resolve_checkpoint(cfg, opts.checkpoint)
+    step = int(inference.checkpoint_meta(ckpt).get("step", -1))
+    schema = cfg.schema
+    columns = list(opts.reserved_columns)
+    if columns == ["ALL"]:
+        from aitm_torchrec.data import expand_paths
+
+        columns = pq.read_schema(expand_paths(inputs)[0]).names
+    passthrough = columns + [c for c in schema.label_names if opts.metrics and c not in columns]
+    batch_size = opts.batch_size or 4 * cfg.data_config.batch_size
+    reader = ParquetReader(inputs, schema, batch_size, env.rank, env.world_size, shuffle=False,
+                           prefetch=cfg.data_config.prefetch_size, labels=opts.metrics,
+                           label_chain_policy="keep", passthrough=passthrough)
+    out = Path(opts.output)
+    job = _job(cfg, opts, ckpt, step, reader, columns, env, opts.rows_per_part)
+    already_done = _prepare_output(out, job, opts, env)
+    parts = plan_parts(reader.num_rows, env.world_size, opts.rows_per_part)
+    mine = [p for p in parts if p.rank == env.rank]
+    todo = [] if already_done else [p for p in mine if not _part_complete(out / p.name, p.hi - p.lo)]
+    my_steps = sum(math.ceil((p.hi - p.lo) / batch_size) for p in todo)
+    steps = my_steps
+    if env.world_size > 1:
+        t = torch.tensor([my_steps], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        steps = int(t)
+    if env.is_main:
+        logger.info("scoring %d rows of %d files with %s (step %d) on %d ranks: %d of %d parts to do on rank 0",
+                    reader.num_rows, len(reader.files), ckpt, step, env.world_size, len(todo), len(mine))
+
+    rows_scored = 0
+    if steps:
+        dmp, _ = inference.sharded_model(cfg, env, ckpt)
+        towers = schema.tower_names
+        pieces: list[pa.Table] = []
+        bar = tqdm(total=sum(p.hi - p.lo for p in todo), desc="score (rank 0 rows)", unit="row",
+                   disable=not env.is_main, unit_scale=True)
+        with torch.no_grad():
+            current: Part | None = None
+            for batch, part in itertools.islice(_batches(reader, todo, steps), steps):
+                logits = dmp(batch.dense.to(env.device), batch.sparse.to(env.device))
+                if part is None:
+                    continue
+                if current is not None and part != current:
+                    _write_part(out, current, pieces)
+                    pieces = []
+                current = part
+                pieces.append(_scored_table(batch, logits, towers, opts.output_kinds))
+                rows_scored += batch.num_real
+                bar.update(batch.num_real)
+            if current is not None:
+                _write_part(out, current, pieces)
+        bar.close()
+
+    # Every rank's parts exist now; rank 0 writes the manifest, then _SUCCESS.
+    files = [{"file": p.name, "rank": p.rank, "rows": p.hi - p.lo, "first_row": p.lo, "sha256": _sha256(out / p.name)}
+             for p in mine]
+    metrics = _metrics(out, mine, schema.label_names, schema.tower_names, env) if opts.metrics else None
+    all_files = sorted((f for fs in _all_gather(files, env) for f in fs), key=lambda f: f["file"])
+    total_scored = sum(_all_gather(rows_scored, env))
+    manifest = {
+        "checkpoint": job["checkpoint"],
+        "config_model_dir": cfg.model_dir,
+        "inputs": [{"file": p, "rows": n} for p, n in job["inputs"].items()],
+        "rows": reader.num_rows,
+        "rows_scored_this_run": total_scored,
+        "world_size": env.world_size,
+        "columns": passthrough + [f"{k}_{t}" for k in opts.output_kinds for t in schema.tower_names],
+        "towers": [{"tower_name": t.tower_name, "label_name": t.label_name} for t in schema.tasks],
+        "parts": all_files,
+        "metrics": metrics,
+        "started": started,
+        "finished": time.time(),
+    }
+    if sum(f["rows"] for f in all_files) != reader.num_rows:
+        raise RuntimeError(f"{out}: parts hold {sum(f['rows'] for f in all_files)} rows for {reader.num_rows} input rows")
+    if env.world_size > 1:
+        dist.barrier()
+    if env.is_main:
+        if already_done and (out / "manifest.json").exists():
+            manifest = json.loads((out / "manifest.json").read_text())
+        else:
+            write_json_atomic(out / "manifest.json", manifest)
+            (out / "_SUCCESS").write_text("")
+    if env.world_size > 1:
+        dist.barrier()
+    return manifest
+
+
+def _metrics(out: Path, parts: list[Part], labels: list[str], towers: list[str], env: DistEnv) -> dict:
+    """Per-task metrics over every row of every part (this rank's parts, gathered across ranks)."""
+    m = TaskMetrics(towers, env.device)
+    for p in parts:
+        t = pq.read_table(out / p.name, columns=labels + [f"probs_{x}" for x in towers])
+        y = torch.from_numpy(np.stack([t.column(c).to_numpy().astype(np.float32) for c in labels], axis=1))
+        # float32 probabilities back to logits; clipped so a saturated score stays finite in logloss
+        probs = np.clip(np.stack([t.column(f"probs_{x}").to_numpy() for x in towers], axis=1).astype(np.float64),
+                        1e-7, 1 - 1e-7)
+        logit = torch.from_numpy(np.log(probs) - np.log1p(-probs)).float()
+        m.update(logit, y, torch.ones(len(y)))
+    return m.compute()

@@ -1,0 +1,79 @@
+"""Batch scoring: ``python launch/score.py --output DIR [--config FILE] [--checkpoint DIR] [--input PATH ...]``.
+
+Scores Parquet with a trained checkpoint on any world size (one process, torchrun, or
+``torchx run dist.ddp -j 1x2 launch/score.py --config F --output DIR``), exactly once per input
+row, resumable after a crash. See ``aitm_torchrec/score.py`` and the README's "Batch scoring".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+# Runs as a script under torchrun: make the repository importable without installing it.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch.distributed  # noqa: E402
+from torch.distributed.elastic.multiprocessing.errors import record  # noqa: E402
+
+from aitm_torchrec import dist as aitm_dist  # noqa: E402
+from aitm_torchrec.config import load_config  # noqa: E402
+from aitm_torchrec.score import ScoreOptions, run  # noqa: E402
+from launch.train import quiet_libraries  # noqa: E402
+
+
+def _columns(text: str) -> tuple[str, ...]:
+    return tuple(c.strip() for c in text.split(",") if c.strip())
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Score Parquet rows with a trained AITM checkpoint.")
+    p.add_argument("--output", required=True, help="output directory (parts, manifest.json, _SUCCESS)")
+    p.add_argument("--config", help="YAML config the checkpoint was trained with (default: configs/aitm_taobao.yaml)")
+    p.add_argument("--checkpoint", help="checkpoint directory (default: the newest complete one under model_dir)")
+    p.add_argument("--input", nargs="+", default=[], help="Parquet files, globs or directories (default: eval_input_path)")
+    p.add_argument("--reserved_columns", type=_columns, default=(),
+                   help="input columns copied to the output beside the scores, comma-separated, or ALL")
+    p.add_argument("--output_columns", type=_columns, default=("probs",),
+                   help="score columns per tower: probs and/or logits (default: probs)")
+    p.add_argument("--batch_size", type=int, default=0, help="rows per batch (default: 4 x data_config.batch_size)")
+    p.add_argument("--rows_per_part", type=int, default=1_000_000, help="rows per output part (default: 1000000)")
+    p.add_argument("--metrics", action="store_true", help="labels present: also compute per-task AUC, logloss, calibration")
+    p.add_argument("--overwrite", action="store_true", help="replace an output directory of another job")
+    p.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
+    args = p.parse_args(argv)
+    if args.rows_per_part < 1 or args.batch_size < 0:
+        p.error("--rows_per_part must be >= 1 and --batch_size >= 0")
+    return args
+
+
+@record
+def main(argv: list[str] | None = None) -> dict:
+    args = parse(argv)
+    cfg = load_config(args.config, args.overrides)
+    owns_group = not torch.distributed.is_initialized()
+    env = aitm_dist.setup()
+    logging.basicConfig(level=logging.INFO if env.is_main else logging.WARNING,
+                        format=f"[rank{env.rank}] %(asctime)s %(name)s: %(message)s")
+    quiet_libraries()
+    opts = ScoreOptions(output=Path(args.output), inputs=tuple(args.input), checkpoint=args.checkpoint,
+                        reserved_columns=args.reserved_columns, output_kinds=args.output_columns,
+                        batch_size=args.batch_size, rows_per_part=args.rows_per_part, metrics=args.metrics,
+                        overwrite=args.overwrite)
+    try:
+        manifest = run(cfg, env, opts)
+    finally:
+        if owns_group:
+            aitm_dist.teardown()
+    if env.is_main:
+        brief = {k: manifest[k] for k in ("rows", "rows_scored_this_run", "world_size", "checkpoint", "metrics")}
+        brief["output"] = str(args.output)
+        print(json.dumps(brief, indent=2))
+    return manifest
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""Batch scoring: real processes, a real checkpoint, real Parquet in and out."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+from aitm_torchrec.score import plan_parts
+from tests.conftest import tiny_config_dict
+from tests.multiprocess import run_ranks, torchx
+
+pytestmark = pytest.mark.slow  # every test here starts ranks (or uses the module's trained checkpoint)
+
+ROWS = 2500
+
+
+def _train(config_path: str) -> dict:
+    from launch.train import main
+
+    return main(["--config", config_path, "--no-resume"])
+
+
+def _score(argv: list[str]) -> dict:
+    from launch.score import main
+
+    return main(argv)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_data, tmp_path_factory) -> dict:
+    """A tiny model trained 2 ranks x 12 steps, and a scoring input with row ids and a string key."""
+    root = tmp_path_factory.mktemp("score")
+    raw = tiny_config_dict(tiny_data, root / "run")
+    raw["train_config"]["num_steps"] = 12
+    raw["train_config"]["save_checkpoints_steps"] = 6
+    config = root / "tiny.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    run_ranks(_train, str(config))
+    table = pq.read_table(tiny_data / "eval").slice(0, ROWS)
+    table = table.append_column("rid", pa.array(np.arange(ROWS, dtype=np.int64)))
+    table = table.append_column("key", pa.array([f"k{i}" for i in range(ROWS)]))
+    inputs = root / "input"
+    inputs.mkdir()
+    pq.write_table(table.slice(0, 1000), inputs / "a.parquet", row_group_size=300)
+    pq.write_table(table.slice(1000), inputs / "b.parquet", row_group_size=400)
+    return {"config": str(config), "input": str(inputs), "root": root}
+
+
+def _args(trained: dict, out: Path, *more: str) -> list[str]:
+    return ["--config", trained["config"], "--input", trained["input"], "--output", str(out),
+            "--reserved_columns", "rid,key", "--rows_per_part", "700", "--batch_size", "256", *more]
+
+
+def _read(out: Path) -> pa.Table:
+    names = sorted(p.name for p in out.glob("part-*.parquet"))
+    return pa.concat_tables([pq.read_table(out / n) for n in names])
+
+
+def test_parts_cover_every_row_once_in_order():
+    parts = plan_parts(10, 3, 2)
+    assert [(p.rank, p.index, p.lo, p.hi) for p in parts] == [
+        (0, 0, 0, 2), (0, 1, 2, 3), (1, 0, 3, 5), (1, 1, 5, 6), (2, 0, 6, 8), (2, 1, 8, 10)]
+    assert sorted(p.name for p in parts) == [p.name for p in parts]
+
+
+def test_two_ranks_one_and_three_score_every_row_once_with_equal_probabilities(trained):
+    root = trained["root"]
+    one = _score(_args(trained, root / "one", "--metrics"))
+    run_ranks(_score, _args(trained, root / "two"), nproc=2)
+    run_ranks(_score, _args(trained, root / "three", "--output_columns", "probs,logits"), nproc=3)
+    a, b, c = (_read(root / d) for d in ("one", "two", "three"))
+    for t in (a, b, c):
+        assert t.num_rows == ROWS
+        assert t.column("rid").to_pylist() == list(range(ROWS))  # input order, each row once
+        assert t.column("key").to_pylist() == [f"k{i}" for i in range(ROWS)]
+        assert t.schema.field("key").type == pa.string() and t.schema.field("probs_cvr").type == pa.float32()
+    for tower in ("ctr", "cvr"):
+        np.testing.assert_allclose(b.column(f"probs_{tower}").to_numpy(), a.column(f"probs_{tower}").to_numpy(),
+                                   atol=1e-5)
+        np.testing.assert_allclose(c.column(f"probs_{tower}").to_numpy(), a.column(f"probs_{tower}").to_numpy(),
+                                   atol=1e-5)
+        logits = c.column(f"logits_{tower}").to_numpy()
+        np.testing.assert_allclose(1 / (1 + np.exp(-logits)), c.column(f"probs_{tower}").to_numpy(), atol=1e-6)
+    manifest = json.loads((root / "two" / "manifest.json").read_text())
+    assert (root / "two" / "_SUCCESS").exists() and manifest["rows"] == ROWS and manifest["world_size"] == 2
+    assert manifest["checkpoint"]["step"] == 12
+    assert sum(p["rows"] for p in manifest["parts"]) == ROWS and len(manifest["parts"]) == 4
+    import hashlib
+
+    for p in manifest["parts"]:
+        assert hashlib.sha256((root / "two" / p["file"]).read_bytes()).hexdigest() == p["sha256"]
+    assert [i["rows"] for i in manifest["inputs"]] == [1000, 1500]
+    # --metrics: the same whole-set metrics as training's own evaluation of these rows would give
+    assert set(one["metrics"]) == {"ctr", "cvr"} and 0.0 <= one["metrics"]["ctr"]["auc"] <= 1.0
+
+
+def _score_and_die(argv: list[str]) -> dict:
+    os.environ["AITM_TEST_SCORE_DIE_AFTER_PARTS"] = "1"  # rank 1 dies after its first part
+    return _score(argv)
+
+
+def test_a_killed_rank_then_a_rerun_scores_every_row_exactly_once(trained):
+    out = trained["root"] / "killed"
+    with pytest.raises(ChildFailedError):
+        run_ranks(_score_and_die, _args(trained, out), nproc=2)
+    assert not (out / "_SUCCESS").exists()
+    survivors = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("part-*.parquet")}
+    assert "part-00001-00000.parquet" in survivors and "part-00001-00001.parquet" not in survivors
+    run_ranks(_score, _args(trained, out), nproc=2)
+    for name, stamp in survivors.items():  # complete parts are kept as they were
+        assert ((out / name).stat().st_ino, (out / name).stat().st_mtime_ns) == stamp
+    t = _read(out)
+    assert t.column("rid").to_pylist() == list(range(ROWS))
+    assert (out / "_SUCCESS").exists() and not list(out.glob(".*tmp"))
+
+
+def test_inputs_without_labels_bad_inputs_and_another_checkpoint(trained, tmp_path):
+    root = trained["root"]
+    no_labels = tmp_path / "nolabels"
+    no_labels.mkdir()
+    t = pq.read_table(Path(trained["input"]) / "a.parquet").drop(["clk", "buy"])
+    pq.write_table(t, no_labels / "x.parquet")
+    manifest = _score(["--config", trained["config"], "--input", str(no_labels), "--output", str(tmp_path / "o"),
+                       "--reserved_columns", "ALL"])
+    scored = _read(tmp_path / "o")
+    assert manifest["rows"] == 1000 and scored.column_names[:len(t.column_names)] == t.column_names
+    with pytest.raises(Exception, match=r"missing column 'clk' \(needed by labels\)"):
+        _score(["--config", trained["config"], "--input", str(no_labels), "--output", str(tmp_path / "m"), "--metrics"])
+    (tmp_path / "bad.parquet").write_bytes(b"not parquet")
+    with pytest.raises(Exception, match=r"bad.parquet: not a readable Parquet file"):
+        _score(["--config", trained["config"], "--input", str(tmp_path / "bad.parquet"), "--output", str(tmp_path / "b")])
+    step6 = root / "run" / "checkpoints" / "step_00000006"
+    assert step6.exists()
+    out = tmp_path / "o"
+    with pytest.raises(Exception, match=r"holds scores of another job: the checkpoint \(was step 12 at .*step_00000012, now step 6"):
+        _score(["--config", trained["config"], "--input", str(no_labels), "--output", str(out),
+                "--reserved_columns", "ALL", "--checkpoint", str(step6)])
+    again = _score(["--config", trained["config"], "--input", str(no_labels), "--output", str(out),
+                    "--reserved_columns", "ALL", "--checkpoint", str(step6), "--overwrite"])
+    assert again["checkpoint"]["step"] == 6
+
+
+def test_torchx_as_typed_scores_on_two_ranks(trained, tmp_path):
+    out = tmp_path / "tx"
+    res = torchx("run", "dist.ddp", "-j", "1x2", "launch/score.py", "--config", trained["config"],
+                 "--input", trained["input"], "--output", str(out), "--reserved_columns", "rid")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert _read(out).column("rid").to_pylist() == list(range(ROWS))
+    assert json.loads((out / "manifest.json").read_text())["world_size"] == 2
