@@ -17,7 +17,8 @@ cannot hold a newline.
   same newline scan, so a rank's share costs no parsing of the rows before it).
 
 Bad values (text in an integer column, a row with too many or too few columns) raise
-``DataError`` naming the file, the line (1-based) and the column.
+``DataError`` naming the file, the line (1-based) and the column. An empty line is a row of
+empty values (pyarrow's reading), so its null labels stop the reader.
 """
 
 from __future__ import annotations
@@ -115,12 +116,13 @@ def iter_tables(path: str, schema: pa.Schema, start_row: int = 0, num_rows: int 
     done = 0  # rows read from start_row on
     pending: list[pa.RecordBatch] = []
     pending_rows = 0
+    start = _offset_of_row(path, start_row) if offset is None else offset
+    if start >= os.path.getsize(path):
+        return  # no rows from start_row on
     with open(path, "rb") as raw:
-        raw.seek(_offset_of_row(path, start_row) if offset is None else offset)
+        raw.seek(start)
         try:
             reader = pacsv.open_csv(raw, read_options=read, parse_options=parse, convert_options=convert)
-        except StopIteration:
-            return  # nothing after start_row (pyarrow raises this on empty input)
         except pa.ArrowInvalid as e:
             raise _locate(path, schema, start_row, delimiter, e) from None
         while num_rows is None or done < num_rows:
