@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from aitm_torchrec import csv_input
-from aitm_torchrec.config import Feature
+from aitm_torchrec.config import build_checked
 from aitm_torchrec.data import ParquetReader
 from aitm_torchrec.features import DataError
 
@@ -107,9 +107,15 @@ def test_reader_gives_the_same_batches_from_csv_as_from_parquet(tmp_path):
     })
     pq.write_table(table, tmp_path / "in.parquet", row_group_size=300)
     pacsv.write_csv(table, tmp_path / "in.csv", pacsv.WriteOptions(include_header=False))
-    features = [Feature(("id",), hash_bucket_size=97), Feature(("tags",), "TagFeature", hash_bucket_size=13, separator="|"),
-                Feature(("x",), "RawFeature"), Feature(("buy",), feature_name="buy_id", num_buckets=2)]
-    kwargs = dict(features=features, label_fields=["clk"], batch_size=64, rank=1, world_size=2, prefetch=0)
+    features = [{"input_names": ["id"], "hash_bucket_size": 97},
+                {"input_names": ["tags"], "feature_type": "TagFeature", "hash_bucket_size": 13, "separator": "|"},
+                {"input_names": ["x"], "feature_type": "RawFeature"},
+                {"input_names": ["buy"], "feature_name": "buy_id", "num_buckets": 2}]
+    cfg = build_checked({"feature_config": {"features": features}, "model_config": {
+        "feature_groups": [{"group_name": "all", "feature_names": ["id", "tags", "x", "buy_id"]}],
+        "model_params": {"task_towers": [{"tower_name": "ctr", "label_name": "clk", "dnn": {"hidden_units": [4]}}]}}},
+        "test")
+    kwargs = dict(schema=cfg.schema, batch_size=64, rank=1, world_size=2, prefetch=0)
     from_parquet = list(ParquetReader([str(tmp_path / "in.parquet")], **kwargs).epoch(0))
     reader = ParquetReader([str(tmp_path / "in.csv")], csv=csv_input.CsvFormat(SCHEMA), **kwargs)
     from_csv = list(reader.epoch(0))

@@ -275,8 +275,8 @@ def test_the_two_forms_map_to_the_models_they_describe():
     assert [(t.dnn.hidden_units, t.output_dnn.hidden_units) for t in mp.task_towers] == [((128,), (64,))] * 2
     assert backbone.model_config.backbone.mlp.hidden_units == (512, 256)
     shapes = _shapes(backbone)
-    assert shapes["transfers.0_1.1.weight"] == (128, 128)  # EasyRec's transfer_mlp [128] output layer
-    assert shapes["outputs.1.0.weight"] == (64, 128) and shapes["heads.1.weight"] == (1, 64)
+    assert shapes["head.transfers.0_1.1.weight"] == (128, 128)  # EasyRec's transfer_mlp [128] output layer
+    assert shapes["head.output_dnns.1.0.weight"] == (64, 128) and shapes["head.outputs.1.weight"] == (1, 64)
     for cfg in (seed, backbone):
         assert cfg.data_config.input_type == "CSVInput" and len(cfg.data_config.input_fields) == 20
         assert cfg.train_config.sparse_optimizer.name == "adam" and cfg.train_config.dense_optimizer.learning_rate == 1e-4
