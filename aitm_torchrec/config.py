@@ -123,6 +123,7 @@ class TaskTower:
     ait_project_dim: int = 0  # 0 -> the tower's last hidden size
     relation_tower_names: tuple[str, ...] = ()
     relation_dnn: DNN = DNN()  # DBMTL (use_ait_module false); empty -> one layer of dnn's last size
+    output_dnn: DNN = DNN()  # AITM/DBMTL: after AIT / relation dnn, before the logit (EasyRec backbone form)
     weight: float = 1.0
     num_class: int = 1
 
@@ -163,6 +164,15 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class InputField:
+    """A column of EasyRec CSV input (``data_config.input_fields``), in file order."""
+
+    input_name: str
+    input_type: Literal["INT32", "INT64", "STRING", "FLOAT", "DOUBLE", "BOOL"] = "STRING"
+    default_val: str = ""  # fills empty values; "" leaves them missing
+
+
+@dataclass(frozen=True)
 class DataConfig:
     batch_size: int = 1024  # per rank
     label_fields: tuple[str, ...] = ()
@@ -173,6 +183,10 @@ class DataConfig:
     # A row where a later step of the chain (label_fields order) is 1 while an earlier one is 0:
     # error (default: usually swapped or misaligned label columns), drop the row, or keep it.
     label_chain_policy: Literal["error", "drop", "keep"] = "error"
+    # EasyRec's CSV input: header-less, columns in input_fields order (see csv_input.py).
+    input_type: Literal["ParquetInput", "CSVInput"] = "ParquetInput"
+    input_fields: tuple[InputField, ...] = ()
+    separator: str = ","  # CSVInput column delimiter
 
 
 @dataclass(frozen=True)
@@ -263,21 +277,39 @@ class Config:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> Config:
-    """Reads a YAML config, applies ``key.path=value`` overrides, builds and validates it."""
+    """Reads a YAML config (or an EasyRec pipeline config, converted by ``easyrec.to_raw``),
+    applies ``key.path=value`` overrides to its keys, builds and validates it."""
     path = Path(path) if path else DEFAULT_CONFIG
+    raw = read_raw(path)
+    for item in overrides:
+        apply_override(raw, item, str(path))
+    raw.setdefault("model_dir", str(Path("runs") / path.stem))
+    return build_checked(raw, str(path))
+
+
+def read_raw(path: Path) -> dict:
+    """The config file as a plain mapping of our keys: YAML as it is, EasyRec converted."""
+    from aitm_torchrec import easyrec  # imports this module
+
     try:
-        raw = yaml.safe_load(path.read_text())
+        text = path.read_text()
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
+    if easyrec.is_easyrec(path, text):
+        return easyrec.to_raw(path, text)
+    try:
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(raw).__name__}")
-    for item in overrides:
-        apply_override(raw, item, str(path))
-    raw.setdefault("model_dir", str(Path("runs") / path.stem))
-    cfg = build(Config, raw, f"{path}:")
-    validate(cfg, str(path))
+    return raw
+
+
+def build_checked(raw: dict, where: str) -> Config:
+    """``build`` then ``validate``: the Config of a raw mapping, or a ConfigError naming ``where``."""
+    cfg = build(Config, raw, f"{where}:")
+    validate(cfg, where)
     return cfg
 
 
@@ -474,6 +506,9 @@ def validate(cfg: Config, where: str) -> None:
             fail(f"{key}.num_class", f"({t.tower_name}) must be 1 (binary tasks only)")
         check_dnn(f"{key}.dnn", t.dnn, t.tower_name, required=True)
         check_dnn(f"{key}.relation_dnn", t.relation_dnn, t.tower_name)
+        check_dnn(f"{key}.output_dnn", t.output_dnn, t.tower_name)
+        if t.output_dnn.hidden_units and mc.model_class not in ("AITM", "DBMTL"):
+            fail(f"{key}.output_dnn", f"({t.tower_name}) is read by AITM and DBMTL only")
         if t.ait_project_dim < 0:
             fail(f"{key}.ait_project_dim", f"({t.tower_name}) must be >= 0")
         for j, r in enumerate(t.relation_tower_names):
@@ -511,6 +546,16 @@ def validate(cfg: Config, where: str) -> None:
         fail("data_config.prefetch_size", "must be >= 0")
     if dc.eval_batch_size < 0:
         fail("data_config.eval_batch_size", "must be >= 0")
+    if dc.input_type == "CSVInput":
+        if len(dc.separator) != 1:
+            fail("data_config.separator", f"must be one character for CSVInput, got {dc.separator!r}")
+        fields = [f.input_name for f in dc.input_fields]
+        for col in [f.column for f in features] + [t.label_name for t in towers]:
+            if col not in fields:
+                fail("data_config.input_fields", f"has no column {col!r} (CSVInput reads only input_fields); "
+                     f"columns: {', '.join(fields) or 'none'}")
+        if len(set(fields)) != len(fields):
+            fail("data_config.input_fields", "names a column twice")
     columns = {f.column: f.name for f in features}
     for label in (t.label_name for t in towers):
         if label in columns:

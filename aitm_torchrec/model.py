@@ -7,7 +7,7 @@
     z_t    = AIT([q_t] + [p_rt for r]) if use_ait and t has relation towers
            = relation_dnn_t(concat(q_t, z_r for r))       if not use_ait (DBMTL)
            = q_t                                          if t has no relation towers
-    logit_t= output_t(z_t)
+    logit_t= output_t(output_dnn_t(z_t))                  output_dnn_t: an MLP, empty unless configured
 
 AIT scores each candidate u: ``self`` (the paper, its official code):
 s_u = <h2(u), h3(u)> / sqrt(k); ``cross`` (EasyRec): s_u = <h2(q_t), h3(u)> / sqrt(k). Then
@@ -107,6 +107,7 @@ class TowerSpec:
     transfer: MLPSpec = MLPSpec()  # hidden layers of each transfer MLP, before its output layer
     relation_dnn: MLPSpec = MLPSpec()  # DBMTL; no sizes -> one layer of the tower's last size
     stop_gradient: bool = False  # detach what the relation towers pass in
+    output: MLPSpec = MLPSpec()  # after AIT / relation dnn, before the logit; relations read before it
 
 
 class MultiTaskModel(nn.Module):
@@ -190,7 +191,8 @@ class AITMHead(nn.Module):
                 out_dims[t] = rel.out_dim
             else:
                 out_dims[t] = q_dim
-        self.outputs = nn.ModuleList(nn.Linear(out_dims[t], 1, device=device) for t in range(len(self.specs)))
+        self.output_dnns = nn.ModuleList(MLP(out_dims[t], s.output, device) for t, s in enumerate(self.specs))
+        self.outputs = nn.ModuleList(nn.Linear(o.out_dim, 1, device=device) for o in self.output_dnns)
 
     def forward(self, b: torch.Tensor) -> torch.Tensor:
         """Backbone output B x H -> B x T logits."""
@@ -206,4 +208,4 @@ class AITMHead(nn.Module):
                 z[t] = self.relation_dnns[str(t)](torch.cat([q] + received, dim=1))
             else:
                 z[t] = q
-        return torch.cat([self.outputs[t](z[t]) for t in range(len(self.specs))], dim=1)
+        return torch.cat([self.outputs[t](self.output_dnns[t](z[t])) for t in range(len(self.specs))], dim=1)

@@ -30,7 +30,8 @@ def tower_specs(schema: Schema, params: Any) -> list[TowerSpec]:
     return [
         TowerSpec(dnn=mlp_spec(t.dnn), relations=task.relations, use_ait=t.use_ait_module,
                   project_dim=t.ait_project_dim, transfer=mlp_spec(params.transfer_mlp),
-                  relation_dnn=mlp_spec(t.relation_dnn), stop_gradient=params.stop_gradient)
+                  relation_dnn=mlp_spec(t.relation_dnn), stop_gradient=params.stop_gradient,
+                  output=mlp_spec(t.output_dnn))
         for t, task in zip(params.task_towers, schema.tasks)
     ]
 

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from aitm_torchrec import checkpoint
 from aitm_torchrec.config import Config, ConfigError, LearningRateSchedule, Optimizer, to_dict
+from aitm_torchrec.csv_input import csv_format
 from aitm_torchrec.data import Batch, ParquetReader
 from aitm_torchrec.dist import DistEnv
 from aitm_torchrec.metrics import TaskMetrics
@@ -65,6 +66,7 @@ def make_reader(cfg: Config, env: DistEnv, paths: tuple[str, ...], train: bool) 
         paths, cfg.schema, dc.batch_size if train else (dc.eval_batch_size or dc.batch_size),
         env.rank, env.world_size, shuffle=dc.shuffle and train, seed=cfg.train_config.seed if train else 0,
         buffer_rows=dc.shuffle_buffer_size, prefetch=dc.prefetch_size, label_chain_policy=dc.label_chain_policy,
+        csv=csv_format(dc),
     )
 
 

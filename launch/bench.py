@@ -82,6 +82,26 @@ def _ensure_data(path: Path, rows: int, string_ids: bool, row_group_size: int, f
     return path / "train"
 
 
+def _ensure_csv(train: Path, columns: list[str]):
+    """The Parquet rows of ``train`` as one EasyRec CSV file beside it (header-less, ``columns`` in
+    order); returns (path, csv_input.CsvFormat)."""
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    from aitm_torchrec import csv_input
+
+    table = pq.read_table(train, columns=columns)
+    names = {"int8": "INT32", "int32": "INT32", "int64": "INT64", "string": "STRING", "large_string": "STRING",
+             "float": "FLOAT", "double": "DOUBLE", "bool": "BOOL"}
+    fmt = csv_input.CsvFormat(csv_input.schema([(f.name, names[str(f.type)]) for f in table.schema]))
+    path = train.parent / "train_csv" / "part-00000.csv"
+    if not path.exists():
+        path.parent.mkdir(exist_ok=True)
+        pacsv.write_csv(table, path.with_suffix(".tmp"), pacsv.WriteOptions(include_header=False))
+        path.with_suffix(".tmp").rename(path)
+    return path, fmt
+
+
 def _read_epoch(reader) -> tuple[int, int, float, float]:
     """(batches, real rows, wall s, process CPU s) of one epoch read on this thread."""
     wall, cpu = time.perf_counter(), time.process_time()
@@ -159,8 +179,14 @@ def _data(args: argparse.Namespace) -> dict:
     train = _ensure_data(data, args.rows, args.string_ids, args.row_group_size, args.files)
     batch_size = args.batch_size or cfg.data_config.batch_size
 
+    source, fmt = train, None
+    if args.csv:  # the same rows as EasyRec CSV, read by csv_input through the same reader
+        labels = [t.label_name for t in cfg.towers]
+        source, fmt = _ensure_csv(train, list(dict.fromkeys(labels + [f.column for f in cfg.feature_config.features])))
+
     def reader(**kw) -> ParquetReader:
-        return ParquetReader([str(train)], cfg.schema, batch_size, shuffle=args.shuffle, seed=1, prefetch=0, **kw)
+        return ParquetReader([str(source)], cfg.schema, batch_size, shuffle=args.shuffle, seed=1, prefetch=0,
+                             csv=fmt, **kw)
 
     _read_epoch(reader())  # warm: imports, page cache, hash tables
     runs = [_read_epoch(reader()) for _ in range(args.repeats)]
@@ -168,7 +194,8 @@ def _data(args: argparse.Namespace) -> dict:
     result = {
         "benchmark": "data",
         "config": str(args.config or "configs/aitm_taobao.yaml"),
-        "data": str(train),
+        "data": str(source),
+        "format": "csv" if args.csv else "parquet",
         "ids": kind,
         "rows": rows,
         "batch_size": batch_size,
@@ -439,6 +466,7 @@ def main(argv: list[str] | None = None) -> dict:
     d.add_argument("--row-group-size", type=int, default=65536)
     d.add_argument("--files", type=int, default=4)
     d.add_argument("--shuffle", action=argparse.BooleanOptionalAction, default=True)
+    d.add_argument("--csv", action="store_true", help="read the same rows as EasyRec CSV (csv_input.py)")
     d.add_argument("--repeats", type=int, default=2, help="timed epochs; the fastest is reported")
     d.add_argument("--train-steps", type=int, default=30, help="timed training steps; 0: skip training")
     d.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")

@@ -31,6 +31,7 @@ import numpy as np
 from aitm_torchrec.data import batcher
 from aitm_torchrec.data.batch import Batch, Chunk
 from aitm_torchrec.data.convert import Converter
+from aitm_torchrec.csv_input import CsvFormat
 from aitm_torchrec.data.source import ParquetSource
 from aitm_torchrec.data.stats import ReaderStats
 from aitm_torchrec.features import DataError
@@ -57,9 +58,9 @@ class ParquetReader:
     def __init__(self, paths: Sequence[str], schema: Schema, batch_size: int, rank: int = 0,
                  world_size: int = 1, shuffle: bool = False, seed: int = 0, buffer_rows: int = 0,
                  prefetch: int = 4, label_chain_policy: str = "error", labels: bool = True,
-                 passthrough: Sequence[str] = ()) -> None:
+                 passthrough: Sequence[str] = (), csv: CsvFormat | None = None) -> None:
         self.converter = Converter(schema, labels, label_chain_policy, passthrough)
-        self.source = ParquetSource(paths, schema, labels, passthrough)
+        self.source = ParquetSource(paths, schema, labels, passthrough, csv)  # csv: EasyRec CSV input
         self.schema = schema
         self.batch_size = batch_size
         self.rank, self.world_size = rank, world_size

@@ -24,6 +24,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from aitm_torchrec import csv_input
+
 from aitm_torchrec.features import DataError, is_string
 from aitm_torchrec.schema import DenseFeature, Schema, SparseFeature
 
@@ -71,11 +73,14 @@ class ParquetSource:
         schema: the features and labels to read.
         labels: read and check the label columns (False for scoring inputs without labels).
         passthrough: more columns to read as they are (any type), e.g. ids to join scores back on.
+        csv: read EasyRec CSV files in this format instead of Parquet (``csv_input.CsvFile``: the
+            file cut into row groups of 64k lines, read by seeking).
     """
 
     def __init__(self, paths: Sequence[str], schema: Schema, labels: bool = True,
-                 passthrough: Sequence[str] = ()) -> None:
-        self.files = expand_paths(paths)
+                 passthrough: Sequence[str] = (), csv: csv_input.CsvFormat | None = None) -> None:
+        self.csv = csv
+        self.files = expand_paths(paths) if csv is None else csv_input.expand(paths)
         self.schema = schema
         self.label_columns = schema.label_names if labels else []
         self.passthrough = list(passthrough)
@@ -94,7 +99,7 @@ class ParquetSource:
         features = list(self.schema.sparse) + list(self.schema.dense)
         for path in self.files:
             try:
-                pf = pq.ParquetFile(path)
+                pf = self._open(path)
             except (pa.ArrowException, OSError) as e:
                 raise DataError(f"{path}: not a readable Parquet file ({e})") from None
             meta = pf.metadata
@@ -119,6 +124,9 @@ class ParquetSource:
             groups += [RowGroup(path, i, meta.row_group(i).num_rows) for i in range(meta.num_row_groups)
                        if meta.row_group(i).num_rows]
         return groups
+
+    def _open(self, path: str, **kwargs) -> pq.ParquetFile | csv_input.CsvFile:
+        return pq.ParquetFile(path, **kwargs) if self.csv is None else csv_input.CsvFile(path, self.csv, **kwargs)
 
     def file_rows(self) -> dict[str, int]:
         """Rows per input file (empty files included), in file order."""
@@ -152,7 +160,7 @@ class ParquetSource:
             try:
                 if g.path != path:  # consecutive pieces often share a file: open it once
                     path, pf = g.path, None
-                    pf = pq.ParquetFile(path, read_dictionary=self._dictionary_columns[path])
+                    pf = self._open(path, read_dictionary=self._dictionary_columns[path])
                 table = pf.read_row_group(g.index, columns=self.columns, use_threads=False)
             except (pa.ArrowException, OSError) as e:
                 raise DataError(f"{g.path}: row group {g.index}{_bad_column(pf, g.index, self.columns)} "

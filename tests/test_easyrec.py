@@ -1,0 +1,345 @@
+"""EasyRec pipeline configs: every mapped field, the one message listing every unsupported field
+with its line, the YAML converter, and both fixture configs training on 2 ranks from CSV.
+
+The fixtures (tests/fixtures/easyrec/) are copies of shared/fixtures/easyrec/: the seed's form
+(task towers with use_ait_module) and EasyRec's newer backbone form (an AITMTower block).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from aitm_torchrec import easyrec
+from aitm_torchrec.config import ConfigError, load_config
+from aitm_torchrec.task import build_model
+from datasets import synthetic
+from tests.multiprocess import run_ranks
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "easyrec"
+FORMS = ("aitm_seed_taobao.config", "aitm_backbone_taobao.config")
+
+# A small valid config; the cases below add or replace fields in it.
+BASE = """\
+train_input_path: "train.csv"
+model_dir: "runs/x"
+data_config {{
+  batch_size: 32
+  label_fields: "clk"
+  label_fields: "buy"
+  input_type: CSVInput
+  input_fields {{ input_name: "clk" input_type: INT32 }}
+  input_fields {{ input_name: "buy" input_type: INT32 }}
+  input_fields {{ input_name: "uid" input_type: STRING }}
+  input_fields {{ input_name: "tags" input_type: STRING }}
+  input_fields {{ input_name: "price" input_type: DOUBLE }}
+  {data}
+}}
+feature_config {{
+  features {{ input_names: "uid" feature_type: IdFeature embedding_dim: 8 hash_bucket_size: 100 }}
+  features {{ input_names: "tags" feature_type: TagFeature embedding_dim: 8 {tag} }}
+}}
+{top}
+model_config {{
+  model_class: "MultiTaskModel"
+  feature_groups {{ group_name: "all" {groups} wide_deep: DEEP }}
+  {backbone}
+  model_params {{
+    task_towers {{ tower_name: "ctr" label_name: "clk" {ctr_dnn} {ctr} }}
+    task_towers {{ tower_name: "cvr" label_name: "buy" dnn {{ hidden_units: [16, 8] }} {cvr} }}
+    {params}
+  }}
+  {model}
+}}
+train_config {{
+  {train}
+}}
+"""
+SLOTS = ("data", "tag", "top", "groups", "backbone", "ctr_dnn", "ctr", "cvr", "params", "model", "train")
+TAG = "hash_bucket_size: 50"
+CVR_AIT = 'relation_tower_names: "ctr" use_ait_module: true'
+
+
+def easyrec_text(**slots: str) -> str:
+    values = {s: "" for s in SLOTS}
+    values.update(tag=TAG, groups='feature_names: "uid" feature_names: "tags"', ctr_dnn="dnn { hidden_units: [16, 8] }")
+    values.update(slots)
+    return BASE.format(**values)
+
+
+def write_config(tmp_path: Path, name: str = "x.config", **slots: str) -> Path:
+    path = tmp_path / name
+    path.write_text(easyrec_text(**slots))
+    return path
+
+
+def tower(cfg, i: int):
+    return cfg.model_config.model_params.task_towers[i]
+
+
+ADAM = "optimizer_config {{ {name}_optimizer {{ learning_rate {{ constant_learning_rate {{ learning_rate: {lr} }} }} }} {extra} }}"
+BLOCKS = """backbone {
+  blocks { name: "bottom" inputs { feature_group_name: "all" } keras_layer { class_name: "MLP" mlp { hidden_units: [32, 16] use_bn: false use_final_bn: false dropout_ratio: 0.1 } } }
+  blocks { name: "ctr_tower" inputs { block_name: "bottom" } keras_layer { class_name: "MLP" mlp { hidden_units: 12 } } }
+  blocks { name: "cvr_tower" inputs { block_name: "bottom" } keras_layer { class_name: "MLP" mlp { hidden_units: 12 } } }
+  blocks { name: "cvr_aitm" inputs { block_name: "cvr_tower" } inputs { block_name: "ctr_tower" }
+           merge_inputs_into_list: true
+           keras_layer { class_name: "AITMTower" aitm { transfer_mlp { hidden_units: [20, 12] } %s } } }
+  output_blocks: ["ctr_tower", "cvr_aitm"]
+}"""
+
+# (id, slots, value of our config, expected). One case per mapped EasyRec field.
+MAPPINGS = [
+    ("train_input_path", dict(top=""), lambda c: c.train_input_path, ("train.csv",)),
+    ("train_input_path_commas", dict(top='eval_input_path: "a.csv, b.csv"'), lambda c: c.eval_input_path, ("a.csv", "b.csv")),
+    ("model_dir", {}, lambda c: c.model_dir, "runs/x"),
+    ("data_config.batch_size", {}, lambda c: c.data_config.batch_size, 32),
+    ("data_config.eval_batch_size", dict(data="eval_batch_size: 64"), lambda c: c.data_config.eval_batch_size, 64),
+    ("data_config.label_fields", {}, lambda c: c.data_config.label_fields, ("clk", "buy")),
+    ("data_config.input_type", {}, lambda c: c.data_config.input_type, "CSVInput"),
+    ("data_config.separator", dict(data='separator: ";"'), lambda c: c.data_config.separator, ";"),
+    ("data_config.input_fields", {}, lambda c: [(f.input_name, f.input_type) for f in c.data_config.input_fields],
+     [("clk", "INT32"), ("buy", "INT32"), ("uid", "STRING"), ("tags", "STRING"), ("price", "DOUBLE")]),
+    ("data_config.input_fields.default_val", dict(data='input_fields { input_name: "extra" input_type: INT64 default_val: "7" }'),
+     lambda c: c.data_config.input_fields[-1].default_val, "7"),
+    ("data_config.shuffle", dict(data="shuffle: false"), lambda c: c.data_config.shuffle, False),
+    ("data_config.shuffle_buffer_size", dict(data="shuffle_buffer_size: 512"), lambda c: c.data_config.shuffle_buffer_size, 512),
+    ("data_config.prefetch_size", dict(data="prefetch_size: 3"), lambda c: c.data_config.prefetch_size, 3),
+    ("features.hash_bucket_size", {}, lambda c: c.features["uid"].hash_bucket_size, 100),
+    ("features.num_buckets", dict(tag="num_buckets: 9"), lambda c: c.features["tags"].num_buckets, 9),
+    ("features.embedding_dim", {}, lambda c: c.features["uid"].embedding_dim, 8),
+    ("features.feature_type", {}, lambda c: c.features["tags"].feature_type, "TagFeature"),
+    ("features.separator_default", {}, lambda c: c.features["tags"].separator, "|"),
+    ("features.separator", dict(tag=TAG + ' separator: "#"'), lambda c: c.features["tags"].separator, "#"),
+    ("features.combiner", dict(tag=TAG + ' combiner: "mean"'), lambda c: c.features["tags"].combiner, "mean"),
+    ("features.combiner_default", {}, lambda c: c.features["tags"].combiner, "sum"),
+    ("features.feature_name", dict(tag=TAG + ' feature_name: "t"', groups='feature_names: "uid" feature_names: "t"'), lambda c: c.features["t"].column, "tags"),
+    ("feature_configs", dict(top='feature_configs { input_names: "price" feature_type: RawFeature raw_input_dim: 1 }'),
+     lambda c: c.features["price"].feature_type, "RawFeature"),
+    ("model_name", dict(model='model_name: "mine"'), lambda c: c.model_config.model_name, "mine"),
+    ("model_class", {}, lambda c: c.model_config.model_class, "AITM"),
+    ("feature_groups", {}, lambda c: c.model_config.feature_groups[0].feature_names, ("uid", "tags")),
+    ("task_towers.dnn", {}, lambda c: tower(c, 0).dnn.hidden_units, (16, 8)),
+    ("task_towers.dnn.use_bn_default", {}, lambda c: tower(c, 0).dnn.use_bn, True),
+    ("task_towers.dnn.use_bn", dict(ctr_dnn="dnn { hidden_units: 4 use_bn: false }"), lambda c: tower(c, 0).dnn.use_bn, False),
+    ("task_towers.dnn.dropout_ratio", dict(ctr_dnn="dnn { hidden_units: [4, 2] dropout_ratio: [0.2, 0.2] }"),
+     lambda c: tower(c, 0).dnn.dropout_ratio, 0.2),
+    ("task_towers.loss_type", dict(ctr="loss_type: CLASSIFICATION"), lambda c: tower(c, 0).loss_type, "CLASSIFICATION"),
+    ("task_towers.losses", dict(cvr=CVR_AIT + " losses { loss_type: CLASSIFICATION weight: 2.0 } losses { loss_type: ORDER_CALIBRATE_LOSS weight: 0.6 }"),
+     lambda c: (tower(c, 1).classification_weight, tower(c, 1).calibration_alpha), (2.0, 0.6)),
+    ("task_towers.weight", dict(ctr="weight: 0.5"), lambda c: tower(c, 0).weight, 0.5),
+    ("task_towers.metrics_set", dict(ctr="metrics_set: { auc {} }"), lambda c: len(tower(c, 0).metrics_set), 1),
+    ("task_towers.num_class", dict(ctr="num_class: 1"), lambda c: tower(c, 0).num_class, 1),
+    ("task_towers.relation_tower_names", dict(cvr=CVR_AIT), lambda c: tower(c, 1).relation_tower_names, ("ctr",)),
+    ("task_towers.use_ait_module", dict(cvr=CVR_AIT), lambda c: tower(c, 1).use_ait_module, True),
+    ("task_towers.use_ait_module->cross", dict(cvr=CVR_AIT),
+     lambda c: (c.model_config.model_params.ait_attention, c.model_config.model_params.stop_gradient), ("cross", False)),
+    ("task_towers.ait_project_dim", dict(cvr=CVR_AIT + " ait_project_dim: 6"), lambda c: tower(c, 1).ait_project_dim, 6),
+    ("task_towers.relation_dnn", dict(cvr='relation_tower_names: "ctr" relation_dnn { hidden_units: 5 }'),
+     lambda c: (tower(c, 1).use_ait_module, tower(c, 1).relation_dnn.hidden_units), (False, (5,))),
+    ("l2_regularization", dict(params="l2_regularization: 1e-6"), lambda c: c.model_config.model_params.l2_regularization, 1e-6),
+    ("embedding_regularization", dict(model="embedding_regularization: 5e-6"), lambda c: c.model_config.embedding_regularization, 5e-6),
+    ("train_config.num_steps", dict(train="num_steps: 7"), lambda c: c.train_config.num_steps, 7),
+    ("train_config.save_checkpoints_steps", dict(train="save_checkpoints_steps: 3"), lambda c: c.train_config.save_checkpoints_steps, 3),
+    ("train_config.keep_checkpoint_max", dict(train="keep_checkpoint_max: 2"), lambda c: c.train_config.keep_checkpoint_max, 2),
+    ("train_config.log_step_count_steps", dict(train="log_step_count_steps: 4"), lambda c: c.train_config.log_step_count_steps, 4),
+    ("optimizer_config.one", dict(train=ADAM.format(name="adam", lr=1e-4, extra="use_moving_average: false")),
+     lambda c: (c.train_config.sparse_optimizer.name, c.train_config.sparse_optimizer.learning_rate,
+                c.train_config.dense_optimizer.name, c.train_config.dense_optimizer.learning_rate), ("adam", 1e-4, "adam", 1e-4)),
+    ("optimizer_config.two", dict(train=ADAM.format(name="adagrad", lr=0.05, extra="") + ADAM.format(name="sgd", lr=0.01, extra="")),
+     lambda c: (c.train_config.sparse_optimizer.name, c.train_config.dense_optimizer.name), ("adagrad", "sgd")),
+    ("optimizer_config.embedding_learning_rate_multiplier",
+     dict(train=ADAM.format(name="adagrad", lr=0.01, extra="embedding_learning_rate_multiplier: 10.0")),
+     lambda c: (c.train_config.sparse_optimizer.learning_rate, c.train_config.dense_optimizer.learning_rate), (0.1, 0.01)),
+    ("backbone.mlp", dict(backbone='backbone { blocks { name: "b" inputs { feature_group_name: "all" } keras_layer { class_name: "MLP" mlp { hidden_units: [32, 16] } } } }'),
+     lambda c: (c.model_config.backbone.mlp.hidden_units, c.model_config.backbone.mlp.use_bn), ((32, 16), True)),
+    ("backbone.blocks.mlp.dropout_ratio", dict(backbone=BLOCKS % ""), lambda c: c.model_config.backbone.mlp.dropout_ratio, 0.1),
+    ("backbone.tower_block->dnn", dict(backbone=BLOCKS % ""), lambda c: (tower(c, 0).dnn.hidden_units, tower(c, 1).dnn.hidden_units), ((12,), (12,))),
+    ("backbone.task_dnn->output_dnn", dict(backbone=BLOCKS % ""), lambda c: tower(c, 1).output_dnn.hidden_units, (16, 8)),
+    ("backbone.AITMTower->relations", dict(backbone=BLOCKS % ""),
+     lambda c: (tower(c, 0).relation_tower_names, tower(c, 1).relation_tower_names, tower(c, 1).use_ait_module), ((), ("ctr",), True)),
+    ("backbone.AITMTower->cross", dict(backbone=BLOCKS % ""), lambda c: c.model_config.model_params.ait_attention, "cross"),
+    ("backbone.AITMTower.stop_gradient_default", dict(backbone=BLOCKS % ""), lambda c: c.model_config.model_params.stop_gradient, True),
+    ("backbone.AITMTower.stop_gradient", dict(backbone=BLOCKS % "stop_gradient: false"), lambda c: c.model_config.model_params.stop_gradient, False),
+    ("backbone.AITMTower.project_dim", dict(backbone=BLOCKS % "project_dim: 6"), lambda c: tower(c, 1).ait_project_dim, 6),
+    ("backbone.AITMTower.transfer_mlp", dict(backbone=BLOCKS % ""), lambda c: c.model_config.model_params.transfer_mlp.hidden_units, (20,)),
+]
+
+
+@pytest.mark.parametrize("slots, get, expected", [m[1:] for m in MAPPINGS], ids=[m[0] for m in MAPPINGS])
+def test_each_mapped_field(tmp_path, slots, get, expected):
+    cfg = load_config(write_config(tmp_path, **slots))
+    assert get(cfg) == expected
+
+
+def test_unsupported_fields_are_all_listed_in_one_message_with_lines(tmp_path):
+    text = easyrec_text(
+        data="selected_cols: \"a,b\"",  # line 13
+        tag=TAG + " embedding_name: \"shared\"",  # line 17
+        ctr_dnn="dnn { hidden_units: 4 activation: \"tf.nn.sigmoid\" }",
+        params="loss_weight_strategy: Uncertainty",
+        train="fine_tune_checkpoint: \"x\"")
+    text = text.replace("input_type: CSVInput", "input_type: OdpsInput")
+    path = tmp_path / "bad.config"
+    path.write_text(text)
+    lines = text.splitlines()
+
+    def line_of(needle: str) -> int:
+        return next(i for i, line in enumerate(lines, 1) if needle in line)
+
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    message = str(e.value)
+    assert "6 EasyRec field(s) not supported here" in message
+    for needle, where in [
+        ("selected_cols", "data_config.selected_cols: unsupported field"),
+        ("embedding_name", "feature_config.features[1].embedding_name: unsupported field"),
+        ("tf.nn.sigmoid", "model_config.model_params.task_towers[0].dnn.activation: unsupported value 'tf.nn.sigmoid'"),
+        ("loss_weight_strategy", "model_config.model_params.loss_weight_strategy: unsupported field"),
+        ("fine_tune_checkpoint", "train_config.fine_tune_checkpoint: unsupported field"),
+        ("OdpsInput", "data_config.input_type: unsupported value OdpsInput; supported: CSVInput, ParquetInput"),
+    ]:
+        assert f"{path}:{line_of(needle)}: {where}" in message, message
+
+
+def test_ignored_fields_are_logged_with_the_reason(tmp_path, caplog):
+    path = write_config(tmp_path, train="sync_replicas: true num_gpus_per_worker: 2 save_summary_steps: 10 num_steps: 5")
+    with caplog.at_level(logging.WARNING, logger="aitm_torchrec.easyrec"):
+        cfg = load_config(path)
+    assert cfg.train_config.num_steps == 5
+    text = caplog.text
+    for field in ("sync_replicas", "num_gpus_per_worker", "save_summary_steps"):
+        assert f"train_config.{field} (" in text
+    assert "processes per host come from torchrun" in text
+    assert [line.split(":")[0] for line in easyrec.ignored_fields(path)] == [str(easyrec_text(train="").count("\n") - 1)] * 3
+
+
+@pytest.mark.parametrize("slots, message", [
+    (dict(backbone=BLOCKS % "").__or__({"cvr": CVR_AIT}), "AIT is configured twice"),
+    (dict(backbone=(BLOCKS % "").replace("[20, 12]", "[20, 10]")),
+     r"transfer_mlp\.hidden_units: the last size \(10\) must equal the receiving tower's size \(12, 'cvr'\)"),
+    (dict(backbone=(BLOCKS % "").replace("use_final_bn: false", "use_final_bn: true")), "must equal use_bn"),
+    (dict(ctr_dnn="dnn { hidden_units: [4, 2] dropout_ratio: [0.1, 0.2] }"), "one ratio for every layer"),
+    (dict(cvr='relation_tower_names: "ctr"'), "needs use_ait_module: true or a relation_dnn"),
+    (dict(tag="hash_bucket_size: 9 num_buckets: 9"), r"needs exactly one of hash_bucket_size or num_buckets"),
+])
+def test_what_cannot_be_mapped_is_an_error_naming_file_line_and_field(tmp_path, slots, message):
+    path = write_config(tmp_path, **slots)
+    with pytest.raises(ConfigError, match=message) as e:
+        load_config(path)
+    assert str(path) in str(e.value)
+
+
+def test_syntax_errors_name_the_line(tmp_path):
+    path = tmp_path / "x.config"
+    path.write_text('model_dir: "a"\ndata_config {\n  batch_size: 3\n')
+    with pytest.raises(ConfigError, match=r"x.config:3: not valid protobuf text format"):
+        load_config(path)
+
+
+def test_recognised_by_content_and_overrides_apply_to_converted_keys(tmp_path):
+    path = tmp_path / "pipeline.txt"
+    path.write_text(easyrec_text())
+    cfg = load_config(path, ["data_config.batch_size=8", "model_config.model_params.task_towers.0.dnn.hidden_units=[3]"])
+    assert cfg.data_config.batch_size == 8 and tower(cfg, 0).dnn.hidden_units == (3,)
+
+
+def _shapes(cfg) -> dict:
+    return {name: tuple(p.shape) for name, p in build_model(cfg).named_parameters()}
+
+
+@pytest.mark.parametrize("name", FORMS)
+def test_to_yaml_gives_the_same_config_and_model(tmp_path, name, capsys):
+    out = tmp_path / "out.yaml"
+    assert easyrec.main([str(FIXTURES / name), "--to-yaml", str(out)]) == 0
+    assert "# EasyRec fields ignored" in out.read_text() and "sync_replicas" in out.read_text()
+    from_config, from_yaml = load_config(FIXTURES / name), load_config(out)
+    assert from_yaml == from_config
+    assert _shapes(from_yaml) == _shapes(from_config)
+
+
+def test_the_two_forms_map_to_the_models_they_describe():
+    seed, backbone = (load_config(FIXTURES / name) for name in FORMS)
+    mp = seed.model_config.model_params
+    assert (mp.ait_attention, mp.stop_gradient, mp.transfer_mlp.hidden_units) == ("cross", False, ())
+    assert [t.dnn.hidden_units for t in mp.task_towers] == [(256, 128)] * 2
+    assert mp.task_towers[1].ait_project_dim == 128 and mp.task_towers[1].relation_tower_names == ("ctr",)
+    mp = backbone.model_config.model_params
+    assert (mp.ait_attention, mp.stop_gradient, mp.transfer_mlp.hidden_units) == ("cross", True, ())
+    assert [(t.dnn.hidden_units, t.output_dnn.hidden_units) for t in mp.task_towers] == [((128,), (64,))] * 2
+    assert backbone.model_config.backbone.mlp.hidden_units == (512, 256)
+    shapes = _shapes(backbone)
+    assert shapes["head.transfers.0_1.1.weight"] == (128, 128)  # EasyRec's transfer_mlp [128] output layer
+    assert shapes["head.output_dnns.1.0.weight"] == (64, 128) and shapes["head.outputs.1.weight"] == (1, 64)
+    for cfg in (seed, backbone):
+        assert cfg.data_config.input_type == "CSVInput" and len(cfg.data_config.input_fields) == 20
+        assert cfg.train_config.sparse_optimizer.name == "adam" and cfg.train_config.dense_optimizer.learning_rate == 1e-4
+
+
+# --------------------------------------------------------------------------------------------
+# Both fixtures train on 2 ranks from EasyRec-format CSV.
+
+STEPS = 20
+SHRINK = ["data_config.batch_size=64", "data_config.prefetch_size=2", f"train_config.num_steps={STEPS}",
+          "train_config.log_step_count_steps=1", "train_config.save_checkpoints_steps=0",
+          "train_config.sparse_optimizer={name: rowwise_adagrad, learning_rate: 0.2}",
+          "train_config.dense_optimizer.learning_rate=0.01"]
+
+
+@pytest.fixture(scope="module")
+def easyrec_csv(tmp_path_factory) -> Path:
+    """3000 train / 1000 eval rows of the Taobao schema as EasyRec CSV: header-less, columns in
+    the fixtures' input_fields order, tags joined by '|'."""
+    out = tmp_path_factory.mktemp("easyrec_csv")
+    synthetic.main(["--out", str(out / "pq"), "--rows", "3000", "--eval-rows", "1000", "--string-ids", "--seed", "5"])
+    columns = [f.input_name for f in load_config(FIXTURES / FORMS[0]).data_config.input_fields]
+    for split in ("train", "eval"):
+        table = pq.read_table(out / "pq" / split).select(columns)
+        pacsv.write_csv(table, out / f"taobao_{split}_data", pacsv.WriteOptions(include_header=False))
+    return out
+
+
+def shrink_overrides(name: str, data: Path, model_dir: Path) -> list[str]:
+    raw = easyrec.to_raw(FIXTURES / name)
+    extra = [f"train_input_path={data / 'taobao_train_data'}", f"eval_input_path={data / 'taobao_eval_data'}",
+             f"model_dir={model_dir}"]
+    for i, f in enumerate(raw["feature_config"]["features"]):
+        if f.get("hash_bucket_size", 0) > 500:
+            extra.append(f"feature_config.features.{i}.hash_bucket_size=500")
+    extra.append("model_config.backbone.mlp.hidden_units=[64,32]")
+    return SHRINK + extra
+
+
+def _train(config: str, overrides: list[str]) -> dict:
+    from launch.train import main
+
+    return main(["--config", config, *overrides])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", FORMS)
+def test_fixture_trains_on_two_ranks_from_easyrec_csv(easyrec_csv, tmp_path, name):
+    model_dir = tmp_path / "run"
+    overrides = shrink_overrides(name, easyrec_csv, model_dir)
+    results = run_ranks(_train, str(FIXTURES / name), overrides)
+    summary = json.loads((model_dir / "summary.json").read_text())
+    assert summary == json.loads(json.dumps(results[0]))
+    assert summary["world_size"] == 2 and summary["train"]["steps"] == STEPS
+    assert summary["train"]["examples"] == STEPS * 2 * 64  # 1280 of the 1500 rows per rank
+    assert [t["tower_name"] for t in summary["towers"]] == ["ctr", "cvr"]
+    losses = [loss for _, loss in summary["train"]["loss"]]
+    assert sum(losses[-5:]) < sum(losses[:5]), "loss did not fall"
+    for tower_name, m in summary["eval"].items():
+        assert 0.0 <= m["auc"] <= 1.0 and m["logloss"] > 0, f"{tower_name}: {m}"
+    assert (model_dir / "checkpoints" / f"step_{STEPS:08d}" / "meta.json").exists()
+    # the model trained is the one the converted YAML describes
+    out = tmp_path / "converted.yaml"
+    assert easyrec.main([str(FIXTURES / name), "--to-yaml", str(out)]) == 0
+    assert _shapes(load_config(out, overrides)) == _shapes(load_config(FIXTURES / name, overrides))
+    assert yaml.safe_load(out.read_text())["model_dir"] == "experiments/aitm_taobao_ckpt"
