@@ -46,7 +46,9 @@ from tqdm import tqdm
 from aitm_torchrec import inference
 from aitm_torchrec.checkpoint import write_json_atomic
 from aitm_torchrec.config import Config, to_dict
+from aitm_torchrec.csv_input import csv_format
 from aitm_torchrec.data import Batch, ParquetReader
+from aitm_torchrec.data.source import input_columns
 from aitm_torchrec.dist import DistEnv
 from aitm_torchrec.metrics import TaskMetrics
 
@@ -248,15 +250,14 @@ def run(cfg: Config, env: DistEnv, opts: ScoreOptions) -> dict:
     step = int(inference.checkpoint_meta(ckpt).get("step", -1))
     schema = cfg.schema
     columns = list(opts.reserved_columns)
+    csv = csv_format(cfg.data_config)
     if columns == ["ALL"]:
-        from aitm_torchrec.data import expand_paths
-
-        columns = pq.read_schema(expand_paths(inputs)[0]).names
+        columns = input_columns(inputs, csv)
     passthrough = columns + [c for c in schema.label_names if opts.metrics and c not in columns]
     batch_size = opts.batch_size or 4 * cfg.data_config.batch_size
     reader = ParquetReader(inputs, schema, batch_size, env.rank, env.world_size, shuffle=False,
                            prefetch=cfg.data_config.prefetch_size, labels=opts.metrics,
-                           label_chain_policy="keep", passthrough=passthrough)
+                           label_chain_policy="keep", passthrough=passthrough, csv=csv)
     out = Path(opts.output)
     job = _job(cfg, opts, ckpt, step, reader, columns, env, opts.rows_per_part)
     already_done = _prepare_output(out, job, opts, env)

@@ -49,6 +49,17 @@ def expand_paths(paths: Sequence[str], what: str = "input") -> list[str]:
     return files
 
 
+def input_columns(paths: Sequence[str], csv: csv_input.CsvFormat | None = None) -> list[str]:
+    """The column names of an input (its first file's), e.g. to pass every column through."""
+    if csv is not None:
+        return list(csv.schema.names)
+    first = expand_paths(paths)[0]
+    try:
+        return pq.read_schema(first).names
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{first}: not a readable Parquet file ({e})") from None
+
+
 @dataclass(frozen=True)
 class RowGroup:
     path: str
