@@ -34,7 +34,9 @@ $(DEMO_DATA)/_SUCCESS: | $(STAMP)
 demo: $(STAMP) $(DEMO_DATA)/_SUCCESS
 	torchx run dist.ddp -j 1x$(NPROC) $(GPU_FLAG) launch/train.py --config $(DEMO_CONFIG) --no-resume \
 	    data_config.batch_size=1024
-	$(PY) -m launch.report runs/aitm_taobao/summary.json
+	torchx run dist.ddp -j 1x$(NPROC) $(GPU_FLAG) launch/score.py --config $(DEMO_CONFIG) \
+	    --output runs/aitm_taobao/scores --metrics --overwrite
+	$(PY) -m launch.report runs/aitm_taobao/summary.json --scores runs/aitm_taobao/scores
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -133,7 +133,10 @@ def _job(cfg: Config, opts: ScoreOptions, ckpt: Path, step: int, reader: Parquet
     """What this output is for; a re-run must match it to resume (as JSON data: tuples are lists)."""
     return json.loads(json.dumps({
         "config": to_dict(cfg),
-        "checkpoint": {"path": str(ckpt.resolve()), "step": step},
+        # path and step, plus meta.json's checksum and time: a re-trained checkpoint at the same
+        # path is another checkpoint (meta.json also lists every file's checksum where recorded)
+        "checkpoint": {"path": str(ckpt.resolve()), "step": step, "meta_sha256": _sha256(ckpt / "meta.json"),
+                       "meta_mtime_ns": (ckpt / "meta.json").stat().st_mtime_ns},
         "inputs": {str(Path(p).resolve()): n for p, n in reader.source.file_rows().items()},
         "rows": reader.num_rows,
         "world_size": env.world_size,

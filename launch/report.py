@@ -16,6 +16,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("summary", help="summary.json written by launch/train.py")
     p.add_argument("--oracle", help="_SUCCESS file of a synthetic data set (default: data/taobao_synth/_SUCCESS)",
                    default="data/taobao_synth/_SUCCESS")
+    p.add_argument("--scores", help="a batch-scoring output directory (launch/score.py --metrics) to report too")
     args = p.parse_args(argv)
     path = Path(args.summary)
     if not path.exists():
@@ -31,6 +32,14 @@ def main(argv: list[str] | None = None) -> None:
     t = s["train"]
     print(f"train: {t['steps']} steps, {t['examples']:,} examples, {t['examples_per_s']:,.0f} examples/s "
           f"on world size {s['world_size']} ({s.get('device', '?')})")
+    if args.scores:
+        manifest_path = Path(args.scores) / "manifest.json"
+        if not manifest_path.exists():
+            raise SystemExit(f"{manifest_path}: no manifest (did scoring finish?)")
+        m = json.loads(manifest_path.read_text())
+        aucs = ", ".join(f"{tower} AUC {v['auc']:.4f}" for tower, v in (m.get("metrics") or {}).items())
+        print(f"scores: {m['rows']:,} rows in {len(m['parts'])} parts under {args.scores} "
+              f"(checkpoint step {m['checkpoint']['step']}){'; from the scores: ' + aucs if aucs else ''}")
 
 
 if __name__ == "__main__":
