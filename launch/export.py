@@ -30,10 +30,14 @@ SUBCOMMANDS = {
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description="Export a trained model's tables or a serving model.")
     sub = p.add_subparsers(dest="what", required=True)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    chosen = next((a for a in argv if not a.startswith("-")), None)
     modules = {}
     for name, (module, help_text) in SUBCOMMANDS.items():
-        modules[name] = importlib.import_module(module)
-        modules[name].add_arguments(sub.add_parser(name, help=help_text, description=help_text))
+        parser = sub.add_parser(name, help=help_text, description=help_text)
+        if name == chosen:  # import only the chosen subcommand's module (and its dependencies)
+            modules[name] = importlib.import_module(module)
+            modules[name].add_arguments(parser)
     args = p.parse_args(argv)
     return modules[args.what].main(args)
 
