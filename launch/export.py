@@ -30,12 +30,16 @@ SUBCOMMANDS = {
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description="Export a trained model's tables or a serving model.")
     sub = p.add_subparsers(dest="what", required=True)
-    modules = {}
-    for name, (module, help_text) in SUBCOMMANDS.items():
-        modules[name] = importlib.import_module(module)
-        modules[name].add_arguments(sub.add_parser(name, help=help_text, description=help_text))
+    # Only the chosen subcommand's module is imported: each is heavy, and may be absent.
+    chosen = next((a for a in (sys.argv[1:] if argv is None else argv) if a in SUBCOMMANDS), None)
+    module = None
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        sp = sub.add_parser(name, help=help_text, description=help_text)
+        if name == chosen:
+            module = importlib.import_module(module_name)
+            module.add_arguments(sp)
     args = p.parse_args(argv)
-    return modules[args.what].main(args)
+    return module.main(args)
 
 
 if __name__ == "__main__":
