@@ -135,6 +135,17 @@ class Predictor:
             out = self.model(dict(inputs))
         return {t: out[f"probs_{t}"].numpy() for t in self.tower_names}
 
+    def predict_batch(self, dense: torch.Tensor, sparse: Any) -> dict[str, np.ndarray]:
+        """An already-converted batch (``dense`` B x D, ``sparse`` a KeyedJaggedTensor with the
+        schema's keys, e.g. a ``ParquetReader`` ``Batch``'s) -> {tower: B float32 probabilities}.
+        Padding rows are scored too; slice them off."""
+        jagged = sparse.to_dict()  # duck-typed: no TorchRec import here
+        inputs = {"dense": dense}
+        for k in self.schema.keys:
+            inputs[f"{k}.values"] = jagged[k].values()
+            inputs[f"{k}.lengths"] = jagged[k].lengths()
+        return self.predict_inputs(inputs)
+
     def predict_arrow(self, table: pa.Table | pa.RecordBatch) -> dict[str, np.ndarray]:
         """B raw rows (columns named as in the training data) -> {tower: B float32 probabilities},
         in row order. Extra columns are ignored."""

@@ -161,6 +161,8 @@ def test_predictor_on_raw_rows_equals_parquet_reader(trained, artefacts, referen
     np.testing.assert_allclose(_stack(p.predict_rows(rows), p.tower_names), expected, rtol=0, atol=1e-5)
     np.testing.assert_allclose(_stack(p.predict_arrow(pq.read_table(path)), p.tower_names), expected,
                                rtol=0, atol=1e-5)
+    np.testing.assert_allclose(_stack(p.predict_batch(batch.dense, batch.sparse), p.tower_names), expected,
+                               rtol=0, atol=1e-5)
     batch_out = p.predict_arrow(pq.read_table(path).to_batches(max_chunksize=len(rows))[0])
     np.testing.assert_allclose(_stack(batch_out, p.tower_names), expected, rtol=0, atol=1e-5)
 
