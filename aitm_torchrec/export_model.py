@@ -1,0 +1,235 @@
+"""Serving export: a trained checkpoint -> a self-contained TorchScript model with quantized tables.
+
+    python launch/export.py model --output DIR [--config FILE] [--checkpoint DIR]
+                                  [--quant none|int8|fp16|int4] [key.path=value ...]
+
+Input: a training checkpoint of any world size (``inference.resolve_checkpoint``; read whole into
+this one process by ``inference.local_model``, no process group). Output, written into a
+temporary directory beside ``DIR`` and renamed into place, so ``DIR`` is never half-written:
+
+- ``DIR/scripted_model.pt``: ``ServingModel`` around the model, its EmbeddingBagCollection
+  swapped for TorchRec's quantized one (``quantize_inference_model``; ``none`` keeps fp32
+  tables), fx-traced (``torchrec.fx.symbolic_trace``) and TorchScripted.
+  forward(inputs: Dict[str, Tensor]) -> Dict[str, Tensor]:
+    inputs  ``<feature>.values`` (int64 table rows, after the schema's id rule) and
+            ``<feature>.lengths`` (B int64 bag sizes) per sparse feature, ``dense`` (B x D
+            float32, normalised; D may be 0);
+    outputs ``probs_<tower>`` (B float32 probabilities) per tower.
+  Loading it needs fbgemm_gpu's operators registered (``import fbgemm_gpu``), nothing else of
+  TorchRec or this project; ``aitm_torchrec.serving.Predictor`` does that and the id rules.
+- ``DIR/schema.json``: the schema (features, id rules, dense layout, towers; ``Schema.save``).
+- ``DIR/meta.json``: checkpoint path and step, quantization, sizes in bytes, versions, input
+  and output names, and a self-check: the loaded artefact against the checkpoint's eager model
+  on a random batch (max absolute difference of the probabilities).
+
+A TorchScript file is code: load only artefacts you trust (ones this project wrote).
+"""
+
+# No ``from __future__ import annotations`` here: TorchScript compiles ``ServingModel.forward``
+# and needs its annotations as types, not strings.
+
+import argparse
+import copy
+import json
+import os
+import shutil
+import tempfile
+import typing
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchrec
+from torch import nn
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from aitm_torchrec.schema import Schema
+from aitm_torchrec.serving import META_FILE, MODEL_FILE, SCHEMA_FILE, input_names, output_names
+
+ARTEFACT_VERSION = 1
+
+# --quant -> the table weight dtype of quantize_inference_model (None: fp32 tables, no swap).
+# TorchRec pads quantized rows to 16 bytes (GPU vector loads): a 16-dim int8 row (16 bytes + 4 of
+# fp16 scale and bias) would take 32 bytes, as much as fp16. fbgemm's CPU kernels take 4-byte
+# alignment: 20 bytes. Measured in the README's "Serving model" table.
+ROW_ALIGNMENT = 4
+
+QUANT_DTYPES = {"none": None, "int8": torch.qint8, "fp16": torch.float16, "int4": torch.quint4x2}
+
+
+class ServingModel(nn.Module):
+    """Dict of input tensors -> probabilities per tower, around a (traced) ``MultiTaskModel``.
+
+    forward(inputs) -> {``probs_<tower>``: B float32}; see the module docstring for the inputs.
+    The KeyedJaggedTensor is built here, inside the scripted code, so callers pass plain tensors.
+    """
+
+    def __init__(self, model: nn.Module, keys: list[str], towers: list[str]) -> None:
+        super().__init__()
+        self.model = model
+        self.keys = list(keys)
+        self.value_names = [k + ".values" for k in keys]
+        self.length_names = [k + ".lengths" for k in keys]
+        self.output_names = ["probs_" + t for t in towers]
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        dense = inputs["dense"]
+        sparse = KeyedJaggedTensor(
+            keys=self.keys,
+            values=torch.cat([inputs[n] for n in self.value_names]),
+            lengths=torch.cat([inputs[n] for n in self.length_names]),
+            stride=dense.size(0),
+        )
+        probs = torch.sigmoid(self.model(dense, sparse))
+        out: dict[str, torch.Tensor] = {}
+        for i, name in enumerate(self.output_names):
+            out[name] = probs[:, i]
+        return out
+
+
+def script_model(model: nn.Module, schema: Schema, quant: str = "int8",
+                 row_alignment: int = ROW_ALIGNMENT) -> torch.jit.ScriptModule:
+    """An eval-mode ``MultiTaskModel`` -> the scripted ``ServingModel`` (``model`` is not changed).
+    ``row_alignment``: bytes each quantized table row is padded to."""
+    if quant not in QUANT_DTYPES:
+        raise ValueError(f"quantization {quant!r} is not one of {', '.join(QUANT_DTYPES)}")
+    model = copy.deepcopy(model).eval()
+    dtype = QUANT_DTYPES[quant]
+    if dtype is not None:
+        from torchrec.inference.modules import quantize_inference_model
+        from torchrec.quant.embedding_modules import quant_prep_customize_row_alignment
+
+        quant_prep_customize_row_alignment(model, [EmbeddingBagCollection], row_alignment)
+        model = quantize_inference_model(model, quantization_dtype=dtype)
+    # Tracing a quantized model breaks the traced module in eager mode: trace a copy.
+    traced = torchrec.fx.symbolic_trace(copy.deepcopy(model))
+    # model.py uses `from __future__ import annotations`, so the graph carries annotations as
+    # strings, which TorchScript rejects: resolve the inputs' types, drop the others.
+    hints = typing.get_type_hints(type(model).forward)
+    for node in traced.graph.nodes:
+        node.type = hints.get(node.target) if node.op == "placeholder" else None
+    traced.recompile()
+    return torch.jit.script(ServingModel(traced, schema.keys, schema.tower_names).eval())
+
+
+def example_inputs(schema: Schema, batch_size: int, seed: int = 0, max_bag: int = 3) -> dict[str, torch.Tensor]:
+    """A random input dict of ``batch_size`` rows (rows in range, bags of 0..max_bag ids)."""
+    rng = np.random.default_rng(seed)
+    inputs = {}
+    for f in schema.sparse:
+        hi = 2 if f.feature_type == "IdFeature" else max_bag + 1
+        lengths = rng.integers(0, hi, batch_size)
+        inputs[f"{f.name}.values"] = torch.from_numpy(rng.integers(0, f.num_embeddings, int(lengths.sum())))
+        inputs[f"{f.name}.lengths"] = torch.from_numpy(lengths.astype(np.int64))
+    inputs["dense"] = torch.from_numpy(rng.standard_normal((batch_size, schema.dense_dim), dtype=np.float32))
+    return inputs
+
+
+def eager_probs(model: nn.Module, schema: Schema, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """B x T probabilities of an eager ``MultiTaskModel`` on a serving input dict."""
+    dense = inputs["dense"]
+    kjt = KeyedJaggedTensor(keys=schema.keys, values=torch.cat([inputs[f"{k}.values"] for k in schema.keys]),
+                            lengths=torch.cat([inputs[f"{k}.lengths"] for k in schema.keys]), stride=dense.size(0))
+    with torch.no_grad():
+        return torch.sigmoid(model(dense, kjt))
+
+
+def export(model: nn.Module, schema: Schema, output: Path, quant: str = "int8", meta: dict | None = None) -> dict:
+    """Writes the artefact of an eval-mode ``MultiTaskModel`` to ``output`` atomically; returns
+    meta.json's contents. ``meta``: extra entries (checkpoint path and step)."""
+    output = Path(output)
+    if output.exists() and not (output / META_FILE).exists() and any(output.iterdir()):
+        raise FileExistsError(f"{output}: exists, is not empty and holds no serving model; "
+                              "choose another --output")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
+    try:
+        scripted = script_model(model, schema, quant)
+        torch.jit.save(scripted, str(tmp / MODEL_FILE))
+        schema.save(tmp / SCHEMA_FILE)
+        check = _self_check(model, schema, tmp / MODEL_FILE)
+        info = {
+            "artefact_version": ARTEFACT_VERSION,
+            **(meta or {}),
+            "quantization": quant,
+            "inputs": input_names(schema),
+            "outputs": output_names(schema),
+            "sizes_bytes": {
+                MODEL_FILE: (tmp / MODEL_FILE).stat().st_size,
+                SCHEMA_FILE: (tmp / SCHEMA_FILE).stat().st_size,
+                "tables_fp32": sum(4 * f.num_embeddings * f.embedding_dim for f in schema.sparse),
+                "dense_params_fp32": sum(4 * p.numel() for n, p in model.named_parameters() if "ebc." not in n),
+            },
+            "versions": {"torch": torch.__version__, "torchrec": _version("torchrec"),
+                         "fbgemm_gpu": _fbgemm_version()},
+            "self_check": check,
+        }
+        (tmp / META_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+        _replace_dir(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return info
+
+
+def _self_check(model: nn.Module, schema: Schema, path: Path, batch_size: int = 64) -> dict:
+    """The saved file, loaded back, against the eager model on a random batch."""
+    inputs = example_inputs(schema, batch_size)
+    expected = eager_probs(model, schema, inputs)
+    loaded = torch.jit.load(str(path))
+    with torch.no_grad():
+        got = loaded(inputs)
+    diff = max(float((got[n] - expected[:, i]).abs().max()) for i, n in enumerate(output_names(schema)))
+    return {"rows": batch_size, "max_abs_diff_vs_checkpoint_model": diff}
+
+
+def _replace_dir(new: Path, output: Path) -> None:
+    """Renames ``new`` to ``output``; an old ``output`` is moved aside first, then deleted."""
+    old = None
+    if output.exists():
+        old = output.with_name(f".{output.name}.old.{os.getpid()}")
+        os.replace(output, old)
+    os.replace(new, output)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _version(dist: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _fbgemm_version() -> str:
+    import fbgemm_gpu
+
+    return getattr(fbgemm_gpu, "__version__", None) or _version("fbgemm_gpu-cpu")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--output", required=True, help="directory to write (replaced atomically)")
+    p.add_argument("--config", help="YAML config (default: the seed's configs/aitm_taobao.yaml)")
+    p.add_argument("--checkpoint", help="checkpoints/step_<N> directory (default: the newest under model_dir)")
+    p.add_argument("--quant", choices=list(QUANT_DTYPES), default="int8", help="table weights (default int8)")
+    p.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
+
+
+def main(args: argparse.Namespace) -> dict:
+    """Exports the checkpoint's model; returns meta.json's contents plus ``output``."""
+    from aitm_torchrec.config import load_config
+    from aitm_torchrec.inference import checkpoint_meta, local_model, resolve_checkpoint
+
+    cfg = load_config(args.config, args.overrides)
+    path = resolve_checkpoint(cfg, args.checkpoint)
+    ckpt = checkpoint_meta(path)
+    model = local_model(cfg, path)
+    info = export(model, cfg.schema, Path(args.output), args.quant,
+                  {"checkpoint": str(path.resolve()), "step": ckpt.get("step"),
+                   "trained_world_size": ckpt.get("world_size")})
+    result = {"output": str(Path(args.output).resolve()), **info}
+    print(json.dumps(result, indent=2, sort_keys=True))
+    return result

@@ -1,0 +1,171 @@
+"""Serving: raw rows -> probabilities per tower, with an exported model and nothing of training.
+
+``Predictor(DIR)`` loads what ``python launch/export.py model --output DIR`` wrote
+(``aitm_torchrec/export_model.py``): ``scripted_model.pt`` (TorchScript) and ``schema.json``. It
+turns raw rows (an Arrow table or record batch, or a list of dicts) into the model's input
+tensors with the training id rules and normalisers (``features.bag_column`` / ``raw_column``,
+the functions the Parquet reader uses), runs the model and returns {tower: B float32 numpy}.
+
+    from aitm_torchrec.serving import Predictor
+
+    p = Predictor("exports/aitm_int8", threads=1)
+    p.predict_rows([{"user_id": "u42", "tag_brand_list": [3, 7], "tag_category_list": "a|b", ...}])
+    # -> {"ctr": array([0.031], dtype=float32), "cvr": array([0.0042], dtype=float32)}
+
+Imports: numpy, pyarrow, torch, ``fbgemm_gpu`` (its operators must be registered before the
+TorchScript file loads: the KeyedJaggedTensor code and the quantized table lookups call them) and
+this project's torch-free ``schema`` / ``features``. Not TorchRec, not the trainer, no process
+group.
+
+A TorchScript file is code that runs when it is loaded and called: load only artefacts you trust
+(ones you exported), as with any ``torch.jit.load``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import fbgemm_gpu  # noqa: F401  registers torch.ops.fbgemm.*, which the scripted model calls
+import numpy as np
+import pyarrow as pa
+import torch
+
+from aitm_torchrec.features import DataError, Source, bag_column, raw_column
+from aitm_torchrec.schema import Schema
+
+MODEL_FILE = "scripted_model.pt"
+SCHEMA_FILE = "schema.json"
+META_FILE = "meta.json"
+
+
+def input_names(schema: Schema) -> list[str]:
+    """The serving model's input tensors: ``<feature>.values`` and ``<feature>.lengths`` per sparse
+    feature (int64), then ``dense`` (B x D float32)."""
+    return [f"{k}.{part}" for k in schema.keys for part in ("values", "lengths")] + ["dense"]
+
+
+def output_names(schema: Schema) -> list[str]:
+    """The serving model's outputs, ``probs_<tower>`` (B float32) per tower, in tower order."""
+    return [f"probs_{t}" for t in schema.tower_names]
+
+
+class ArtefactError(FileNotFoundError):
+    """An export directory that cannot be served, with the path in the message."""
+
+
+class Predictor:
+    """An exported serving model and its schema, callable on raw rows.
+
+    Args:
+        path: the directory ``launch/export.py model --output`` wrote.
+        threads: ``torch.set_num_threads(threads)`` (process-wide) when given; None leaves it.
+
+    Attributes: ``schema`` (``Schema``), ``tower_names`` (output order), ``columns`` (the input
+    columns the features read), ``meta`` (meta.json: checkpoint, step, quantization, versions).
+    """
+
+    def __init__(self, path: str | Path, threads: int | None = None) -> None:
+        self.path = Path(path)
+        for name in (MODEL_FILE, SCHEMA_FILE, META_FILE):
+            if not (self.path / name).is_file():
+                raise ArtefactError(f"{self.path}: no {name}; pass a directory written by "
+                                    "`python launch/export.py model --output DIR`")
+        self.meta: dict[str, Any] = json.loads((self.path / META_FILE).read_text())
+        self.schema = Schema.load(self.path / SCHEMA_FILE)
+        expected = output_names(self.schema)
+        if self.meta.get("outputs") != expected:
+            raise ArtefactError(f"{self.path}: meta.json lists outputs {self.meta.get('outputs')} but "
+                                f"schema.json's towers give {expected}; the files are from different exports")
+        if threads is not None:
+            torch.set_num_threads(threads)
+        self.model = torch.jit.load(str(self.path / MODEL_FILE), map_location="cpu")
+        self.model.eval()
+
+    @property
+    def tower_names(self) -> list[str]:
+        return self.schema.tower_names
+
+    @property
+    def columns(self) -> list[str]:
+        return self.schema.feature_columns
+
+    # ---- raw rows -> input tensors --------------------------------------------------------------
+
+    def inputs_from_arrow(self, table: pa.Table | pa.RecordBatch, where: str = "input rows") -> dict[str, torch.Tensor]:
+        """B raw rows -> the model's input dict (see ``input_names``), by the training id rules
+        and normalisers. DataError naming the column for a missing or bad column."""
+        src = Source(where)
+        for col in self.columns:
+            if col not in table.column_names:
+                raise DataError(f"{where}: missing column {col!r} (the model reads {', '.join(self.columns)})")
+        inputs: dict[str, torch.Tensor] = {}
+        for f in self.schema.sparse:
+            lengths, rows = bag_column(f, _typed(table.column(f.column)), src)
+            inputs[f"{f.name}.values"] = _tensor(rows)
+            inputs[f"{f.name}.lengths"] = _tensor(lengths)
+        parts = [raw_column(f, _typed(table.column(f.column)), src) for f in self.schema.dense]
+        dense = np.concatenate(parts, axis=1) if parts else np.zeros((table.num_rows, 0), np.float32)
+        inputs["dense"] = _tensor(dense)
+        return inputs
+
+    def table_from_rows(self, rows: Sequence[Mapping[str, Any]], where: str = "input rows") -> pa.Table:
+        """A list of dicts (raw ids, strings included; tags as lists or separator strings; raw
+        values; None for nulls) -> an Arrow table of the model's columns. A key missing from some
+        dicts is a null there; a column missing from every dict is an error."""
+        columns = {}
+        for col in self.columns:
+            values = [r.get(col) for r in rows]
+            if rows and not any(col in r for r in rows):
+                raise DataError(f"{where}: missing column {col!r} (the model reads {', '.join(self.columns)})")
+            try:
+                columns[col] = pa.array(values)
+            except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError) as e:
+                raise DataError(f"{where}: column {col!r} has values Arrow cannot put in one column "
+                                f"(mixed types?): {e}") from None
+        return pa.table(columns) if columns else pa.table({"_": pa.nulls(len(rows))})
+
+    # ---- prediction ---------------------------------------------------------------------------
+
+    def predict_inputs(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
+        """Model input dict -> {tower: B float32 probabilities}."""
+        with torch.no_grad():  # not inference_mode: its tensors break later autograd in the caller
+            out = self.model(dict(inputs))
+        return {t: out[f"probs_{t}"].numpy() for t in self.tower_names}
+
+    def predict_batch(self, dense: torch.Tensor, sparse: Any) -> dict[str, np.ndarray]:
+        """An already-converted batch (``dense`` B x D, ``sparse`` a KeyedJaggedTensor with the
+        schema's keys, e.g. a ``ParquetReader`` ``Batch``'s) -> {tower: B float32 probabilities}.
+        Padding rows are scored too; slice them off."""
+        jagged = sparse.to_dict()  # duck-typed: no TorchRec import here
+        inputs = {"dense": dense}
+        for k in self.schema.keys:
+            inputs[f"{k}.values"] = jagged[k].values()
+            inputs[f"{k}.lengths"] = jagged[k].lengths()
+        return self.predict_inputs(inputs)
+
+    def predict_arrow(self, table: pa.Table | pa.RecordBatch) -> dict[str, np.ndarray]:
+        """B raw rows (columns named as in the training data) -> {tower: B float32 probabilities},
+        in row order. Extra columns are ignored."""
+        if table.num_rows == 0:
+            return {t: np.zeros(0, np.float32) for t in self.tower_names}
+        return self.predict_inputs(self.inputs_from_arrow(table))
+
+    def predict_rows(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
+        """A list of raw rows (dicts) -> {tower: B float32 probabilities}, in row order."""
+        return self.predict_arrow(self.table_from_rows(rows))
+
+
+def _typed(column: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
+    """An all-null column (Arrow type ``null``, e.g. from dicts whose values are all None) as
+    int64 nulls: empty bags, or 0.0 raw values, as in training."""
+    if pa.types.is_null(column.type):
+        return pa.nulls(len(column), pa.int64())
+    return column
+
+
+def _tensor(a: np.ndarray) -> torch.Tensor:
+    """numpy -> tensor without copying when the array is writable and contiguous."""
+    return torch.from_numpy(np.require(a, requirements=("C", "W")))

@@ -1,0 +1,275 @@
+"""The serving export and Predictor against the checkpoint's own model.
+
+One tiny model is trained once for the module on 2 real gloo ranks (the seed config shrunk, plus
+a RawFeature with a normaliser so the dense path is served too), then exported in each
+quantization through ``launch/export.py model``. Tests compare the artefacts with
+``inference.local_model`` of the same checkpoint on the same rows, read through the training
+``ParquetReader``; quantization costs are printed (``pytest -s``) and bounded.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+from torchmetrics.functional.classification import binary_auroc
+
+from aitm_torchrec.config import load_config
+from aitm_torchrec.data import DataError, ParquetReader
+from aitm_torchrec.export_model import export
+from aitm_torchrec.inference import CheckpointNotFound, local_model, resolve_checkpoint
+from aitm_torchrec.serving import ArtefactError, Predictor
+from aitm_torchrec.task import build_model
+from tests.conftest import REPO, tiny_config_dict
+from tests.multiprocess import run_ranks
+
+QUANTS = ("none", "int8", "fp16", "int4")
+RAW = {"input_names": ["price"], "feature_name": "price_raw", "feature_type": "RawFeature",
+       "normalizer": {"log1p": True, "mean": 2.0, "std": 1.5}}
+
+
+def serving_config_dict(data: Path, model_dir: Path) -> dict:
+    raw = tiny_config_dict(data, model_dir)
+    raw["train_config"].update(num_steps=40)
+    raw["train_config"]["sparse_optimizer"]["learning_rate"] = 0.2  # learn something in 40 steps
+    raw["train_config"]["dense_optimizer"]["learning_rate"] = 0.01
+    raw["feature_config"]["features"].append(RAW)
+    raw["model_config"]["feature_groups"][0]["feature_names"].append("price_raw")
+    return raw
+
+
+def _train(config_path: str) -> dict:
+    from launch.train import main
+
+    return main(["--config", config_path])
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_data, tmp_path_factory) -> Path:
+    """Config path of a model trained for 40 steps on 2 gloo ranks (checkpoint under model_dir)."""
+    root = tmp_path_factory.mktemp("serving")
+    path = root / "serving.yaml"
+    path.write_text(yaml.safe_dump(serving_config_dict(tiny_data, root / "run")))
+    run_ranks(_train, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def artefacts(trained, tmp_path_factory) -> dict[str, Path]:
+    """quantization -> export directory, written by the CLI entry point."""
+    from launch.export import main
+
+    root = tmp_path_factory.mktemp("exports")
+    for q in QUANTS:
+        main(["model", "--config", str(trained), "--output", str(root / q), "--quant", q])
+    return {q: root / q for q in QUANTS}
+
+
+@pytest.fixture(scope="module")
+def reference(trained) -> dict:
+    """The checkpoint's model on the eval rows, read through ParquetReader: probabilities
+    (N x T), labels (N x T) and the same rows as one Arrow table."""
+    cfg = load_config(trained)
+    model = local_model(cfg, resolve_checkpoint(cfg))
+    reader = ParquetReader(cfg.eval_input_path, cfg.schema, batch_size=1024, prefetch=0)
+    probs, labels = [], []
+    with torch.no_grad():
+        for batch in reader.epoch(0):
+            n = batch.num_real
+            probs.append(torch.sigmoid(model(batch.dense, batch.sparse))[:n])
+            labels.append(batch.labels[:n])
+    table = pa.concat_tables([pq.read_table(f) for f in reader.files])
+    return {"probs": torch.cat(probs).numpy(), "labels": torch.cat(labels).numpy(), "table": table,
+            "towers": cfg.schema.tower_names}
+
+
+def _stack(out: dict[str, np.ndarray], towers: list[str]) -> np.ndarray:
+    return np.stack([out[t] for t in towers], axis=1)
+
+
+@pytest.mark.slow
+def test_fp32_artefact_equals_checkpoint_model(artefacts, reference):
+    p = Predictor(artefacts["none"])
+    got = _stack(p.predict_arrow(reference["table"]), reference["towers"])
+    assert got.shape == reference["probs"].shape == (4000, 2)
+    np.testing.assert_allclose(got, reference["probs"], rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quant", ["int8", "fp16", "int4"])
+def test_quantized_artefact_accuracy(artefacts, reference, quant):
+    p = Predictor(artefacts[quant])
+    got = _stack(p.predict_arrow(reference["table"]), reference["towers"])
+    ref, labels = reference["probs"], reference["labels"]
+    mad = np.abs(got - ref).mean(axis=0)
+    auc = [float(binary_auroc(torch.from_numpy(x[:, i]), torch.from_numpy(labels[:, i]).long()))
+           for x in (ref, got) for i in range(labels.shape[1])]
+    auc_ref, auc_q = np.array(auc[:2]), np.array(auc[2:])
+    size = (artefacts[quant] / "scripted_model.pt").stat().st_size
+    fp32_size = (artefacts["none"] / "scripted_model.pt").stat().st_size
+    print(f"\n{quant}: mean |dp| {mad.round(7).tolist()} max |dp| {float(np.abs(got - ref).max()):.2e} "
+          f"AUC {auc_ref.round(4).tolist()} -> {auc_q.round(4).tolist()} size {size} B "
+          f"({size / fp32_size:.0%} of fp32)")
+    assert (auc_ref > 0.55).all(), "the tiny model must have learned something for AUC to mean anything"
+    if quant in ("int8", "fp16"):
+        assert (mad <= 1e-3).all() and (np.abs(auc_q - auc_ref) <= 0.002).all()
+    else:  # int4: reported; bounded loosely so a broken export still fails
+        assert (mad <= 1e-2).all() and (np.abs(auc_q - auc_ref) <= 0.02).all()
+    assert size < fp32_size
+
+
+def _raw_rows(table: pa.Table, n: int = 200) -> list[dict]:
+    """Eval rows as dicts, varied the ways serving callers send them: string user ids, tags as
+    lists (tag_brand_list) and "|"-joined strings (tag_category_list), nulls and empty tags."""
+    rows = table.slice(0, n).to_pylist()
+    for i, r in enumerate(rows):
+        r["user_id"] = f"u{r['user_id']}"
+        r["tag_category_list"] = "|".join(str(t) for t in r["tag_category_list"])
+        if i % 5 == 0:
+            r["brand"] = None
+            r["tag_brand_list"] = None
+            r["price"] = None
+        if i % 7 == 0:
+            r["tag_category_list"] = ""
+            r["tag_brand_list"] = [r["tag_brand_list"][0] if r["tag_brand_list"] else 1, None]
+        if i % 11 == 0:
+            r["cate_id"] = None
+    return rows
+
+
+@pytest.mark.slow
+def test_predictor_on_raw_rows_equals_parquet_reader(trained, artefacts, reference, tmp_path):
+    rows = _raw_rows(reference["table"])
+    path = tmp_path / "raw.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    cfg = load_config(trained)
+    model = local_model(cfg, resolve_checkpoint(cfg))
+    reader = ParquetReader([str(path)], cfg.schema, batch_size=len(rows), prefetch=0, labels=False)
+    (batch,) = list(reader.epoch(0))
+    assert reader.stats.null_raw["price_raw"] == 40 and reader.stats.empty_bags["brand"] >= 40
+    with torch.no_grad():
+        expected = torch.sigmoid(model(batch.dense, batch.sparse)).numpy()
+    p = Predictor(artefacts["none"])
+    np.testing.assert_allclose(_stack(p.predict_rows(rows), p.tower_names), expected, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(_stack(p.predict_arrow(pq.read_table(path)), p.tower_names), expected,
+                               rtol=0, atol=1e-5)
+    np.testing.assert_allclose(_stack(p.predict_batch(batch.dense, batch.sparse), p.tower_names), expected,
+                               rtol=0, atol=1e-5)
+    batch_out = p.predict_arrow(pq.read_table(path).to_batches(max_chunksize=len(rows))[0])
+    np.testing.assert_allclose(_stack(batch_out, p.tower_names), expected, rtol=0, atol=1e-5)
+
+
+FRESH = """
+import json, sys
+from aitm_torchrec.serving import Predictor
+p = Predictor(sys.argv[1], threads=1)
+out = p.predict_rows(json.loads(sys.argv[2]))
+import torch.distributed as dist
+print(json.dumps({"probs": {t: v.tolist() for t, v in out.items()}, "pg": dist.is_initialized(),
+                  "modules": sorted(m for m in sys.modules if m.startswith(("aitm_torchrec", "torchrec")))}))
+"""
+
+
+@pytest.mark.slow
+def test_fresh_process_serves_with_serving_module_only(artefacts, reference):
+    rows = _raw_rows(reference["table"], 20)
+    res = subprocess.run([sys.executable, "-c", FRESH, str(artefacts["int8"]), json.dumps(rows)],
+                         capture_output=True, text=True, cwd=REPO, timeout=300, check=False)
+    assert res.returncode == 0, res.stderr
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    # Not TorchRec at all (so neither its distributed model parallel), not the trainer, the
+    # sharding, the reader or the config; no process group. Only fbgemm_gpu is needed.
+    assert got["modules"] == ["aitm_torchrec", "aitm_torchrec.features", "aitm_torchrec.schema",
+                              "aitm_torchrec.serving"]
+    assert got["pg"] is False
+    expected = Predictor(artefacts["int8"]).predict_rows(rows)
+    for t, v in expected.items():
+        np.testing.assert_allclose(got["probs"][t], v, rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_export_directory_contents_and_replacement(trained, artefacts):
+    cfg = load_config(trained)
+    meta = json.loads((artefacts["int8"] / "meta.json").read_text())
+    assert meta["checkpoint"] == str(resolve_checkpoint(cfg).resolve())
+    assert meta["step"] == 40 and meta["trained_world_size"] == 2 and meta["quantization"] == "int8"
+    assert meta["outputs"] == ["probs_ctr", "probs_cvr"]
+    assert meta["inputs"][-1] == "dense" and "user_id.values" in meta["inputs"]
+    assert meta["sizes_bytes"]["scripted_model.pt"] == (artefacts["int8"] / "scripted_model.pt").stat().st_size
+    assert set(meta["versions"]) == {"torch", "torchrec", "fbgemm_gpu"}
+    assert meta["self_check"]["max_abs_diff_vs_checkpoint_model"] < 1e-3
+    assert (artefacts["int8"] / "schema.json").read_text() == cfg.schema.to_json()
+    assert sorted(p.name for p in artefacts["int8"].parent.iterdir()) == sorted(QUANTS), "no temp dirs left"
+    # re-exporting replaces a previous export in place
+    from launch.export import main
+
+    out = main(["model", "--config", str(trained), "--output", str(artefacts["int8"]), "--quant", "int4"])
+    assert out["quantization"] == "int4" == Predictor(artefacts["int8"]).meta["quantization"]
+    assert sorted(p.name for p in artefacts["int8"].parent.iterdir()) == sorted(QUANTS)
+    main(["model", "--config", str(trained), "--output", str(artefacts["int8"]), "--quant", "int8"])
+
+
+# ---- fast: an untrained model (no processes) -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def untrained(tiny_data, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("untrained")
+    path = root / "serving.yaml"
+    path.write_text(yaml.safe_dump(serving_config_dict(tiny_data, root / "run")))
+    cfg = load_config(path)
+    torch.manual_seed(0)
+    export(build_model(cfg, device="cpu").eval(), cfg.schema, root / "export", "int8")
+    return root
+
+
+def test_bad_rows_raise_data_error_naming_the_column(untrained, tiny_data):
+    p = Predictor(untrained / "export")
+    good = pq.read_table(sorted((tiny_data / "eval").glob("*.parquet"))[0]).slice(0, 4).to_pylist()
+    assert set(p.predict_rows(good)) == {"ctr", "cvr"}
+    assert {t: v.shape for t, v in p.predict_rows([]).items()} == {"ctr": (0,), "cvr": (0,)}
+    cases = {
+        "price": [{**good[0], "price": 99}],  # IdFeature num_buckets=50
+        "'price' has type double": [{**good[0], "price": 1.5}],  # the IdFeature checks first
+        "user_id": [{**good[0], "user_id": 3}, {**good[1], "user_id": "u3"}],  # mixed types
+        "missing column .brand.": [{k: v for k, v in r.items() if k != "brand"} for r in good],
+        "tag_brand_list.*TagFeature": [{**good[0], "tag_brand_list": 2.5}],
+    }
+    for pattern, rows in cases.items():
+        with pytest.raises(DataError, match=pattern):
+            p.predict_rows(rows)
+    with pytest.raises(DataError, match="missing column 'pid'"):
+        p.predict_arrow(pa.Table.from_pylist(good).drop_columns(["pid"]))
+
+
+def test_all_null_column_serves_as_empty_bags(untrained, tiny_data):
+    p = Predictor(untrained / "export")
+    good = pq.read_table(sorted((tiny_data / "eval").glob("*.parquet"))[0]).slice(0, 8).to_pylist()
+    nulls = p.predict_rows([{**r, "brand": None, "price": None} for r in good])
+    typed = pa.Table.from_pylist(good)
+    typed = typed.set_column(typed.schema.get_field_index("brand"), "brand", pa.nulls(8, pa.int64()))
+    typed = typed.set_column(typed.schema.get_field_index("price"), "price", pa.nulls(8, pa.int64()))
+    for t, v in p.predict_arrow(typed).items():
+        np.testing.assert_array_equal(nulls[t], v)
+
+
+def test_export_errors_are_sentences(untrained, tmp_path):
+    from launch.export import main
+
+    with pytest.raises(CheckpointNotFound, match="no complete checkpoint"):
+        main(["model", "--config", str(untrained / "serving.yaml"), "--output", str(tmp_path / "x")])
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    cfg = load_config(untrained / "serving.yaml")
+    with pytest.raises(FileExistsError, match="holds no serving model"):
+        export(build_model(cfg, device="cpu").eval(), cfg.schema, tmp_path / "busy", "int8")
+    with pytest.raises(ArtefactError, match="no scripted_model.pt"):
+        Predictor(tmp_path / "busy")
