@@ -66,6 +66,8 @@ class ScoreOptions:
     output: Path
     inputs: tuple[str, ...] = ()  # default: the config's eval_input_path
     checkpoint: str | None = None  # default: the newest complete checkpoint under model_dir
+    model: str | None = None  # a serving artefact (launch/export.py model) instead of a checkpoint
+    threads: int = 0  # with ``model``: torch threads per process (0: torch's default)
     reserved_columns: tuple[str, ...] = ()  # ("ALL",): every column of the input
     output_kinds: tuple[str, ...] = ("probs",)
     batch_size: int = 0  # 0 -> 4 x data_config.batch_size
@@ -128,15 +130,19 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _job(cfg: Config, opts: ScoreOptions, ckpt: Path, step: int, reader: ParquetReader, columns: list[str],
+def _identity(path: Path, meta: str, step: int) -> dict:
+    """A checkpoint or artefact: path and step, plus its meta file's checksum and time (a model
+    re-trained or re-exported at the same path is another model)."""
+    return {"path": str(path.resolve()), "step": step, "meta_sha256": _sha256(path / meta),
+            "meta_mtime_ns": (path / meta).stat().st_mtime_ns}
+
+
+def _job(cfg: Config, opts: ScoreOptions, model: dict, reader: ParquetReader, columns: list[str],
          env: DistEnv, rows_per_part: int) -> dict:
     """What this output is for; a re-run must match it to resume (as JSON data: tuples are lists)."""
     return json.loads(json.dumps({
         "config": to_dict(cfg),
-        # path and step, plus meta.json's checksum and time: a re-trained checkpoint at the same
-        # path is another checkpoint (meta.json also lists every file's checksum where recorded)
-        "checkpoint": {"path": str(ckpt.resolve()), "step": step, "meta_sha256": _sha256(ckpt / "meta.json"),
-                       "meta_mtime_ns": (ckpt / "meta.json").stat().st_mtime_ns},
+        "checkpoint": model,
         "inputs": {str(Path(p).resolve()): n for p, n in reader.source.file_rows().items()},
         "rows": reader.num_rows,
         "world_size": env.world_size,
@@ -249,9 +255,21 @@ def run(cfg: Config, env: DistEnv, opts: ScoreOptions) -> dict:
     inputs = tuple(opts.inputs) or cfg.eval_input_path
     if not inputs:
         raise ScoreError("no input: pass --input PATH, or set eval_input_path in the config")
-    ckpt = inference.resolve_checkpoint(cfg, opts.checkpoint)
-    step = int(inference.checkpoint_meta(ckpt).get("step", -1))
-    schema = cfg.schema
+    if opts.model:
+        from aitm_torchrec.serving import Predictor
+
+        if opts.checkpoint:
+            raise ScoreError("--model and --checkpoint exclude each other: score with one model")
+        if "logits" in opts.output_kinds:
+            raise ScoreError("--output_columns logits needs a checkpoint: a serving artefact outputs probabilities")
+        predictor = Predictor(opts.model, threads=opts.threads or None)
+        schema, model = predictor.schema, _identity(Path(opts.model), "meta.json", int(predictor.meta.get("step", -1)))
+        source_text = f"serving model {opts.model}"
+    else:
+        ckpt = inference.resolve_checkpoint(cfg, opts.checkpoint)
+        schema = cfg.schema
+        model = _identity(ckpt, "meta.json", int(inference.checkpoint_meta(ckpt).get("step", -1)))
+        source_text = f"{ckpt} (step {model['step']})"
     columns = list(opts.reserved_columns)
     csv = csv_format(cfg.data_config)
     if columns == ["ALL"]:
@@ -262,7 +280,7 @@ def run(cfg: Config, env: DistEnv, opts: ScoreOptions) -> dict:
                            prefetch=cfg.data_config.prefetch_size, labels=opts.metrics,
                            label_chain_policy="keep", passthrough=passthrough, csv=csv)
     out = Path(opts.output)
-    job = _job(cfg, opts, ckpt, step, reader, columns, env, opts.rows_per_part)
+    job = _job(cfg, opts, model, reader, columns, env, opts.rows_per_part)
     already_done = _prepare_output(out, job, opts, env)
     parts = plan_parts(reader.num_rows, env.world_size, opts.rows_per_part)
     mine = [p for p in parts if p.rank == env.rank]
@@ -274,12 +292,21 @@ def run(cfg: Config, env: DistEnv, opts: ScoreOptions) -> dict:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         steps = int(t)
     if env.is_main:
-        logger.info("scoring %d rows of %d files with %s (step %d) on %d ranks: %d of %d parts to do on rank 0",
-                    reader.num_rows, len(reader.files), ckpt, step, env.world_size, len(todo), len(mine))
+        logger.info("scoring %d rows of %d files with %s on %d ranks: %d of %d parts to do on rank 0",
+                    reader.num_rows, len(reader.files), source_text, env.world_size, len(todo), len(mine))
 
     rows_scored = 0
     if steps:
-        dmp, _ = inference.sharded_model(cfg, env, ckpt)
+        if opts.model:
+            def forward(batch: Batch) -> torch.Tensor:  # probabilities -> logits for _scored_table
+                probs = predictor.predict_batch(batch.dense, batch.sparse)
+                p = torch.from_numpy(np.stack([probs[t] for t in schema.tower_names], axis=1)).double()
+                return torch.logit(p).float()
+        else:
+            dmp, _ = inference.sharded_model(cfg, env, ckpt)
+
+            def forward(batch: Batch) -> torch.Tensor:
+                return dmp(batch.dense.to(env.device), batch.sparse.to(env.device))
         towers = schema.tower_names
         pieces: list[pa.Table] = []
         bar = tqdm(total=sum(p.hi - p.lo for p in todo), desc="score (rank 0 rows)", unit="row",
@@ -287,7 +314,7 @@ def run(cfg: Config, env: DistEnv, opts: ScoreOptions) -> dict:
         with torch.no_grad():
             current: Part | None = None
             for batch, part in itertools.islice(_batches(reader, todo, steps), steps):
-                logits = dmp(batch.dense.to(env.device), batch.sparse.to(env.device))
+                logits = forward(batch)
                 if part is None:
                     continue
                 if current is not None and part != current:

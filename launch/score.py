@@ -34,6 +34,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--output", required=True, help="output directory (parts, manifest.json, _SUCCESS)")
     p.add_argument("--config", help="YAML config the checkpoint was trained with (default: configs/aitm_taobao.yaml)")
     p.add_argument("--checkpoint", help="checkpoint directory (default: the newest complete one under model_dir)")
+    p.add_argument("--model", help="a serving artefact (launch/export.py model) to score with instead of a checkpoint")
+    p.add_argument("--threads", type=int, default=0, help="with --model: torch threads per process (default: torch's)")
     p.add_argument("--input", nargs="+", default=[], help="Parquet files, globs or directories (default: eval_input_path)")
     p.add_argument("--reserved_columns", type=_columns, default=(),
                    help="input columns copied to the output beside the scores, comma-separated, or ALL")
@@ -60,6 +62,7 @@ def main(argv: list[str] | None = None) -> dict:
                         format=f"[rank{env.rank}] %(asctime)s %(name)s: %(message)s")
     quiet_libraries()
     opts = ScoreOptions(output=Path(args.output), inputs=tuple(args.input), checkpoint=args.checkpoint,
+                        model=args.model, threads=args.threads,
                         reserved_columns=args.reserved_columns, output_kinds=args.output_columns,
                         batch_size=args.batch_size, rows_per_part=args.rows_per_part, metrics=args.metrics,
                         overwrite=args.overwrite)
