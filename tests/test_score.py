@@ -155,3 +155,18 @@ def test_torchx_as_typed_scores_on_two_ranks(trained, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert _read(out).column("rid").to_pylist() == list(range(ROWS))
     assert json.loads((out / "manifest.json").read_text())["world_size"] == 2
+
+
+def test_scoring_with_the_serving_artefact_gives_the_checkpoints_scores(trained, tmp_path):
+    from launch.export import main as export_main
+
+    export_main(["model", "--config", trained["config"], "--output", str(tmp_path / "artefact"), "--quant", "none"])
+    from_checkpoint = _score(_args(trained, tmp_path / "ckpt"))
+    from_model = _score(_args(trained, tmp_path / "model", "--model", str(tmp_path / "artefact"), "--threads", "1"))
+    a, b = _read(tmp_path / "ckpt"), _read(tmp_path / "model")
+    assert b.column("rid").to_pylist() == list(range(ROWS)) and from_model["rows"] == from_checkpoint["rows"]
+    for tower in ("ctr", "cvr"):
+        np.testing.assert_allclose(b.column(f"probs_{tower}").to_numpy(), a.column(f"probs_{tower}").to_numpy(),
+                                   atol=1e-5)
+    with pytest.raises(Exception, match="--output_columns logits needs a checkpoint"):
+        _score(_args(trained, tmp_path / "l", "--model", str(tmp_path / "artefact"), "--output_columns", "logits"))
