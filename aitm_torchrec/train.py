@@ -19,12 +19,11 @@ import torch
 import torch.distributed as dist
 from torch.utils.tensorboard import SummaryWriter
 from torchrec.distributed.model_parallel import DistributedModelParallel
-from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from tqdm import tqdm
 
-from aitm_torchrec import checkpoint
+from aitm_torchrec import checkpoint, faults
 from aitm_torchrec.config import Config, ConfigError, LearningRateSchedule, Optimizer, to_dict
 from aitm_torchrec.data import Batch, ParquetReader
 from aitm_torchrec.dist import DistEnv
@@ -159,11 +158,12 @@ def _global_sum(value: float, env: DistEnv) -> float:
 
 
 def restore(path: Path, dmp: DistributedModelParallel, optimizer: CombinedOptimizer, env: DistEnv,
-            batch_size: int) -> Position:
-    """Loads a checkpoint in place (resharding tables if the plan differs) and returns the position."""
+            batch_size: int, check: bool = True) -> Position:
+    """Loads a checkpoint in place (resharding tables if the plan differs) and returns the position.
+    ``check=False``: the caller verified it already (``checkpoint.agreed_latest``)."""
     optimizer.init_state()  # optimizer state is lazy; DCP loads into existing tensors
     state = _state(dmp, optimizer, Position().state(env, batch_size))
-    meta = checkpoint.load(path, state)
+    meta = checkpoint.load(path, state, check=check)
     dmp.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optim"])
     pos = Position.restore(state["train"], env, batch_size)
@@ -186,18 +186,27 @@ def run(cfg: Config, env: DistEnv, resume: bool = True) -> dict:
     if env.is_main:
         logger.info("sharding plan: %s", plan)
     pos = Position()
-    if resume and (path := checkpoint.latest(ckpt_root)) is not None:
-        pos = restore(path, dmp, optimizer, env, bs)
+    # The newest checkpoint that verifies (damaged newer ones are skipped with a warning).
+    if resume and (path := checkpoint.agreed_latest(ckpt_root)) is not None:
+        pos = restore(path, dmp, optimizer, env, bs, check=False)
     start = pos.step
 
+    saved_at = -1
+
     def save() -> None:
-        checkpoint.save(ckpt_root, pos.step, _state(dmp, optimizer, pos.state(env, bs)),
-                        _meta(cfg, env, plan), env.is_main, tc.keep_checkpoint_max)
+        nonlocal saved_at
+        if saved_at != pos.step:
+            checkpoint.save(ckpt_root, pos.step, _state(dmp, optimizer, pos.state(env, bs)),
+                            _meta(cfg, env, plan), env.is_main, tc.keep_checkpoint_max)
+            saved_at = pos.step
 
     spe = reader.steps_per_epoch
     source = stream(reader, pos.epoch, pos.epoch_step)
     batches = itertools.islice(source, max(tc.num_steps - start, 0))
-    pipeline = TrainPipelineSparseDist(dmp, optimizer, env.device, execute_all_batches=True)
+    batches = faults.inject_nan_for_test(batches, start, env.rank, env.world_size)
+    # SIGTERM and non-finite losses: every rank agrees once per step, before backward.
+    guard = faults.StepGuard(tc.nonfinite_policy, towers, ckpt_root)
+    pipeline = faults.GuardedPipeline(dmp, optimizer, env.device, execute_all_batches=True, guard=guard)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     writer = SummaryWriter(str(model_dir / "tensorboard")) if env.is_main else None
     window: list[tuple[torch.Tensor, ...]] = []  # this log interval's (logits, labels, weights)
@@ -211,14 +220,16 @@ def run(cfg: Config, env: DistEnv, resume: bool = True) -> dict:
             group["lr"] = lr * factor  # fused tables pick it up at zero_grad/step
         loss, logits, labels, weights = pipeline.progress(batches)
         pos.advance(spe)
+        skipped = guard.after_step(pos.step, loss, logits, labels, weights)  # policy stop: raises
         rows = float(weights.sum())
         examples += rows
         if pos.step == start + 1:
             t0 = time.perf_counter()
         else:
             timed += rows
-        window.append((logits, labels, weights))
-        if pos.step % log_every == 0 or pos.step == tc.num_steps:
+        if not skipped:
+            window.append((logits, labels, weights))
+        if not skipped and (pos.step % log_every == 0 or pos.step == tc.num_steps):
             losses.append((pos.step, float(loss)))
             window_metrics = _window_metrics(towers, window, env)  # collective: same steps on every rank
             window = []
@@ -238,6 +249,8 @@ def run(cfg: Config, env: DistEnv, resume: bool = True) -> dict:
                 _scalars(writer, "eval", periodic[-1], pos.step)
         if tc.save_checkpoints_steps and pos.step % tc.save_checkpoints_steps == 0 and pos.step < tc.num_steps:
             save()
+        if guard.stop:  # SIGTERM on some rank: every rank stops after this same step
+            break
     elapsed = time.perf_counter() - t0
     source.close()  # stops the prefetch thread
     bar.close()
@@ -246,6 +259,7 @@ def run(cfg: Config, env: DistEnv, resume: bool = True) -> dict:
     total_examples, timed_examples = _global_sum(examples, env), _global_sum(timed, env)
     if trained:
         save()
+    guard.finish(pos.step)  # SIGTERM: raises Preempted (exit status 143) after this save
 
     eval_metrics = evaluate(dmp, evaluator, towers, env, cfg.eval_config.num_steps) if evaluator else {}
     summary = {
@@ -260,6 +274,7 @@ def run(cfg: Config, env: DistEnv, resume: bool = True) -> dict:
             "seconds": elapsed,
             "loss": losses,
             "window": window_metrics,
+            "skipped_batches": guard.skipped,
         },
         "world_size": env.world_size,
         "device": env.device.type,
