@@ -19,12 +19,14 @@ entries are read with ``torch.load(weights_only=True)``.
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import io
 import json
 import logging
 import os
 import re
+import resource
 import shutil
 import sys
 from collections.abc import Callable
@@ -192,7 +194,10 @@ def save(root: Path, step: int, state: dict[str, Any], meta: dict[str, Any], is_
         try:
             dcp.save(state, checkpoint_id=str(tmp))  # collective; DCP reports any rank's failure to all
         except CheckpointException as e:
-            raise CheckpointError(f"{what} {root} failed {_first_failure(e)}") from None
+            causes = _everywhere(lambda: _write_limits(root), what, root)
+            causes = sorted({c for c in causes if c})
+            raise CheckpointError(f"{what} {root} failed {_first_failure(e)}"
+                                  + (f" (probable cause: {'; '.join(causes)})" if causes else "")) from None
         files = {k: v for part in _everywhere(own_files, what, root) for k, v in part.items()}
         _on_main((lambda: publish(files)) if is_main else None, what, root)
     except CheckpointError:
@@ -227,8 +232,23 @@ def _owner(name: str, world: int) -> int:
 
 
 def _first_failure(e: CheckpointException) -> str:
-    rank, (exc, _) = sorted(e.failures.items())[0]
-    return f"on rank {rank}: {type(exc).__name__}: {exc}"
+    """Every failing rank's error, OS errors (the cause: no space, no permission) first."""
+    failures = sorted(e.failures.items(), key=lambda kv: (not isinstance(kv[1][0], OSError), kv[0]))
+    return "; ".join(f"on rank {rank}: {type(exc).__name__}: {exc}" for rank, (exc, _) in failures)
+
+
+def _write_limits(root: Path) -> str:
+    """Why a write under ``root`` may have failed here. DCP writes through torch.save's zip
+    writer, which turns ENOSPC and EFBIG into "unexpected pos N vs M" and loses the OS error."""
+    notes = []
+    free = shutil.disk_usage(root).free
+    if free < (1 << 20):
+        notes.append(f"[Errno {errno.ENOSPC}] {os.strerror(errno.ENOSPC)}: {free} bytes free on the filesystem of {root}")
+    soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if soft != resource.RLIM_INFINITY:
+        notes.append(f"[Errno {errno.EFBIG}] {os.strerror(errno.EFBIG)}: files are limited to {soft} bytes on "
+                     f"rank {dist.get_rank() if dist.is_initialized() else 0} (RLIMIT_FSIZE, ulimit -f)")
+    return "; ".join(notes)
 
 
 def _everywhere(fn: Callable[[], Any], what: str, root: Path) -> list[Any]:

@@ -8,7 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from aitm_torchrec.config import load_config
+
+pytestmark = pytest.mark.slow  # every test here starts the TorchX CLI (and most, torchrun)
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
