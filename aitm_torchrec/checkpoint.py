@@ -159,7 +159,8 @@ def agreed_latest(root: Path, warn: Callable[[str], Any] = logger.warning) -> Pa
     group is up). Rank 0 reads each file once; the others wait (within the group's timeout)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return latest_verified(root, warn)
-    choice = _on_main(lambda: latest_verified(root, warn), "choosing a checkpoint under", Path(root))
+    chooser = (lambda: latest_verified(root, warn)) if dist.get_rank() == 0 else None
+    choice = _on_main(chooser, "choosing a checkpoint under", Path(root))
     return None if choice is None else Path(choice)
 
 
