@@ -219,6 +219,7 @@ class TrainConfig:
     save_checkpoints_steps: int = 0  # 0 -> only at the end
     keep_checkpoint_max: int = 5  # 0 -> keep all
     mixed_precision: Literal["none", "bf16", "fp16"] = "none"  # autocast dtype for the dense layers
+    nonfinite_policy: Literal["stop", "skip"] = "stop"  # a non-finite loss/gradient: stop, or skip the batch
     seed: int = 2021
 
 

@@ -24,7 +24,7 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from tqdm import tqdm
 
-from aitm_torchrec import checkpoint
+from aitm_torchrec import checkpoint, faults
 from aitm_torchrec.config import Config, ConfigError, LearningRateSchedule, Optimizer, to_dict
 from aitm_torchrec.csv_input import csv_format
 from aitm_torchrec.data import Batch, ParquetReader
@@ -157,11 +157,12 @@ def _global_sum(value: float, env: DistEnv) -> float:
 
 
 def restore(path: Path, dmp: DistributedModelParallel, optimizer: CombinedOptimizer, env: DistEnv,
-            batch_size: int) -> Position:
-    """Loads a checkpoint in place (resharding tables if the plan differs) and returns the position."""
+            batch_size: int, check: bool = True) -> Position:
+    """Loads a checkpoint in place (resharding tables if the plan differs) and returns the position.
+    ``check=False``: the caller verified it already (``checkpoint.agreed_latest``)."""
     optimizer.init_state()  # optimizer state is lazy; DCP loads into existing tensors
     state = _state(dmp, optimizer, Position().state(env, batch_size))
-    meta = checkpoint.load(path, state)
+    meta = checkpoint.load(path, state, check=check)
     dmp.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optim"])
     pos = Position.restore(state["train"], env, batch_size)
@@ -188,6 +189,7 @@ class TrainResult:
     seconds: float
     loss: list[tuple[int, float]]
     window: dict
+    skipped_batches: int  # batches skipped by train_config.nonfinite_policy: skip
     eval: dict
     eval_history: list[dict]
     world_size: int
@@ -197,7 +199,7 @@ class TrainResult:
 
     def to_dict(self) -> dict:
         train_keys = ("steps", "steps_this_run", "resumed_from_step", "examples", "examples_per_s", "seconds",
-                      "loss", "window")
+                      "loss", "window", "skipped_batches")
         return {
             "eval": self.eval,
             "eval_history": self.eval_history,
@@ -227,23 +229,28 @@ class _Loop:
         self.losses: list[tuple[int, float]] = []
         self.history: list[dict] = []
         self.examples = self.timed = 0.0
+        self.saved_at = -1
         self.t0 = time.perf_counter()  # restarted after the first step: examples/s excludes start-up
 
-    def train_step(self, pipeline: TrainPipelineSparseDist, batches: Iterator[Batch], steps_per_epoch: int) -> torch.Tensor:
+    def train_step(self, pipeline: TrainPipelineSparseDist, batches: Iterator[Batch], steps_per_epoch: int,
+                   guard: faults.StepGuard) -> tuple[torch.Tensor, bool]:
+        """One step; returns (loss, skipped: the batch was dropped by nonfinite_policy skip)."""
         tc = self.cfg.train_config
         factor = lr_multiplier(self.pos.step, tc.learning_rate_schedule, tc.num_steps)
         for group, lr in zip(self.optimizer.param_groups, self.base_lrs):
             group["lr"] = lr * factor  # fused tables pick it up at zero_grad/step
         loss, logits, labels, weights = pipeline.progress(batches)
         self.pos.advance(steps_per_epoch)
+        skipped = guard.after_step(self.pos.step, loss, logits, labels, weights)  # policy stop: raises
         rows = float(weights.sum())
         self.examples += rows
         if self.pos.step == self.start + 1:
             self.t0 = time.perf_counter()
         else:
             self.timed += rows
-        self.window.append((logits, labels, weights))
-        return loss
+        if not skipped:
+            self.window.append((logits, labels, weights))
+        return loss, skipped
 
     def rate(self) -> float:
         return self.timed * self.env.world_size / max(time.perf_counter() - self.t0, 1e-9)
@@ -276,11 +283,15 @@ class _Loop:
             _scalars(self.writer, "eval", self.history[-1], step)
 
     def save(self) -> None:
+        """A checkpoint at the current step (once: a periodic save and the final one may coincide)."""
+        if self.saved_at == self.pos.step:
+            return
         bs = self.cfg.data_config.batch_size
         checkpoint.save(self.ckpt_root, self.pos.step,
                         _state(self.dmp, self.optimizer, self.pos.state(self.env, bs)),
                         _meta(self.cfg, self.env, self.plan), self.env.is_main,
                         self.cfg.train_config.keep_checkpoint_max)
+        self.saved_at = self.pos.step
 
     def periodic_save(self) -> None:
         every, step = self.cfg.train_config.save_checkpoints_steps, self.pos.step
@@ -299,21 +310,28 @@ def run(cfg: Config, env: DistEnv, resume: bool = True) -> TrainResult:
     if env.is_main:
         logger.info("sharding plan: %s", plan)
     pos = Position()
-    if resume and (path := checkpoint.latest(Path(cfg.model_dir) / "checkpoints")) is not None:
-        pos = restore(path, dmp, optimizer, env, bs)
+    # The newest checkpoint that verifies (damaged newer ones are skipped with a warning).
+    if resume and (path := checkpoint.agreed_latest(Path(cfg.model_dir) / "checkpoints")) is not None:
+        pos = restore(path, dmp, optimizer, env, bs, check=False)
     loop = _Loop(cfg, env, dmp, optimizer, plan, evaluator, pos)
 
     spe = reader.steps_per_epoch
     source = stream(reader, pos.epoch, pos.epoch_step)
     batches = itertools.islice(source, max(tc.num_steps - loop.start, 0))
-    pipeline = TrainPipelineSparseDist(dmp, optimizer, env.device, execute_all_batches=True)
+    batches = faults.inject_nan_for_test(batches, loop.start, env.rank, env.world_size)
+    # SIGTERM and non-finite losses: every rank agrees once per step, before backward.
+    guard = faults.StepGuard(tc.nonfinite_policy, loop.towers, loop.ckpt_root)
+    pipeline = faults.GuardedPipeline(dmp, optimizer, env.device, execute_all_batches=True, guard=guard)
     bar = tqdm(total=tc.num_steps, initial=loop.start, desc="train", disable=not env.is_main, unit="step")
     while pos.step < tc.num_steps:
-        loss = loop.train_step(pipeline, batches, spe)
-        loop.log_window(loss, bar)
+        loss, skipped = loop.train_step(pipeline, batches, spe, guard)
+        if not skipped:
+            loop.log_window(loss, bar)
         bar.update(1)
         loop.periodic_eval(pipeline)
         loop.periodic_save()
+        if guard.stop:  # SIGTERM on some rank: every rank stops after this same step
+            break
     elapsed = time.perf_counter() - loop.t0
     source.close()  # stops the prefetch thread
     bar.close()
@@ -322,13 +340,14 @@ def run(cfg: Config, env: DistEnv, resume: bool = True) -> TrainResult:
     total_examples, timed_examples = _global_sum(loop.examples, env), _global_sum(loop.timed, env)
     if trained:
         loop.save()
+    guard.finish(pos.step)  # SIGTERM: raises Preempted (exit status 143) after this save
 
     eval_metrics = evaluate(dmp, evaluator, loop.towers, env, cfg.eval_config.num_steps) if evaluator else {}
     result = TrainResult(
         steps=tc.num_steps, steps_this_run=trained, resumed_from_step=loop.start, examples=int(total_examples),
         examples_per_s=timed_examples / elapsed if trained > 1 and elapsed > 0 else 0.0, seconds=elapsed,
-        loss=loop.losses, window=loop.window_metrics, eval=eval_metrics, eval_history=loop.history,
-        world_size=env.world_size, device=env.device.type,
+        loss=loop.losses, window=loop.window_metrics, skipped_batches=guard.skipped, eval=eval_metrics,
+        eval_history=loop.history, world_size=env.world_size, device=env.device.type,
         towers=[{"tower_name": t.tower_name, "label_name": t.label_name} for t in cfg.schema.tasks], plan=plan)
     if env.is_main:
         _scalars(loop.writer, "eval", eval_metrics, tc.num_steps)

@@ -12,7 +12,7 @@ import pytest
 from aitm_torchrec.config import load_config
 from tests.multiprocess import BIN, REPO, torchx
 
-pytestmark = pytest.mark.slow  # every test here runs the TorchX CLI
+pytestmark = pytest.mark.slow  # every test here starts the TorchX CLI (and most, torchrun)
 
 
 def test_explicit_local_cwd_launch_trains_and_writes_summary(tiny_config):

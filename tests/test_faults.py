@@ -1,0 +1,146 @@
+"""Faults at the training step: a non-finite loss (stop or skip) and SIGTERM preemption under
+TorchX, with real gloo ranks and real torchrun processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+from aitm_torchrec import checkpoint
+from aitm_torchrec.config import load_config
+from aitm_torchrec.faults import PREEMPTED_EXIT_CODE, diagnose
+from tests.multiprocess import run_ranks
+from tests.test_checkpoint import TW, _main_runs
+from tests.test_torchx import BIN, REPO
+
+COMMON = [TW, "train_config.log_step_count_steps=1", "eval_input_path=[]"]
+
+
+def test_diagnose_names_the_tower_whose_logits_or_bce_went_non_finite():
+    logits = torch.tensor([[0.5, float("nan")], [1.0, 2.0]])
+    labels = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    weights = torch.ones(2)
+    nan = torch.tensor(float("nan"))
+    assert diagnose(nan, logits, labels, weights, ["ctr", "cvr"]) == "tower cvr: logits non-finite in 1 of 2 rows"
+    labels[1, 0] = float("nan")
+    text = diagnose(nan, torch.zeros(2, 2), labels, weights, ["ctr", "cvr"])
+    assert text == "tower ctr: BCE non-finite in 1 of 2 rows (labels or weights)"
+    assert diagnose(torch.tensor(0.3), logits, labels, weights, ["ctr", "cvr"]) == ""
+
+
+@pytest.mark.slow
+def test_a_nan_loss_stops_training_naming_step_tower_and_last_checkpoint(tiny_config, tmp_path, monkeypatch):
+    monkeypatch.setenv("AITM_TEST_INJECT_NAN_STEP", "7")
+    monkeypatch.setenv("AITM_TEST_INJECT_NAN_TOWER", "1")  # cvr, on the last rank (1)
+    d = tmp_path / "run"
+    with pytest.raises(ChildFailedError) as err:
+        run_ranks(_main_runs, str(tiny_config), [[*COMMON, f"model_dir={d}", "train_config.num_steps=10",
+                                                  "train_config.save_checkpoints_steps=4"]])
+    text = str(err.value)
+    assert "training stopped at step 7: non-finite loss (rank 1: tower cvr: BCE non-finite in 128 of 128 rows" in text
+    assert f"Last good checkpoint: {d / 'checkpoints' / 'step_00000004'}" in text
+    assert [s for s, _ in checkpoint.checkpoints(d / "checkpoints")] == [4]
+
+
+@pytest.mark.slow
+def test_nonfinite_policy_skip_counts_the_batch_and_leaves_the_model_untouched(tiny_config, tmp_path, monkeypatch):
+    # Steps 1-6 then a NaN at step 7 (skipped: no table or dense update), so the model saved at
+    # step 7 equals the one saved at step 6; training goes on to step 10.
+    monkeypatch.setenv("AITM_TEST_INJECT_NAN_STEP", "7")
+    a, b = tmp_path / "a", tmp_path / "b"
+    common = [*COMMON, "train_config.nonfinite_policy=skip"]
+    out = run_ranks(_main_runs, str(tiny_config), [
+        [*common, f"model_dir={a}", "train_config.num_steps=6"],
+        [*common, f"model_dir={b}", "train_config.num_steps=7"],
+        [*common, f"model_dir={b}", "train_config.num_steps=10"],
+    ])[0]
+    assert out[0]["train"]["skipped_batches"] == 0
+    assert out[1]["train"]["skipped_batches"] == 1 and out[2]["train"]["skipped_batches"] == 0
+    assert 7 not in dict(out[1]["train"]["loss"])  # a skipped step's loss is not reported
+    assert out[2]["train"]["resumed_from_step"] == 7 and out[2]["train"]["steps_this_run"] == 3
+    six, seven = (_model_tensors(p) for p in (a / "checkpoints" / "step_00000006", b / "checkpoints" / "step_00000007"))
+    assert six.keys() == seven.keys()
+    for key in six:
+        assert torch.equal(six[key], seven[key]), key
+
+
+def _model_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint's model and optimizer state, read without a process group."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    md = FileSystemReader(str(path)).read_metadata()
+    state = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in md.state_dict_metadata.items()
+             if hasattr(m, "size") and (k.startswith("model.") or k.startswith("optim."))}
+    checkpoint.load(path, state)
+    return state
+
+
+def _pids(marker: str, agent: bool) -> list[int]:
+    """torchrun agents (``agent``) or training workers whose command line contains ``marker``."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode() if proc.name.isdigit() else ""
+        except OSError:
+            continue
+        if marker in cmd and "launch/train.py" in cmd and ("torchrun" in cmd) == agent and "torchx" not in cmd:
+            pids.append(int(proc.name))
+    return pids
+
+
+@pytest.mark.slow
+def test_sigterm_saves_at_the_step_reached_and_the_rerun_resumes_exactly(tiny_config, tmp_path):
+    cfg = load_config(tiny_config)
+    root = Path(cfg.model_dir) / "checkpoints"
+    args = ["--config", str(tiny_config), *COMMON, "train_config.num_steps=300"]
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "OMP_NUM_THREADS": "1"}
+    log = open(tmp_path / "torchx.log", "w+")
+    job = subprocess.Popen([str(BIN / "torchx"), "run", "dist.ddp", "-j", "1x2", "launch/train.py", *args],
+                           cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 240
+        while not (Path(cfg.model_dir) / "tensorboard").exists() and time.time() < deadline and job.poll() is None:
+            time.sleep(0.05)
+        time.sleep(3)  # some steps in
+        agents = _pids(str(tiny_config), agent=True)
+        assert agents and job.poll() is None, "the job never started training"
+        for pid in agents:
+            os.kill(pid, signal.SIGTERM)
+        job.wait(timeout=120)
+    finally:
+        if job.poll() is None:
+            job.kill()
+        log.seek(0)
+        output = log.read()
+        log.close()
+    # torchrun forwards SIGTERM to its workers, waits for them (--shutdown-timeout, 30 s), then
+    # re-raises the signal as SignalException: the job fails, to be retried by the scheduler.
+    assert job.returncode != 0, output[-4000:]
+    assert "Received 15 death signal, shutting down workers" in output, output[-4000:]
+    assert f"exiting with {PREEMPTED_EXIT_CODE} for the scheduler to retry" in output, output[-4000:]
+    saved = [s for s, _ in checkpoint.checkpoints(root)]
+    assert len(saved) == 1 and 0 < saved[0] < 300, (saved, output[-4000:])
+    stopped = saved[0]
+    assert not (Path(cfg.model_dir) / "summary.json").exists()  # it stopped before evaluating
+
+    rerun = subprocess.run([str(BIN / "torchx"), "run", "dist.ddp", "-j", "1x2", "launch/train.py", *args,
+                            "train_config.num_steps=" + str(stopped + 8)],
+                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    resumed = json.loads((Path(cfg.model_dir) / "summary.json").read_text())["train"]
+    assert resumed["resumed_from_step"] == stopped and resumed["steps_this_run"] == 8
+
+    whole = run_ranks(_main_runs, str(tiny_config), [[*COMMON, f"model_dir={tmp_path / 'whole'}",
+                                                      f"train_config.num_steps={stopped + 8}"]])[0][0]
+    expected = dict(whole["train"]["loss"])
+    for step, loss in resumed["loss"]:
+        assert loss == pytest.approx(expected[step], rel=1e-5, abs=1e-6), f"step {step}"
+    assert sorted(dict(resumed["loss"])) == list(range(stopped + 1, stopped + 9))
