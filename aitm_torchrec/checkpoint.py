@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import hashlib
 import io
 import json
 import logging
@@ -39,6 +38,10 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
+from aitm_torchrec.files import sha256_file, write_json_atomic
+
+__all__ = ["write_json_atomic"]  # kept importable from here: jobs use it beside checkpoints
+
 logger = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^step_(\d+)$")
@@ -55,13 +58,6 @@ class SafeLoadPlanner(DefaultLoadPlanner):
 
     def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
         self.state_dict[read_item.dest_index.fqn] = torch.load(value, weights_only=True)
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
 
 
 def checkpoints(root: Path) -> list[tuple[int, Path]]:
@@ -85,13 +81,8 @@ def _step_dirs(root: Path) -> list[tuple[int, Path]]:
 # --------------------------------------------------------------------------------------------
 # Verification.
 
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def _describe(ckpt: Path, names: list[str]) -> dict[str, dict[str, Any]]:
-    return {n: {"size": (ckpt / n).stat().st_size, "sha256": _sha256(ckpt / n)} for n in names}
+    return {n: {"size": (ckpt / n).stat().st_size, "sha256": sha256_file(ckpt / n)} for n in names}
 
 
 def _data_files(ckpt: Path) -> list[str]:
@@ -137,7 +128,7 @@ def verify(path: Path, warn: Callable[[str], Any] = logger.warning) -> None:
             raise CheckpointError(f"checkpoint {path} is damaged: file {name} is {size} bytes, {META} "
                                   f"records {want['size']} (size mismatch: cut short or overwritten)")
     for name, want in files.items():
-        if _sha256(path / name) != want["sha256"]:
+        if sha256_file(path / name) != want["sha256"]:
             raise CheckpointError(f"checkpoint {path} is damaged: file {name} does not match the sha256 "
                                   f"in {META} (checksum mismatch: its contents changed)")
 

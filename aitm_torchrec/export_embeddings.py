@@ -53,10 +53,10 @@ from torch.distributed.checkpoint import FileSystemReader
 from tqdm import tqdm
 
 from aitm_torchrec import dist as aitm_dist
-from aitm_torchrec.checkpoint import write_json_atomic
 from aitm_torchrec.config import load_config
 from aitm_torchrec.data.source import check_feature_type, expand_paths
 from aitm_torchrec.features import DataError, Source, ids_to_rows, is_string
+from aitm_torchrec.files import sha256_file, write_json_atomic
 from aitm_torchrec.inference import checkpoint_meta, resolve_checkpoint
 from aitm_torchrec.schema import ID_HASH, SparseFeature
 
@@ -355,14 +355,6 @@ def write_part(path: Path, table: Table, w: Window, values: np.ndarray, fmt: str
     return len(rows)
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def done_part(table_dir: Path, k: int) -> dict | None:
     """The sidecar of window ``k``'s complete part (any writer rank), or None."""
     for side in sorted(table_dir.glob(f"_part-*-{k:05d}.json")):
@@ -472,7 +464,7 @@ def export(args: argparse.Namespace, cfg: Any, env: aitm_dist.DistEnv) -> dict:
             del values
             write_json_atomic(table_dir / f"_part-{env.rank:05d}-{w.k:05d}.json", {
                 "file": name, "rows": n, "row_start": w.start, "row_stop": w.stop,
-                "bytes": (table_dir / name).stat().st_size, "sha256": sha256(table_dir / name)})
+                "bytes": (table_dir / name).stat().st_size, "sha256": sha256_file(table_dir / name)})
             written += 1
             rows_out += w.stop - w.start
             if die_after and written >= die_after:

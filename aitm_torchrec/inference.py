@@ -32,19 +32,22 @@ class CheckpointNotFound(FileNotFoundError):
 
 
 def resolve_checkpoint(cfg: Config, path: str | Path | None = None) -> Path:
-    """``path`` if given (it must be a complete checkpoint), else the newest complete checkpoint
-    under ``<model_dir>/checkpoints``."""
+    """``path`` if given, else the newest complete checkpoint under ``<model_dir>/checkpoints``;
+    verified (sizes and checksums of every file) before anything reads it. A damaged checkpoint
+    stops the job with ``checkpoint.CheckpointError`` naming the checkpoint and the file: a job
+    that does not train never falls back to an older model silently."""
     if path:
         p = Path(path)
         if not (p / "meta.json").exists():
             raise CheckpointNotFound(f"{p}: not a complete checkpoint (no meta.json); pass a "
                                      "checkpoints/step_<N> directory written by training")
-        return p
-    root = Path(cfg.model_dir) / "checkpoints"
-    found = checkpoint.latest(root)
-    if found is None:
-        raise CheckpointNotFound(f"{root}: no complete checkpoint (train first, or pass --checkpoint DIR)")
-    return found
+    else:
+        root = Path(cfg.model_dir) / "checkpoints"
+        p = checkpoint.latest(root)
+        if p is None:
+            raise CheckpointNotFound(f"{root}: no complete checkpoint (train first, or pass --checkpoint DIR)")
+    checkpoint.verify(p)
+    return p
 
 
 def checkpoint_meta(path: Path) -> dict:
@@ -53,11 +56,12 @@ def checkpoint_meta(path: Path) -> dict:
 
 
 def load_model_weights(model: nn.Module, path: Path) -> dict:
-    """Loads the model tensors of training checkpoint ``path`` into ``model`` (a MultiTaskModel,
-    sharded by DMP or not) in place; tables are resharded to ``model``'s plan. Returns meta.json."""
+    """Loads the model tensors of training checkpoint ``path`` (verified by ``resolve_checkpoint``)
+    into ``model`` (a MultiTaskModel, sharded by DMP or not) in place; tables are resharded to
+    ``model``'s plan. Returns meta.json."""
     own = model.state_dict()
     state = {"model": {_PREFIX + k: v for k, v in own.items()}}
-    meta = checkpoint.load(path, state)
+    meta = checkpoint.load(path, state, check=False)
     model.load_state_dict({k: state["model"][_PREFIX + k] for k in own})
     return meta
 

@@ -24,7 +24,6 @@ metrics cover all rows), exact across ranks.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import itertools
 import json
 import logging
@@ -44,12 +43,12 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from aitm_torchrec import inference
-from aitm_torchrec.checkpoint import write_json_atomic
 from aitm_torchrec.config import Config, to_dict
 from aitm_torchrec.csv_input import csv_format
 from aitm_torchrec.data import Batch, ParquetReader
 from aitm_torchrec.data.source import input_columns
 from aitm_torchrec.dist import DistEnv
+from aitm_torchrec.files import sha256_file, write_json_atomic
 from aitm_torchrec.metrics import TaskMetrics
 
 logger = logging.getLogger(__name__)
@@ -122,18 +121,10 @@ def _check_same_on_every_rank(error: str | None, env: DistEnv) -> None:
         raise ScoreError(verdict)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _identity(path: Path, meta: str, step: int) -> dict:
     """A checkpoint or artefact: path and step, plus its meta file's checksum and time (a model
     re-trained or re-exported at the same path is another model)."""
-    return {"path": str(path.resolve()), "step": step, "meta_sha256": _sha256(path / meta),
+    return {"path": str(path.resolve()), "step": step, "meta_sha256": sha256_file(path / meta),
             "meta_mtime_ns": (path / meta).stat().st_mtime_ns}
 
 
@@ -329,7 +320,7 @@ def run(cfg: Config, env: DistEnv, opts: ScoreOptions) -> dict:
         bar.close()
 
     # Every rank's parts exist now; rank 0 writes the manifest, then _SUCCESS.
-    files = [{"file": p.name, "rank": p.rank, "rows": p.hi - p.lo, "first_row": p.lo, "sha256": _sha256(out / p.name)}
+    files = [{"file": p.name, "rank": p.rank, "rows": p.hi - p.lo, "first_row": p.lo, "sha256": sha256_file(out / p.name)}
              for p in mine]
     metrics = _metrics(out, mine, schema.label_names, schema.tower_names, env) if opts.metrics else None
     all_files = sorted((f for fs in _all_gather(files, env) for f in fs), key=lambda f: f["file"])

@@ -170,3 +170,17 @@ def test_scoring_with_the_serving_artefact_gives_the_checkpoints_scores(trained,
                                    atol=1e-5)
     with pytest.raises(Exception, match="--output_columns logits needs a checkpoint"):
         _score(_args(trained, tmp_path / "l", "--model", str(tmp_path / "artefact"), "--output_columns", "logits"))
+
+
+def test_a_damaged_checkpoint_stops_scoring_naming_the_file(trained, tmp_path):
+    import shutil
+
+    from aitm_torchrec.checkpoint import CheckpointError
+
+    damaged = tmp_path / "step_00000012"
+    shutil.copytree(trained["root"] / "run" / "checkpoints" / "step_00000012", damaged)
+    shard = sorted(damaged.glob("*.distcp"))[0]
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=rf"{damaged}.*{shard.name}"):
+        _score(_args(trained, tmp_path / "o", "--checkpoint", str(damaged)))
+    assert not (tmp_path / "o").exists()  # nothing written
