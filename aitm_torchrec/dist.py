@@ -7,10 +7,13 @@ runs as a world of one on a free local port.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import socket
 import uuid
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -67,6 +70,38 @@ def setup(backend: str | None = None, timeout_s: float = 600) -> DistEnv:
 def teardown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def quiet_libraries() -> None:
+    """TorchRec/FBGEMM log and warn per table at start-up; keep their errors, drop the chatter."""
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message=".*autograd kernel was not registered.*")
+    warnings.filterwarnings("ignore", message=".*is_fx_tracing.*")
+    for name in ("torchrec", "fbgemm_gpu", "torch.fx"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    # Some TorchRec modules log through the root logger; keep only their errors.
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(lambda r: r.levelno >= logging.ERROR or "/torchrec/" not in r.pathname)
+
+
+@contextlib.contextmanager
+def job() -> Iterator[DistEnv]:
+    """One job run from an entry point (train, score, export): the process group and device
+    (``setup``), rank-aware logging (INFO on rank 0, warnings elsewhere), quiet libraries; the
+    group is torn down afterwards unless the caller had already set it up (a test or benchmark
+    running several jobs in one set of processes keeps it: destroying and re-creating the default
+    group on the same store can hang)."""
+    owns_group = not dist.is_initialized()
+    env = setup()
+    logging.basicConfig(level=logging.INFO if env.is_main else logging.WARNING,
+                        format=f"[rank{env.rank}] %(asctime)s %(name)s: %(message)s")
+    quiet_libraries()
+    try:
+        yield env
+    finally:
+        if owns_group:
+            teardown()
 
 
 def run_local(fn: Callable[..., Any], *args: Any, nproc: int = 2, threads: int = 1) -> dict[int, Any]:

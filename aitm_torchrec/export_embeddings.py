@@ -513,15 +513,8 @@ def manifest(out: Path, tables: list[Table], identity: dict, args: argparse.Name
 
 def main(args: argparse.Namespace) -> dict:
     cfg = load_config(args.config, args.overrides)
-    owns_group = not dist.is_initialized()
-    env = aitm_dist.setup()
-    logging.basicConfig(level=logging.INFO if env.is_main else logging.WARNING,
-                        format=f"[rank{env.rank}] %(asctime)s %(name)s: %(message)s")
-    try:
+    with aitm_dist.job() as env:
         result = export(args, cfg, env)
-    finally:
-        if owns_group:
-            aitm_dist.teardown()
     if env.is_main:
         print(json.dumps({k: result[k] for k in ("output", "parts_written", "parts_skipped", "rows_per_s")}))
     return result

@@ -286,7 +286,7 @@ def run(cfg: Config, env: DistEnv, opts: ScoreOptions) -> dict:
         logger.info("scoring %d rows of %d files with %s on %d ranks: %d of %d parts to do on rank 0",
                     reader.num_rows, len(reader.files), source_text, env.world_size, len(todo), len(mine))
 
-    rows_scored = 0
+    rows_scored, loop_seconds = 0, 0.0
     if steps:
         if opts.model:
             def forward(batch: Batch) -> torch.Tensor:  # probabilities -> logits for _scored_table
@@ -302,6 +302,7 @@ def run(cfg: Config, env: DistEnv, opts: ScoreOptions) -> dict:
         pieces: list[pa.Table] = []
         bar = tqdm(total=sum(p.hi - p.lo for p in todo), desc="score (rank 0 rows)", unit="row",
                    disable=not env.is_main, unit_scale=True)
+        t0 = time.perf_counter()
         with torch.no_grad():
             current: Part | None = None
             for batch, part in itertools.islice(_batches(reader, todo, steps), steps):
@@ -317,6 +318,7 @@ def run(cfg: Config, env: DistEnv, opts: ScoreOptions) -> dict:
                 bar.update(batch.num_real)
             if current is not None:
                 _write_part(out, current, pieces)
+        loop_seconds = time.perf_counter() - t0
         bar.close()
 
     # Every rank's parts exist now; rank 0 writes the manifest, then _SUCCESS.
@@ -325,12 +327,15 @@ def run(cfg: Config, env: DistEnv, opts: ScoreOptions) -> dict:
     metrics = _metrics(out, mine, schema.label_names, schema.tower_names, env) if opts.metrics else None
     all_files = sorted((f for fs in _all_gather(files, env) for f in fs), key=lambda f: f["file"])
     total_scored = sum(_all_gather(rows_scored, env))
+    slowest = max(_all_gather(loop_seconds, env))
     manifest = {
         "checkpoint": job["checkpoint"],
         "config_model_dir": cfg.model_dir,
         "inputs": [{"file": p, "rows": n} for p, n in job["inputs"].items()],
         "rows": reader.num_rows,
         "rows_scored_this_run": total_scored,
+        # the scoring loop of the slowest rank (read, forward, write; not model build and load)
+        "scoring_seconds": round(slowest, 3),
         "world_size": env.world_size,
         "columns": passthrough + [f"{k}_{t}" for k in opts.output_kinds for t in schema.tower_names],
         "towers": [{"tower_name": t.tower_name, "label_name": t.label_name} for t in schema.tasks],

@@ -180,7 +180,7 @@ def _pipeline_examples_per_s(cfg, env, batches: list, steps: int, warmup: int = 
 def cmd_data(args: argparse.Namespace) -> dict:
     import pyarrow as pa
 
-    from launch.train import quiet_libraries
+    from aitm_torchrec.dist import quiet_libraries
 
     quiet_libraries()
     threads = pa.cpu_count(), pa.io_thread_count()
@@ -205,8 +205,7 @@ def _data(args: argparse.Namespace) -> dict:
 
     source, fmt = train, None
     if args.csv:  # the same rows as EasyRec CSV, read by csv_input through the same reader
-        labels = [t.label_name for t in cfg.towers]
-        source, fmt = _ensure_csv(train, list(dict.fromkeys(labels + [f.column for f in cfg.feature_config.features])))
+        source, fmt = _ensure_csv(train, list(dict.fromkeys(cfg.schema.label_names + cfg.schema.feature_columns)))
 
     def reader(**kw) -> ParquetReader:
         return ParquetReader([str(source)], cfg.schema, batch_size, shuffle=args.shuffle, seed=1, prefetch=0,
@@ -338,8 +337,8 @@ def _train_rank(config: str | None, overrides: list[str], bare_steps: int) -> di
 
     from aitm_torchrec import dist as aitm_dist
     from aitm_torchrec.config import load_config
+    from aitm_torchrec.dist import quiet_libraries
     from aitm_torchrec.train import run, train_reader
-    from launch.train import quiet_libraries
 
     logging.basicConfig(level=logging.WARNING)
     quiet_libraries()
@@ -385,13 +384,14 @@ def big_table_overrides(cfg, total_rows: int) -> list[str]:
     large = [i for i, f in enumerate(feats) if (f.hash_bucket_size or 0) >= 100_000]
     if not large:
         raise ValueError("--big-tables needs features with hash_bucket_size >= 100000 to grow")
-    rest = sum(_table_rows(f) for i, f in enumerate(feats) if i not in large)
+    rest = _table_rows(cfg) - sum(feats[i].num_embeddings for i in large)
     each = math.ceil(max(total_rows - rest, 0) / len(large))
     return [f"feature_config.features.{i}.hash_bucket_size={each}" for i in large]
 
 
-def _table_rows(f) -> int:
-    return 0 if f.feature_type == "RawFeature" else f.num_embeddings
+def _table_rows(cfg) -> int:
+    """Rows of all embedding tables of a config."""
+    return sum(f.num_embeddings for f in cfg.schema.sparse)
 
 
 def cmd_train(args: argparse.Namespace) -> dict:
@@ -433,7 +433,7 @@ def cmd_train(args: argparse.Namespace) -> dict:
         "examples": small["train"]["examples"],
         "seconds": round(small["train"]["seconds"], 2),
         "examples_per_s": round(ex_s),
-        "table_rows_total": sum(_table_rows(f) for f in cfg.feature_config.features),
+        "table_rows_total": _table_rows(cfg),
         "flops_per_example": round(flops),
         "flops_breakdown": {k: round(v) for k, v in groups.items()},
         "flops_counted": "nn.Linear only (incl. AIT h1/h2/h3 per candidate, transfer, heads): "
@@ -465,7 +465,7 @@ def cmd_train(args: argparse.Namespace) -> dict:
         big = one(extra)
         big_ex_s = big["train"]["examples_per_s"]
         result["big_tables"] = {
-            "table_rows_total": sum(_table_rows(f) for f in big_cfg.feature_config.features),
+            "table_rows_total": _table_rows(big_cfg),
             "overrides": extra,
             "examples_per_s": round(big_ex_s),
             "seconds": round(big["train"]["seconds"], 2),
@@ -544,6 +544,69 @@ def cmd_export(args: argparse.Namespace) -> dict:
     return result
 
 
+def _score_rank(config: str | None, overrides: list[str], score_args: list[str]) -> dict:
+    """One rank (a spawned process): ``launch/train.py``, then ``launch/score.py`` of the same
+    config and checkpoint, in one process group."""
+    import logging
+
+    from aitm_torchrec import dist as aitm_dist
+    from launch.score import main as score_main
+    from launch.train import main as train_main
+
+    logging.basicConfig(level=logging.WARNING)
+    aitm_dist.setup()
+    try:
+        config_args = ["--config", config] if config else []
+        summary = train_main([*config_args, "--no-resume", *overrides])
+        manifest = score_main([*config_args, *score_args, *overrides])
+    finally:
+        aitm_dist.teardown()
+    return {"train": summary["train"], "score": manifest}
+
+
+def cmd_score(args: argparse.Namespace) -> dict:
+    """Scoring examples/s beside training examples/s of the same config, in the same ranks."""
+    from aitm_torchrec.config import load_config
+
+    data = Path(args.data or REPO / "data" / f"bench_taobao_int64_{args.rows}")
+    train = _ensure_data(data, args.rows, False, args.row_group_size, args.files)
+    results = {}
+    for label, grow in (("small_tables", []), ("big_tables", None)):
+        if grow is None and not args.big_tables:
+            continue
+        work = Path(tempfile.mkdtemp(prefix="bench_score_"))
+        overrides = list(args.overrides) + [
+            f"train_input_path=[{train}]", "eval_input_path=[]", f"model_dir={work / 'run'}",
+            f"train_config.num_steps={args.steps}", f"train_config.log_step_count_steps={args.steps}"]
+        if grow is None:
+            overrides += big_table_overrides(load_config(args.config, overrides), args.big_table_rows)
+        cfg = load_config(args.config, overrides)
+        score_args = ["--input", str(train), "--output", str(work / "scores"), "--reserved_columns", "clk"]
+        try:
+            out = _launch_ranks(_score_rank, (args.config, overrides, score_args), args.world_size,
+                                args.threads_per_rank)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        train_ex_s = out["train"]["examples_per_s"]
+        score_ex_s = out["score"]["rows_scored_this_run"] / out["score"]["scoring_seconds"]
+        results[label] = {
+            "table_rows_total": _table_rows(cfg),
+            "train_batch_size": cfg.data_config.batch_size, "train_steps": out["train"]["steps_this_run"],
+            "train_examples_per_s": round(train_ex_s),
+            "score_rows": out["score"]["rows_scored_this_run"], "score_batch_size": 4 * cfg.data_config.batch_size,
+            "score_seconds": out["score"]["scoring_seconds"], "score_examples_per_s": round(score_ex_s),
+            "score_over_train": round(score_ex_s / train_ex_s, 2) if train_ex_s else None,
+        }
+    result = {"benchmark": "score", "config": str(args.config or "configs/aitm_taobao.yaml"), "data": str(train),
+              "world_size": args.world_size, "threads_per_rank": args.threads_per_rank, **results,
+              "goal_score_over_train": 3.0,
+              "measured": "scoring: rows written / the slowest rank's scoring loop (read, forward, write "
+                          "Parquet; model build and checkpoint load excluded); training: the trainer's "
+                          "examples/s in the same ranks just before"}
+    print(json.dumps(result, indent=2))
+    return result
+
+
 def _train_one(config: str | None, overrides: list[str]) -> dict:
     """``launch/train.py`` in a spawned single-rank process (a checkpoint for ``serve``)."""
     from launch.train import main as train_main
@@ -573,9 +636,8 @@ def cmd_serve(args: argparse.Namespace) -> dict:
     import pyarrow.parquet as pq
     import torch
 
-    from aitm_torchrec.dist import run_local
+    from aitm_torchrec.dist import quiet_libraries, run_local
     from launch.export import main as export_main
-    from launch.train import quiet_libraries
 
     quiet_libraries()
     kind = "string" if args.string_ids else "int64"
@@ -672,6 +734,20 @@ def main(argv: list[str] | None = None) -> dict:
     e.add_argument("--world-size", type=int, default=2, help="training and export processes")
     e.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
     e.set_defaults(fn=cmd_export)
+    c = sub.add_parser("score", help="batch scoring examples/s beside training examples/s, same ranks")
+    c.add_argument("--config", help="YAML config (default: the seed's)")
+    c.add_argument("--rows", type=int, default=400_000, help="rows of the generated data set (scored whole)")
+    c.add_argument("--data", help="data directory (default data/bench_taobao_int64_<rows>; generated if missing)")
+    c.add_argument("--row-group-size", type=int, default=65536)
+    c.add_argument("--files", type=int, default=4)
+    c.add_argument("--steps", type=int, default=60, help="training steps before scoring")
+    c.add_argument("--world-size", type=int, default=2)
+    c.add_argument("--threads-per-rank", type=int, default=1)
+    c.add_argument("--big-tables", action=argparse.BooleanOptionalAction, default=True,
+                   help="also with the large tables grown to --big-table-rows rows in all")
+    c.add_argument("--big-table-rows", type=int, default=14_000_000)
+    c.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
+    c.set_defaults(fn=cmd_score)
     s = sub.add_parser("serve", help="serving artefact latency, throughput and size per quantization")
     s.add_argument("--config", help="YAML config (default: the seed's, real table sizes)")
     s.add_argument("--data", help="data directory (default data/bench_serve_<ids>; generated if missing)")

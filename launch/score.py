@@ -9,20 +9,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 
 # Runs as a script under torchrun: make the repository importable without installing it.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch.distributed  # noqa: E402
 from torch.distributed.elastic.multiprocessing.errors import record  # noqa: E402
 
 from aitm_torchrec import dist as aitm_dist  # noqa: E402
 from aitm_torchrec.config import load_config  # noqa: E402
 from aitm_torchrec.score import ScoreOptions, run  # noqa: E402
-from launch.train import quiet_libraries  # noqa: E402
 
 
 def _columns(text: str) -> tuple[str, ...]:
@@ -56,21 +53,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse(argv)
     cfg = load_config(args.config, args.overrides)
-    owns_group = not torch.distributed.is_initialized()
-    env = aitm_dist.setup()
-    logging.basicConfig(level=logging.INFO if env.is_main else logging.WARNING,
-                        format=f"[rank{env.rank}] %(asctime)s %(name)s: %(message)s")
-    quiet_libraries()
     opts = ScoreOptions(output=Path(args.output), inputs=tuple(args.input), checkpoint=args.checkpoint,
                         model=args.model, threads=args.threads,
                         reserved_columns=args.reserved_columns, output_kinds=args.output_columns,
                         batch_size=args.batch_size, rows_per_part=args.rows_per_part, metrics=args.metrics,
                         overwrite=args.overwrite)
-    try:
+    with aitm_dist.job() as env:
         manifest = run(cfg, env, opts)
-    finally:
-        if owns_group:
-            aitm_dist.teardown()
     if env.is_main:
         brief = {k: manifest[k] for k in ("rows", "rows_scored_this_run", "world_size", "checkpoint", "metrics")}
         brief["output"] = str(args.output)

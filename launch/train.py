@@ -9,16 +9,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
-import warnings
 from pathlib import Path
 
 # Runs as a script under torchrun: make the repository importable without installing it.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch.distributed  # noqa: E402
 from torch.distributed.elastic.multiprocessing.errors import record  # noqa: E402
 
 from aitm_torchrec import dist as aitm_dist  # noqa: E402
@@ -34,35 +31,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def quiet_libraries() -> None:
-    """TorchRec/FBGEMM log and warn per table at start-up; keep their errors, drop the chatter."""
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    warnings.filterwarnings("ignore", message=".*autograd kernel was not registered.*")
-    warnings.filterwarnings("ignore", message=".*is_fx_tracing.*")
-    for name in ("torchrec", "fbgemm_gpu", "torch.fx"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    # Some TorchRec modules log through the root logger; keep only their errors.
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(lambda r: r.levelno >= logging.ERROR or "/torchrec/" not in r.pathname)
-
-
 @record
 def main(argv: list[str] | None = None) -> dict:
     args = parse(argv)
     cfg = load_config(args.config, args.overrides)
-    # A caller that already set up the process group (a test running several jobs in one set of
-    # processes) keeps it: destroying and re-creating the default group on the same store can hang.
-    owns_group = not torch.distributed.is_initialized()
-    env = aitm_dist.setup()
-    logging.basicConfig(level=logging.INFO if env.is_main else logging.WARNING,
-                        format=f"[rank{env.rank}] %(asctime)s %(name)s: %(message)s")
-    quiet_libraries()
-    try:
+    with aitm_dist.job() as env:
         summary = run(cfg, env, resume=not args.no_resume).to_dict()
-    finally:
-        if owns_group:
-            aitm_dist.teardown()
     if env.is_main:
         brief = {"eval": summary["eval"], "train": {k: summary["train"][k] for k in ("steps", "examples", "examples_per_s")},
                  "world_size": summary["world_size"], "summary": os.path.join(cfg.model_dir, "summary.json")}
