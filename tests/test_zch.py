@@ -223,3 +223,12 @@ def test_two_rank_zch_training_resumes_exactly_and_reshards_to_one(tiny_data, tm
                      nproc=1)[0]["runs"][0]
     assert more["world_size"] == 1 and more["train"]["resumed_from_step"] == 24
     assert more["train"]["steps_this_run"] == 4
+
+
+def test_cluster_plans_show_zch_tables_row_wise_and_even():
+    from aitm_torchrec.sharding import plan_for_topology
+
+    r = plan_for_topology(load_config(None, zch_overrides(size=1024)), 2, 2, "cpu")
+    assert r["tables"]["user_id"]["sharding_type"] == "row_wise"
+    assert r["tables"]["user_id"]["shards"] == [[256, 16]] * 4
+    assert r["tables"]["price"]["sharding_type"] != "row_wise"
