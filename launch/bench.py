@@ -519,7 +519,8 @@ def cmd_zch(args: argparse.Namespace) -> dict:
               args.vocab, "table_rows_per_large_feature": args.table_size, "world_size": args.world_size,
               "batch_size": args.batch_size, "steps": args.steps, "eviction_interval": args.eviction_interval,
               "eviction_policy": args.policy}
-    for name, zch in (("hashed", False), ("zch", True)):
+    ways = [("hashed", False), ("zch", True)]
+    for name, zch in (ways[::-1] if args.zch_first else ways):
         model_dir = Path(tempfile.mkdtemp(prefix=f"bench_zch_{name}_"))
         extra = zch_table_overrides(cfg, args.table_size, zch, args.eviction_interval, args.policy)
         try:
@@ -585,6 +586,7 @@ def main(argv: list[str] | None = None) -> dict:
     z.add_argument("--policy", default="lfu", choices=["lfu", "lru", "distance_lfu"])
     z.add_argument("--world-size", type=int, default=2)
     z.add_argument("--threads-per-rank", type=int, default=1)
+    z.add_argument("--zch-first", action="store_true", help="run the zch way first (order effects)")
     z.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
     z.set_defaults(fn=cmd_zch)
     args = p.parse_args(argv)
