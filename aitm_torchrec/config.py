@@ -45,6 +45,23 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
+class Zch:
+    """A managed-collision (zero-collision hashing) table: every kept id has a row of its own.
+
+    ``zch_size`` rows in all (split evenly over the ranks; each rank's last row is the shared row
+    of ids it does not hold: unseen and evicted ids). Every ``eviction_interval`` training steps
+    the ids seen since the last eviction compete with the held ones under ``eviction_policy``
+    (lfu: most seen; lru: most recent; distance_lfu: counts decayed by age with
+    ``decay_exponent``); the losers' rows are re-initialised with their optimizer state.
+    """
+
+    zch_size: int = 0
+    eviction_interval: int = 100  # training steps
+    eviction_policy: Literal["lfu", "lru", "distance_lfu"] = "lfu"
+    decay_exponent: float = 1.0  # lru and distance_lfu only
+
+
+@dataclass(frozen=True)
 class Feature:
     """One input column -> one embedding table (or dense values for RawFeature)."""
 
@@ -54,6 +71,7 @@ class Feature:
     embedding_dim: int = 16
     hash_bucket_size: int = 0  # ids (int or string) hashed into [0, hash_bucket_size)
     num_buckets: int = 0  # ids already in [0, num_buckets); out of range is an error
+    zch: Zch | None = None  # managed-collision table instead of hashing (see Zch)
     separator: str = ""  # TagFeature stored as one string, e.g. "|"
     combiner: Literal["sum", "mean"] = "sum"  # pooling of the bag
     raw_input_dim: int = 1  # RawFeature width
@@ -69,7 +87,7 @@ class Feature:
 
     @property
     def num_embeddings(self) -> int:
-        return self.hash_bucket_size or self.num_buckets
+        return self.hash_bucket_size or self.num_buckets or (self.zch.zch_size if self.zch else 0)
 
 
 @dataclass(frozen=True)
@@ -445,8 +463,8 @@ def validate(cfg: Config, where: str) -> None:
             fail(f"{key}.feature_name", f"{f.name!r} is defined twice")
         seen.add(f.name)
         if f.feature_type == "RawFeature":
-            if f.hash_bucket_size or f.num_buckets:
-                fail(key, f"({f.name}) RawFeature takes no hash_bucket_size / num_buckets")
+            if f.hash_bucket_size or f.num_buckets or f.zch:
+                fail(key, f"({f.name}) RawFeature takes no hash_bucket_size / num_buckets / zch")
             if f.raw_input_dim < 1:
                 fail(f"{key}.raw_input_dim", "must be >= 1")
             if f.normalizer is not None and f.normalizer.std <= 0:
@@ -456,8 +474,16 @@ def validate(cfg: Config, where: str) -> None:
             continue
         if f.normalizer is not None:
             fail(f"{key}.normalizer", f"({f.name}) is only allowed for RawFeature")
-        if (f.hash_bucket_size > 0) == (f.num_buckets > 0):
-            fail(key, f"({f.name}) needs exactly one of hash_bucket_size or num_buckets, > 0")
+        if [f.hash_bucket_size > 0, f.num_buckets > 0, f.zch is not None].count(True) != 1:
+            fail(key, f"({f.name}) needs exactly one of hash_bucket_size or num_buckets (> 0), or zch")
+        if f.zch is not None:
+            if f.zch.zch_size < 2:
+                fail(f"{key}.zch.zch_size", f"({f.name}) must be >= 2 (one row is kept for unseen ids), "
+                     f"got {f.zch.zch_size}")
+            if f.zch.eviction_interval < 1:
+                fail(f"{key}.zch.eviction_interval", f"({f.name}) must be >= 1 step, got {f.zch.eviction_interval}")
+            if f.zch.decay_exponent <= 0:
+                fail(f"{key}.zch.decay_exponent", f"({f.name}) must be > 0, got {f.zch.decay_exponent}")
         if f.embedding_dim < 1:
             fail(f"{key}.embedding_dim", f"({f.name}) must be >= 1")
         if f.separator and f.feature_type != "TagFeature":
@@ -588,9 +614,13 @@ def validate(cfg: Config, where: str) -> None:
     if not 0 < sc.cache_load_factor <= 1:
         fail("sharding_config.cache_load_factor", "must be in (0, 1]")
     constraints = [("sharding_config", TableConstraint(sc.sharding_types, sc.compute_kernels))]
+    zch_features = {f.name for f in features if f.zch is not None}
     for name, c in sc.tables:
         if name not in seen:
             fail(f"sharding_config.tables.{name}", "names no feature")
+        if name in zch_features:
+            fail(f"sharding_config.tables.{name}", "is a zch table; zch tables are always row-wise, "
+                 "split evenly over the ranks")
         constraints.append((f"sharding_config.tables.{name}", c))
     for key, c in constraints:
         for s in c.sharding_types:

@@ -5,6 +5,10 @@ Id rules (the same in every process, run and machine):
   string ids are first folded to 64 bits with a polynomial byte hash (FNV constants), so a
   string column and its decimal-integer twin do NOT map to the same rows. Python's salted
   ``hash()`` is never used.
+- ``zch``: the "row" the reader emits is the id's zch key, mix64(id) mod (2^63 - 1) as int64
+  (string ids folded as above first); the managed-collision table maps keys to rows. Mixing
+  spreads keys evenly over [0, 2^63 - 1), which the row-wise sharding splits into equal ranges
+  per rank; 2^63 - 1 itself is the table's empty-slot marker, so the modulus leaves it out.
 - ``num_buckets: n``: ids must already be in [0, n); anything else is an error that names the
   file and column (TorchRec would silently train row 0 instead).
 - Missing values (a documented repair, counted by the reader in ``stats["empty_bags"]``): a null
@@ -104,6 +108,14 @@ def _pow_table(n: int) -> np.ndarray:
     return out
 
 
+ZCH_KEY_SPACE = (1 << 63) - 1  # keys in [0, 2^63 - 1): the managed-collision input range
+
+
+def zch_keys(ids: np.ndarray) -> np.ndarray:
+    """Integer ids (any integer dtype, as their 64-bit pattern) or string hashes (uint64) -> int64 zch keys."""
+    return (mix64(ids.astype(np.int64, copy=False).view(np.uint64)) % np.uint64(ZCH_KEY_SPACE)).astype(np.int64)
+
+
 @dataclass(frozen=True)
 class Source:
     """Where a batch comes from, for error messages."""
@@ -112,9 +124,12 @@ class Source:
 
 
 def ids_to_rows(feature: SparseFeature, values: pa.Array, src: Source) -> np.ndarray:
-    """Non-null ids (int or string Arrow array) -> int64 table rows in [0, num_embeddings)."""
+    """Non-null ids (int or string Arrow array) -> int64 table rows in [0, num_embeddings), or for
+    zch features the ids' zch keys (the managed-collision table maps them to rows)."""
     col = feature.column
     if is_string(values.type):
+        if feature.zch_size:
+            return zch_keys(string_hash64(values).view(np.int64))
         if feature.num_buckets:
             values = _strings_as_ints(values, feature, src)
         else:
@@ -130,6 +145,8 @@ def ids_to_rows(feature: SparseFeature, values: pa.Array, src: Source) -> np.nda
                             f"[0, num_buckets={feature.num_buckets}), e.g. {int(ints[bad][0])}; "
                             "use hash_bucket_size for raw ids")
         return ints
+    if feature.zch_size:
+        return zch_keys(ints)
     return (mix64(ints.view(np.uint64)) % np.uint64(feature.hash_bucket_size)).astype(np.int64)
 
 

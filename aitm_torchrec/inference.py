@@ -20,7 +20,7 @@ from aitm_torchrec import checkpoint
 from aitm_torchrec.config import Config
 from aitm_torchrec.dist import DistEnv
 from aitm_torchrec.model import MultiTaskModel
-from aitm_torchrec.sharding import describe, planner, sharders
+from aitm_torchrec.sharding import describe, plan_model, sharders
 from aitm_torchrec.task import build_model
 
 # Training checkpoints hold the train wrapper's state under "model"; the model is its ``model``.
@@ -70,7 +70,7 @@ def sharded_model(cfg: Config, env: DistEnv, path: Path) -> tuple[DistributedMod
     """The config's model planned for this job's ranks, sharded, with the checkpoint's weights,
     in eval mode. Collective: every rank calls it. Returns (DMP, plan description)."""
     model = build_model(cfg, device="meta", dense_device=env.device)
-    plan = planner(cfg, env.world_size, env.local_world_size, env.device.type).collective_plan(model, sharders())
+    plan = plan_model(cfg, model, env.world_size, env.local_world_size, env.device.type)
     dmp = DistributedModelParallel(module=model, device=env.device, plan=plan, sharders=sharders())
     load_model_weights(dmp, path)
     dmp.eval()

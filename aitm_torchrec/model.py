@@ -31,6 +31,7 @@ from typing import Literal
 import torch
 from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.modules.mc_embedding_modules import ManagedCollisionEmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from aitm_torchrec.schema import topological_order
@@ -114,19 +115,27 @@ class MultiTaskModel(nn.Module):
     """Every model's construction shape: input side -> backbone -> head.
 
     Args:
-        ebc: EmbeddingBagCollection with one table per sparse feature (any device, ``meta`` ok).
+        ebc: EmbeddingBagCollection with one table per sparse feature (any device, ``meta`` ok),
+            but the zch features'; None when every sparse feature is zch.
         groups: feature names per feature group, concatenated in order into the model input.
         dense_slices: RawFeature name -> (start, stop) columns of the dense input.
         backbone: shared MLP over the model input (B x input_dim -> B x H; may have no layers).
         head: the model class's towers (B x H -> B x T logits), e.g. ``AITMHead``.
+        mc_ebc: the zch features' tables (``zch.build_mc_ebc``), or None.
     forward(dense: B x D_dense, sparse: KJT) -> B x T logits.
     """
 
-    def __init__(self, ebc: EmbeddingBagCollection, groups: Sequence[Sequence[str]],
-                 dense_slices: dict[str, tuple[int, int]], backbone: nn.Module, head: nn.Module) -> None:
+    def __init__(self, ebc: EmbeddingBagCollection | None, groups: Sequence[Sequence[str]],
+                 dense_slices: dict[str, tuple[int, int]], backbone: nn.Module, head: nn.Module,
+                 mc_ebc: ManagedCollisionEmbeddingBagCollection | None = None) -> None:
         super().__init__()
         self.ebc = ebc
-        dims = {c.feature_names[0]: c.embedding_dim for c in ebc.embedding_bag_configs()}
+        self.mc_ebc = mc_ebc  # None: a plain attribute, so other models' state dicts are unchanged
+        configs = (ebc.embedding_bag_configs() if ebc is not None else []) + (
+            mc_ebc._embedding_module.embedding_bag_configs() if mc_ebc is not None else [])
+        dims = {c.feature_names[0]: c.embedding_dim for c in configs}
+        self.zch_inputs = frozenset(c.feature_names[0] for c in mc_ebc._embedding_module.embedding_bag_configs()) \
+            if mc_ebc is not None else frozenset()
         self.inputs = [name for g in groups for name in g]
         self.sparse_inputs = frozenset(dims)  # fixed here so forward stays fx-traceable
         self.dense_slices = dict(dense_slices)
@@ -136,11 +145,20 @@ class MultiTaskModel(nn.Module):
         self.head = head
 
     def embed(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (model input B x input_dim, pooled embeddings B x E of all sparse features)."""
-        pooled = self.ebc(sparse)
-        emb = pooled.to_dict()
+        """Returns (model input B x input_dim, pooled embeddings B x E of all sparse features).
+        Both table modules read the whole KJT; each looks up its own keys."""
+        if self.mc_ebc is None:
+            pooled = self.ebc(sparse)
+            emb = pooled.to_dict()
+            values = pooled.values()
+        else:  # fx-traceable for the train pipeline: index the output dicts by name, never iterate them
+            zch = self.mc_ebc(sparse)[0]
+            pooled = [zch] if self.ebc is None else [self.ebc(sparse), zch]
+            dicts = [kt.to_dict() for kt in pooled]
+            emb = {n: dicts[-1][n] if n in self.zch_inputs else dicts[0][n] for n in self.sparse_inputs}
+            values = torch.cat([kt.values() for kt in pooled], dim=1)
         parts = [emb[n] if n in self.sparse_inputs else dense[:, slice(*self.dense_slices[n])] for n in self.inputs]
-        return torch.cat(parts, dim=1), pooled.values()
+        return torch.cat(parts, dim=1), values
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """Model input B x input_dim -> B x T logits."""

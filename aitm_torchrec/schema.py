@@ -3,8 +3,9 @@
 The reader, ``build_model``, the loss, metrics, sharding, scoring, table export and the serving
 model all take a ``Schema``; none of them recomputes any of it:
 
-- sparse features in table order, each with its id rule (``hash_bucket_size`` or
-  ``num_buckets``), separator, combiner and embedding dim; one table per sparse feature;
+- sparse features in table order, each with its id rule (``hash_bucket_size``, ``num_buckets``
+  or ``zch``: a managed-collision table), separator, combiner and embedding dim; one table per
+  sparse feature;
 - dense (RawFeature) features in the order of the dense block, each with its column offset and
   normaliser;
 - the feature groups, concatenated in order into the model input (``input_dim`` wide);
@@ -37,6 +38,8 @@ ID_HASH = {
     "string": "row = splitmix64(poly64(utf8 bytes)) mod hash_bucket_size; "
               "poly64(s) = sum_i s[i] * P^(n-1-i) + O * P^n mod 2^64, P = 0x100000001B3, "
               "O = 0xCBF29CE484222325",
+    "zch_key": "key = splitmix64(uint64(id) or poly64(utf8 bytes)) mod (2^63 - 1), as int64; a zch "
+               "table maps each key it holds to a row of its own",
     "splitmix64": "z += 0x9E3779B97F4A7C15; z ^= z >> 30; z *= 0xBF58476D1CE4E5B9; z ^= z >> 27; "
                   "z *= 0x94D049BB133111EB; z ^= z >> 31 (mod 2^64)",
 }
@@ -67,10 +70,18 @@ class SparseFeature:
     num_buckets: int = 0  # ids already rows in [0, num_buckets)
     separator: str = ""  # TagFeature stored as one string
     combiner: str = "sum"  # pooling of the bag: sum | mean
+    zch_size: int = 0  # managed-collision table of zch_size rows; ids become ID_HASH zch keys
+    eviction_interval: int = 0  # zch: training steps between evictions
+    eviction_policy: str = ""  # zch: lfu | lru | distance_lfu
+    decay_exponent: float = 1.0  # zch: lru and distance_lfu
 
     @property
     def num_embeddings(self) -> int:
-        return self.hash_bucket_size or self.num_buckets
+        return self.hash_bucket_size or self.num_buckets or self.zch_size
+
+    @property
+    def is_zch(self) -> bool:
+        return self.zch_size > 0
 
     @property
     def id_rule(self) -> dict[str, Any]:
@@ -78,6 +89,13 @@ class SparseFeature:
         if self.hash_bucket_size:
             return {"kind": "hash", "hash": ID_HASH["name"], "hash_version": ID_HASH["version"],
                     "hash_bucket_size": self.hash_bucket_size}
+        if self.zch_size:
+            # The key -> row map is learned: it ships with the table (zch.zch_rows), not here.
+            return {"kind": "zch", "hash": ID_HASH["name"], "hash_version": ID_HASH["version"],
+                    "key": ID_HASH["zch_key"], "zch_size": self.zch_size,
+                    "eviction_policy": self.eviction_policy, "eviction_interval": self.eviction_interval,
+                    "unseen": "keys the table does not hold read the last row of the shard their key "
+                              "falls in (key range split evenly over the training ranks)"}
         return {"kind": "identity", "num_buckets": self.num_buckets}
 
 
@@ -187,14 +205,20 @@ class Schema:
         """Width of the model input: every group's features concatenated."""
         return sum(self.feature_dim(n) for g in self.groups for n in g)
 
-    def embedding_bag_configs(self) -> list:
-        """TorchRec ``EmbeddingBagConfig``s, one table per sparse feature, named after it."""
+    @property
+    def zch(self) -> tuple[SparseFeature, ...]:
+        """The sparse features with managed-collision (zch) tables."""
+        return tuple(f for f in self.sparse if f.is_zch)
+
+    def embedding_bag_configs(self, zch: bool | None = None) -> list:
+        """TorchRec ``EmbeddingBagConfig``s, one table per sparse feature, named after it: all of
+        them (``zch`` None), or only the zch tables (True) or only the others (False)."""
         from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 
         pooling = {"sum": PoolingType.SUM, "mean": PoolingType.MEAN}
         return [EmbeddingBagConfig(name=f.name, feature_names=[f.name], num_embeddings=f.num_embeddings,
                                    embedding_dim=f.embedding_dim, pooling=pooling[f.combiner])
-                for f in self.sparse]
+                for f in self.sparse if zch is None or f.is_zch == zch]
 
     # ---- construction -------------------------------------------------------------------------
 
@@ -215,8 +239,12 @@ class Schema:
                 dense.append(DenseFeature(f.name, f.column, f.raw_input_dim, offset, f.normalizer))
                 offset += f.raw_input_dim
             else:
+                zch = {}
+                if f.zch is not None:
+                    zch = {"zch_size": f.zch.zch_size, "eviction_interval": f.zch.eviction_interval,
+                           "eviction_policy": f.zch.eviction_policy, "decay_exponent": f.zch.decay_exponent}
                 sparse.append(SparseFeature(f.name, f.column, f.feature_type, f.embedding_dim,
-                                            f.hash_bucket_size, f.num_buckets, f.separator, f.combiner))
+                                            f.hash_bucket_size, f.num_buckets, f.separator, f.combiner, **zch))
         if towers and isinstance(towers[0], str):
             tasks = [Task(label, label, (i - 1,) if i else ()) for i, label in enumerate(towers)]
         else:

@@ -16,11 +16,14 @@ from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
 from torchrec.distributed.planner.types import ParameterConstraints
 from torchrec.distributed.types import CacheParams, ShardingPlan
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.modules.mc_embedding_modules import ManagedCollisionEmbeddingBagCollection
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
 from aitm_torchrec.config import SHARDING_TYPES_CPU, Config, ConfigError, Optimizer
 from aitm_torchrec.dist import DistEnv
+from aitm_torchrec.zch import ZchSharder, zch_plan
 
 GB = 1024**3
 CPU_KERNELS = ("dense", "fused")
@@ -49,6 +52,8 @@ def constraints(cfg: Config, compute_device: str) -> dict[str, ParameterConstrai
     per_table = dict(sc.tables)
     out = {}
     for f in cfg.schema.sparse:
+        if f.is_zch:  # planned by zch.zch_plan, not the planner
+            continue
         c = per_table.get(f.name)
         types = list((c and c.sharding_types) or sc.sharding_types)
         kernels = list((c and c.compute_kernels) or sc.compute_kernels)
@@ -93,16 +98,36 @@ def sparse_optimizer(opt: Optimizer, compute_device: str) -> tuple[type, dict]:
 
 
 def sharders() -> list:
-    return [EmbeddingBagCollectionSharder()]
+    return [EmbeddingBagCollectionSharder(), ZchSharder()]
 
 
-def shard(cfg: Config, train_module: nn.Module, ebc: nn.Module, env: DistEnv) -> tuple[DistributedModelParallel, ShardingPlan]:
-    """Applies the fused table optimizer, plans collectively, and returns (DMP, plan)."""
+def plan_model(cfg: Config, module: nn.Module, world_size: int, local_world_size: int, compute_device: str,
+               collective: bool = True) -> ShardingPlan:
+    """The planner's plan for the EmbeddingBagCollections in ``module`` (collective: every rank
+    calls it and gets rank 0's), plus the hand-written row-wise plan of the zch tables (the
+    planner finds no sharding type for managed-collision tables on CPU, torchrec issue 2958)."""
+    p = planner(cfg, world_size, local_world_size, compute_device)
+    plan = (p.collective_plan if collective else p.plan)(module, [EmbeddingBagCollectionSharder()])
+    return _with_zch_plan(plan, cfg, module, world_size, local_world_size, compute_device)
+
+
+def _with_zch_plan(plan: ShardingPlan, cfg: Config, module: nn.Module, world_size: int, local_world_size: int,
+                   compute_device: str) -> ShardingPlan:
+    for fqn, m in module.named_modules():
+        if isinstance(m, ManagedCollisionEmbeddingBagCollection):
+            plan.plan.pop(f"{fqn}._embedding_module", None)  # the planner saw a plain EBC there: replaced
+            plan.plan[fqn] = zch_plan(m, cfg.schema, world_size, local_world_size, compute_device)
+    return plan
+
+
+def shard(cfg: Config, train_module: nn.Module, env: DistEnv) -> tuple[DistributedModelParallel, ShardingPlan]:
+    """Applies the fused table optimizer (to every table, zch ones included), plans collectively,
+    and returns (DMP, plan)."""
     compute_device = env.device.type
     opt_cls, opt_kwargs = sparse_optimizer(cfg.train_config.sparse_optimizer, compute_device)
-    apply_optimizer_in_backward(opt_cls, ebc.parameters(), opt_kwargs)
-    plan = planner(cfg, env.world_size, env.local_world_size, compute_device).collective_plan(
-        train_module, sharders())
+    tables = [p for m in train_module.modules() if isinstance(m, EmbeddingBagCollection) for p in m.parameters()]
+    apply_optimizer_in_backward(opt_cls, tables, opt_kwargs)
+    plan = plan_model(cfg, train_module, env.world_size, env.local_world_size, compute_device)
     dmp = DistributedModelParallel(module=train_module, device=env.device, plan=plan, sharders=sharders())
     return dmp, plan
 
@@ -129,10 +154,15 @@ def plan_for_topology(cfg: Config, hosts: int, procs_per_host: int, compute_devi
     world = hosts * procs_per_host
     module = build_train_module(cfg, device="meta", dense_device="meta")
     p = planner(cfg, world, procs_per_host, compute_device)
-    plan = p.plan(module, sharders())
+    plan = _with_zch_plan(p.plan(module, [EmbeddingBagCollectionSharder()]), cfg, module, world,
+                          procs_per_host, compute_device)
     per_rank = [{"rank": r, "hbm_gb": 0.0, "ddr_gb": 0.0, "tables": []} for r in range(world)]
     tables: dict[str, dict] = describe(plan)
+    for f in cfg.schema.zch:  # row-wise, evenly: no planner estimate
+        tables[f.name]["shards"] = [[f.zch_size // world, f.embedding_dim]] * world
     for option in p._best_plan or []:  # the planner's own storage estimates (weights, optimizer, buffers)
+        if option.name in {f.name for f in cfg.schema.zch}:
+            continue
         tables[option.name]["shards"] = [list(s.size) for s in option.shards]
         for shard in option.shards:
             r = per_rank[shard.rank]

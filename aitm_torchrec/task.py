@@ -25,20 +25,23 @@ from aitm_torchrec.config import Config
 from aitm_torchrec.data import Batch
 from aitm_torchrec.model import MLP, MultiTaskModel
 from aitm_torchrec.registry import MODELS, mlp_spec
+from aitm_torchrec.zch import build_mc_ebc
 
 
 def build_model(cfg: Config, device: torch.device | str = "meta",
                 dense_device: torch.device | str | None = None) -> MultiTaskModel:
-    """The config's model (``model_config.model_class``, see ``registry.MODELS``). Tables on
+    """The config's model (``model_config.model_class``, see ``registry.MODELS``); zch features'
+    tables in ``mc_ebc`` (see ``zch.py``), the others in ``ebc``. Tables on
     ``device`` (``meta`` for sharding), dense layers on ``dense_device`` (default: ``cpu`` when
     tables are on ``meta``)."""
     if dense_device is None:
         dense_device = "cpu" if str(device) == "meta" else device
     schema, mc = cfg.schema, cfg.model_config
-    ebc = EmbeddingBagCollection(tables=schema.embedding_bag_configs(), device=torch.device(device))
+    plain = schema.embedding_bag_configs(zch=False)
+    ebc = EmbeddingBagCollection(tables=plain, device=torch.device(device)) if plain else None
     backbone = MLP(schema.input_dim, mlp_spec(mc.backbone.mlp), dense_device)
     head = MODELS[mc.model_class](schema, mc.model_params, backbone.out_dim, dense_device)
-    return MultiTaskModel(ebc, schema.groups, schema.dense_slices, backbone, head)
+    return MultiTaskModel(ebc, schema.groups, schema.dense_slices, backbone, head, build_mc_ebc(schema, device))
 
 
 class MultiTaskLoss(nn.Module):

@@ -53,7 +53,7 @@ def build(cfg: Config, env: DistEnv) -> tuple[DistributedModelParallel, Combined
         raise ConfigError("train_config.mixed_precision: fp16 needs CUDA; use bf16 or none on the CPU")
     torch.manual_seed(cfg.train_config.seed)
     module = build_train_module(cfg, device="meta", dense_device=env.device)
-    dmp, plan = shard(cfg, module, module.model.ebc, env)
+    dmp, plan = shard(cfg, module, env)
     optimizer = CombinedOptimizer([dmp.fused_optimizer, dense_optimizer(dmp, cfg.train_config.dense_optimizer)])
     return dmp, optimizer, describe(plan)
 

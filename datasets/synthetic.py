@@ -11,7 +11,8 @@ with the columns of EasyRec's ``aitm_on_taobao`` sample (``../shared/fixtures/ea
     price    : int64 in [0, 50)
     oracle   : p_<label> per step, float32, the row's true marginal probability of that step
 
-Ids are Zipf-distributed. Each step t happens only after step t-1, with probability
+Ids are Zipf-distributed; ``--large-vocab N`` gives user_id and adgroup_id N distinct ids each
+(default 20000), an id space larger than a hashed table, for comparing hashing with zch tables. Each step t happens only after step t-1, with probability
 sigmoid(bias_t + sum of per-id effects + a user x item interaction), so a perfect model reaches
 the AUC of the ``p_*`` columns (the oracle), printed at the end.
 
@@ -50,6 +51,7 @@ ID_FEATURES = {
     "new_user_class_level": (5, 0.1),
 }
 TAG_FEATURES = {"tag_category_list": (1000, 0.4), "tag_brand_list": (5000, 0.4)}
+LARGE_ID_FEATURES = ("user_id", "adgroup_id")  # grown by --large-vocab
 PRICE_BUCKETS = 50
 LATENT = 4
 
@@ -64,13 +66,18 @@ def zipf_ids(rng: np.random.Generator, vocab: int, n: int, a: float = 1.1) -> np
 class World:
     """The hidden truth: per-id effects for every step, and user / item latent vectors."""
 
-    def __init__(self, labels: list[str], seed: int) -> None:
+    def __init__(self, labels: list[str], seed: int, large_vocab: int = 0) -> None:
         rng = np.random.default_rng(seed)
         self.labels = labels
         steps = len(labels)
-        self.effects = {c: rng.normal(0, s, size=(v, steps)) for c, (v, s) in {**ID_FEATURES, **TAG_FEATURES}.items()}
+        self.id_features = dict(ID_FEATURES)
+        if large_vocab:
+            for c in LARGE_ID_FEATURES:
+                self.id_features[c] = (large_vocab, ID_FEATURES[c][1])
+        self.effects = {c: rng.normal(0, s, size=(v, steps))
+                        for c, (v, s) in {**self.id_features, **TAG_FEATURES}.items()}
         self.price_effect = rng.normal(0, 0.3, size=(PRICE_BUCKETS, steps))
-        self.user_vec = rng.normal(0, 0.5, size=(ID_FEATURES["user_id"][0], LATENT))
+        self.user_vec = rng.normal(0, 0.5, size=(self.id_features["user_id"][0], LATENT))
         self.item_vec = rng.normal(0, 0.5, size=(ID_FEATURES["cate_id"][0], LATENT))
         # First step ~5% positive; each later step ~15% of the step before.
         self.bias = np.array([-3.6] + [-2.2] * (steps - 1))
@@ -80,7 +87,7 @@ class World:
         cols: dict[str, pa.Array] = {}
         logit = np.tile(self.bias, (n, 1))
         raw_ids = {}
-        for c, (vocab, _) in ID_FEATURES.items():
+        for c, (vocab, _) in self.id_features.items():
             ids = zipf_ids(rng, vocab, n)
             raw_ids[c] = ids
             logit += self.effects[c][ids]
@@ -159,11 +166,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--row-group-size", type=int, default=16384)
     p.add_argument("--string-ids", action="store_true", help="ids as strings, tags as '|'-joined strings")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--large-vocab", type=int, default=0,
+                   help="distinct user_id and adgroup_id ids (default 0: 20000 each)")
     args = p.parse_args(argv)
     labels = [l.strip() for l in args.labels.split(",") if l.strip()]
     if not labels:
         p.error("--labels must name at least one step")
-    world = World(labels, args.seed)
+    world = World(labels, args.seed, args.large_vocab)
     out = Path(args.out)
     write_split(world, out / "train", args.rows, args.seed + 1, args.string_ids, args.files, args.row_group_size)
     write_split(world, out / "eval", args.eval_rows, args.seed + 2, args.string_ids, args.files, args.row_group_size)
