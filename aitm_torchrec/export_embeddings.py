@@ -20,6 +20,11 @@ Layout (``DIR``):
   Tables given ``--ids-from``: the same windows, but one output row per distinct raw id whose row
   falls in the window, with columns ``id`` (int64 or string), ``row``, ``embedding``, sorted by row.
   ``--format npy``: ``part-<rank>-<k>.npy``, the window's rows x dim matrix (row = row_start + i).
+  zch tables (stored under ``ZCH_TABLE_KEY``; parquet only): a ``key`` column after ``row``, the
+  zch key each row holds (null: none), from the module's key -> row map (``read_zch_map``, read
+  whole by every rank). With ``--ids-from``: ``id``, ``row``, ``key`` (the id's zch key),
+  ``default_row`` (the id is not held: it reads the default row it read in training,
+  ``zch.default_rows`` for the checkpoint's world size), ``embedding``.
 - ``<table>/_part-<rank>-<k>.json``: the part's sidecar (rows, bytes, sha256), written after the
   part was renamed into place: a part with its sidecar is complete.
 - ``_export.json``: what this export is (checkpoint, step, schema hash, tables, format, dtype,
