@@ -20,6 +20,11 @@ Layout (``DIR``):
   Tables given ``--ids-from``: the same windows, but one output row per distinct raw id whose row
   falls in the window, with columns ``id`` (int64 or string), ``row``, ``embedding``, sorted by row.
   ``--format npy``: ``part-<rank>-<k>.npy``, the window's rows x dim matrix (row = row_start + i).
+  zch tables (stored under ``ZCH_TABLE_KEY``; parquet only): a ``key`` column after ``row``, the
+  zch key each row holds (null: none), from the module's key -> row map (``read_zch_map``, read
+  whole by every rank). With ``--ids-from``: ``id``, ``row``, ``key`` (the id's zch key),
+  ``default_row`` (the id is not held: it reads the default row it read in training,
+  ``zch.default_rows`` for the checkpoint's world size), ``embedding``.
 - ``<table>/_part-<rank>-<k>.json``: the part's sidecar (rows, bytes, sha256), written after the
   part was renamed into place: a part with its sidecar is complete.
 - ``_export.json``: what this export is (checkpoint, step, schema hash, tables, format, dtype,
@@ -49,6 +54,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 from tqdm import tqdm
 
@@ -59,11 +65,15 @@ from aitm_torchrec.features import DataError, Source, ids_to_rows, is_string
 from aitm_torchrec.files import sha256_file, write_json_atomic
 from aitm_torchrec.inference import checkpoint_meta, resolve_checkpoint
 from aitm_torchrec.schema import ID_HASH, SparseFeature
+from aitm_torchrec.zch import EMPTY_KEY, default_rows, lookup_rows, sorted_map
 
 logger = logging.getLogger(__name__)
 
 # The train wrapper's state is saved under "model"; its MultiTaskModel is its ``model``.
 TABLE_KEY = "model.model.ebc.embedding_bags.{}.weight"
+# zch tables: the managed-collision EBC's table, and its module's key -> row map (zch.py).
+ZCH_TABLE_KEY = "model.model.mc_ebc._embedding_module.embedding_bags.{}.weight"
+ZCH_MAP_KEY = "model.model.mc_ebc._managed_collision_collection._managed_collision_modules.{}.{}"
 DIE_AFTER_PARTS = "AITM_TEST_EXPORT_DIE_AFTER_PARTS"  # test hook: os._exit after writing N parts
 PARQUET_BATCH_ROWS = 65536  # rows per Parquet write (and row group): bounds the writer's buffers
 
@@ -104,17 +114,46 @@ class Chunk:
 
 @dataclass
 class Ids:
-    """Distinct raw ids of one table, sorted by row, with the row the training rule gives each."""
+    """Distinct raw ids of one table, sorted by row, with the row the training rule gives each
+    (zch tables: also each id's key and whether it reads a default row)."""
 
     source: str
     ids: pa.Array
     rows: np.ndarray  # int64, ascending
+    keys: np.ndarray | None = None  # zch: int64 zch keys
+    default: np.ndarray | None = None  # zch: bool, the id is not held (a default row)
 
     def summary(self) -> dict[str, Any]:
         uniq, counts = np.unique(self.rows, return_counts=True)
-        return {"source": self.source, "id_type": str(self.ids.type), "distinct_ids": len(self.rows),
-                "rows_hit": len(uniq), "collisions": len(self.rows) - len(uniq),
-                "rows_with_collisions": int((counts > 1).sum())}
+        out = {"source": self.source, "id_type": str(self.ids.type), "distinct_ids": len(self.rows),
+               "rows_hit": len(uniq), "collisions": len(self.rows) - len(uniq),
+               "rows_with_collisions": int((counts > 1).sum())}
+        if self.default is not None:
+            out["default_row_ids"] = int(self.default.sum())
+        return out
+
+
+@dataclass
+class ZchMap:
+    """A zch table's trained key -> row map, read from the checkpoint."""
+
+    sorted_keys: torch.Tensor  # int64 ascending, EMPTY_KEY (empty slots) last
+    rows: torch.Tensor  # the row of each sorted key
+    zch_size: int
+    world_size: int  # of the training run that saved it: where its default rows are
+
+    def row_keys(self, start: int, stop: int) -> pa.Array:
+        """The key held by each row in [start, stop): int64, null where no key is held."""
+        keys = np.full(stop - start, EMPTY_KEY, np.int64)
+        in_window = (self.rows >= start) & (self.rows < stop) & (self.sorted_keys != EMPTY_KEY)
+        keys[(self.rows[in_window] - start).numpy()] = self.sorted_keys[in_window].numpy()
+        return pa.array(keys, mask=keys == EMPTY_KEY)
+
+    def lookup(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """zch keys -> (rows, default): the held row, else the key's trained default row."""
+        rows, default = lookup_rows(torch.from_numpy(keys), self.sorted_keys, self.rows, self.zch_size,
+                                    self.world_size)
+        return rows.numpy(), default.numpy()
 
 
 @dataclass
@@ -123,6 +162,7 @@ class Table:
     dtype: np.dtype  # as stored
     chunks: list[Chunk]
     ids: Ids | None = None
+    zch: ZchMap | None = None
 
     @property
     def name(self) -> str:
@@ -162,10 +202,11 @@ def parse_ids_from(specs: list[str], tables: dict[str, SparseFeature]) -> dict[s
     return out
 
 
-def read_ids(feature: SparseFeature, path: str, column: str) -> Ids:
+def read_ids(feature: SparseFeature, path: str, column: str, zch: ZchMap | None = None) -> Ids:
     """Distinct raw ids of ``column`` in the Parquet file(s) at ``path`` (tags split into their
     individual ids, nulls and empty strings dropped, as the reader does) and their rows under
-    the feature's id rule (``features.ids_to_rows``, the function training uses)."""
+    the feature's id rule (``features.ids_to_rows``, the function training uses). zch tables:
+    ``ids_to_rows`` gives the ids' zch keys, ``zch`` (the trained map) their rows."""
     feature = dataclasses.replace(feature, column=column)  # errors name the id column
     try:
         files = expand_paths([path], f"--ids-from for table {feature.name!r}:")
@@ -189,8 +230,13 @@ def read_ids(feature: SparseFeature, path: str, column: str) -> Ids:
         raise ExportError(f"--ids-from for table {feature.name!r}: {path} mixes id types {sorted(types)}")
     ids = pc.unique(pa.concat_arrays(distinct)) if distinct else pa.array([], pa.int64())
     rows = ids_to_rows(feature, ids, Source(path)) if len(ids) else np.zeros(0, np.int64)
+    keys = default = None
+    if zch is not None:
+        keys = rows
+        rows, default = zch.lookup(keys)
     order = np.lexsort((np.arange(len(rows)), rows))  # by row, then first appearance
-    return Ids(f"{path}:{column}", ids.take(pa.array(order)), rows[order])
+    return Ids(f"{path}:{column}", ids.take(pa.array(order)), rows[order],
+               *((keys[order], default[order]) if zch is not None else ()))
 
 
 def _distinct_ids(feature: SparseFeature, column: pa.ChunkedArray) -> pa.Array:
@@ -246,7 +292,7 @@ def table_chunks(path: Path, feature: SparseFeature) -> tuple[np.dtype, list[Chu
     gives the byte offset of its storage; DCP saves every chunk as its own contiguous tensor."""
     reader = FileSystemReader(str(path))
     md = reader.read_metadata()
-    key = TABLE_KEY.format(feature.name)
+    key = (ZCH_TABLE_KEY if feature.is_zch else TABLE_KEY).format(feature.name)
     tm = md.state_dict_metadata.get(key)
     if tm is None or not hasattr(tm, "chunks"):
         raise ExportError(f"{path}: the checkpoint holds no table {feature.name!r} (key {key})")
@@ -277,6 +323,21 @@ def table_chunks(path: Path, feature: SparseFeature) -> tuple[np.dtype, list[Chu
         raise ExportError(f"{path}: the stored chunks of table {feature.name!r} cover {covered} of "
                           f"{feature.num_embeddings * feature.embedding_dim} values")
     return dtype, sorted(chunks, key=lambda c: (c.row0, c.col0))
+
+
+def read_zch_map(path: Path, feature: SparseFeature, world_size: int) -> ZchMap:
+    """zch table ``feature``'s key -> row map from the checkpoint at ``path`` (saved by
+    ``world_size`` ranks): the module's two buffers, read whole by DCP in this process alone."""
+    names = ("_mch_sorted_raw_ids", "_mch_remapped_ids_mapping")
+    state = {ZCH_MAP_KEY.format(feature.name, n): torch.zeros(feature.zch_size, dtype=torch.int64) for n in names}
+    md = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    missing = [k for k in state if k not in md]
+    if missing:
+        raise ExportError(f"{path}: the checkpoint holds no key -> row map of zch table {feature.name!r} "
+                          f"(keys {', '.join(missing)})")
+    dcp.load(state, checkpoint_id=str(path), no_dist=True)
+    keys, rows = sorted_map(*state.values())
+    return ZchMap(keys, rows, feature.zch_size, world_size)
 
 
 def windows(tables: list[Table], chunk_rows: int) -> list[Window]:
@@ -334,22 +395,26 @@ def write_part(path: Path, table: Table, w: Window, values: np.ndarray, fmt: str
         os.replace(tmp, path)
         return len(values)
     ids = table.ids
+    extra: dict[str, pa.Array] = {}  # columns between row and embedding
     if ids is not None:
         lo, hi = np.searchsorted(ids.rows, [w.start, w.stop])
         rows = ids.rows[lo:hi]
-        columns = {"id": ids.ids[lo:hi], "row": pa.array(rows), "embedding": None}
+        first = {"id": ids.ids[lo:hi]}
         values = values[rows - w.start]
+        if ids.keys is not None:
+            extra = {"key": pa.array(ids.keys[lo:hi]), "default_row": pa.array(ids.default[lo:hi])}
     else:
         rows = np.arange(w.start, w.stop, dtype=np.int64)
-        columns = {"row": None, "embedding": None}
-    schema = pa.schema([("id", ids.ids.type)] if ids is not None else []).append(
-        pa.field("row", pa.int64())).append(pa.field("embedding", pa.list_(pa.from_numpy_dtype(values.dtype),
-                                                                           values.shape[1])))
+        first = {}
+        if table.zch is not None:
+            extra = {"key": table.zch.row_keys(w.start, w.stop)}
+    columns = {**first, "row": pa.array(rows), **extra}
+    schema = pa.schema([(name, a.type) for name, a in columns.items()]).append(
+        pa.field("embedding", pa.list_(pa.from_numpy_dtype(values.dtype), values.shape[1])))
     with pq.ParquetWriter(tmp, schema, compression="none", use_dictionary=False) as writer:
         for a in range(0, max(len(rows), 1), PARQUET_BATCH_ROWS):
             b = a + PARQUET_BATCH_ROWS
-            arrays = ([columns["id"][a:b]] if ids is not None else []) + [
-                pa.array(rows[a:b]), _embedding_array(values[a:b])]
+            arrays = [c[a:b] for c in columns.values()] + [_embedding_array(values[a:b])]
             writer.write_table(pa.Table.from_arrays(arrays, schema=schema))
     os.replace(tmp, path)
     return len(rows)
@@ -386,15 +451,22 @@ def prepare(args: argparse.Namespace, cfg: Any) -> tuple[list[Table], dict[str, 
         raise ExportError(f"--ids-from names table(s) {', '.join(not_exported)} that --tables leaves out")
     if ids_from and args.format != "parquet":
         raise ExportError("--ids-from writes (id, row, embedding) rows: it needs --format parquet")
+    zch_npy = [t for t in names if features[t].is_zch]
+    if zch_npy and args.format != "parquet":
+        raise ExportError(f"zch table(s) {', '.join(zch_npy)} need --format parquet (their rows carry a key "
+                          "column); leave them out with --tables for npy")
     path = resolve_checkpoint(cfg, args.checkpoint).resolve()
-    step = checkpoint_meta(path).get("step")
+    meta = checkpoint_meta(path)
+    step = meta.get("step")
     tables = []
     for name in names:
         dtype, chunks = table_chunks(path, features[name])
         tables.append(Table(features[name], dtype, chunks))
+        if features[name].is_zch:
+            tables[-1].zch = read_zch_map(path, features[name], int(meta.get("world_size") or 1))
     for t in tables:
         if t.name in ids_from:
-            t.ids = read_ids(t.feature, *ids_from[t.name])
+            t.ids = read_ids(t.feature, *ids_from[t.name], zch=t.zch)
     identity = {
         "checkpoint": str(path), "step": step,
         "schema_sha256": hashlib.sha256(cfg.schema.to_json().encode()).hexdigest(),
@@ -501,14 +573,23 @@ def manifest(out: Path, tables: list[Table], identity: dict, args: argparse.Name
             "features": [f.name], "column": f.column, "feature_type": f.feature_type, "separator": f.separator,
             "rows": w_table.rows, "dim": w_table.dim, "dtype": args.dtype, "stored_dtype": str(w_table.dtype),
             "id_rule": f.id_rule, "ids": w_table.ids.summary() if w_table.ids is not None else None,
-            "columns": (["id"] if w_table.ids is not None else []) + ["row", "embedding"]
-            if args.format == "parquet" else None,
+            "columns": _columns(w_table) if args.format == "parquet" else None,
+            "zch": None if w_table.zch is None else {
+                "held_rows": int((w_table.zch.sorted_keys != EMPTY_KEY).sum()),
+                "trained_world_size": w_table.zch.world_size,
+                "default_rows": default_rows(w_table.zch.zch_size, w_table.zch.world_size)},
             "rows_written": sum(x["rows"] for x in files), "files": files,
         }
     return {"version": 1, "format": args.format, "dtype": args.dtype, "chunk_rows": args.chunk_rows,
             "checkpoint": {"path": identity["checkpoint"], "step": identity["step"]},
             "schema": "schema.json", "schema_sha256": identity["schema_sha256"], "id_hash": dict(ID_HASH),
             "world_size": world_size, "tables": entries}
+
+
+def _columns(t: Table) -> list[str]:
+    if t.ids is not None:
+        return ["id", "row"] + (["key", "default_row"] if t.zch is not None else []) + ["embedding"]
+    return ["row"] + (["key"] if t.zch is not None else []) + ["embedding"]
 
 
 def main(args: argparse.Namespace) -> dict:

@@ -11,10 +11,15 @@ temporary directory beside ``DIR`` and renamed into place, so ``DIR`` is never h
   swapped for TorchRec's quantized one (``quantize_inference_model``; ``none`` keeps fp32
   tables), fx-traced (``torchrec.fx.symbolic_trace``) and TorchScripted.
   forward(inputs: Dict[str, Tensor]) -> Dict[str, Tensor]:
-    inputs  ``<feature>.values`` (int64 table rows, after the schema's id rule) and
+    inputs  ``<feature>.values`` (int64 table rows, after the schema's id rule; zch features:
+            the ids' zch keys, ``features.zch_keys``) and
             ``<feature>.lengths`` (B int64 bag sizes) per sparse feature, ``dense`` (B x D
             float32, normalised; D may be 0);
     outputs ``probs_<tower>`` (B float32 probabilities) per tower.
+  zch tables (``ZchLookup``): each trained key -> row map is two sorted int64 tensors in the
+  scripted code, looked up with ``torch.searchsorted``; keys it does not hold read the default
+  row they read in training (``zch.trained_default_rows`` for the checkpoint's world size); the
+  table itself is a plain EmbeddingBagCollection, quantized like the others.
   Loading it needs fbgemm_gpu's operators registered (``import fbgemm_gpu``), nothing else of
   TorchRec or this project; ``aitm_torchrec.serving.Predictor`` does that and the id rules.
 - ``DIR/schema.json``: the schema (features, id rules, dense layout, towers; ``Schema.save``).
@@ -57,6 +62,54 @@ ROW_ALIGNMENT = 4
 
 QUANT_DTYPES = {"none": None, "int8": torch.qint8, "fp16": torch.float16, "int4": torch.quint4x2}
 
+@torch.fx.wrap
+def zch_remap(features: KeyedJaggedTensor, names: list[str], sorted_keys: list[torch.Tensor],
+              rows: list[torch.Tensor], zch_sizes: list[int], world_size: int) -> KeyedJaggedTensor:
+    """The zch features of ``features`` with their keys replaced by table rows: the row holding
+    the key (``sorted_keys[i]`` ascending, ``rows[i]`` aligned), else the default row the key
+    read in training on ``world_size`` ranks. Scriptable; the same rule as ``zch.lookup_rows``."""
+    values: list[torch.Tensor] = []
+    lengths: list[torch.Tensor] = []
+    block = 9223372036854775806 // world_size + 1  # ceil(ZCH_KEY_SPACE / W), ZCH_KEY_SPACE = 2^63 - 1, in int64
+    for i in range(len(names)):
+        jt = features[names[i]]
+        keys = jt.values()
+        at = torch.searchsorted(sorted_keys[i][:-1], keys)
+        held = sorted_keys[i][at] == keys
+        shard = torch.clamp(torch.div(keys, block, rounding_mode="floor"), max=world_size - 1)
+        values.append(torch.where(held, rows[i][at], (shard + 1) * (zch_sizes[i] // world_size) - 1))
+        lengths.append(jt.lengths())
+    return KeyedJaggedTensor(keys=names, values=torch.cat(values), lengths=torch.cat(lengths),
+                             stride=features.stride())
+
+
+class ZchLookup(nn.Module):
+    """A trained ``ManagedCollisionEmbeddingBagCollection`` for serving: its key -> row maps as
+    plain sorted tensors (``zch_remap``: ``torch.searchsorted``) in front of its plain
+    EmbeddingBagCollection, which ``quantize_inference_model`` quantizes like the other tables.
+    forward(KJT) -> (pooled KeyedTensor, remapped KJT), as the MC-EBC returns in eval mode."""
+
+    def __init__(self, mc_ebc: nn.Module, world_size: int) -> None:
+        super().__init__()
+        self.ebc = mc_ebc._embedding_module
+        modules = mc_ebc._managed_collision_collection._managed_collision_modules
+        configs = self.ebc.embedding_bag_configs()
+        self.names = [c.feature_names[0] for c in configs]
+        self.zch_sizes = [int(modules[c.name]._zch_size) for c in configs]
+        self.world_size = int(world_size)
+        self.keys_names, self.rows_names = [], []
+        for i, c in enumerate(configs):
+            m = modules[c.name]
+            order = torch.argsort(m._mch_sorted_raw_ids, stable=True)
+            self.register_buffer(f"keys_{i}", m._mch_sorted_raw_ids[order].clone())
+            self.register_buffer(f"rows_{i}", m._mch_remapped_ids_mapping[order].clone())
+
+    def forward(self, features: KeyedJaggedTensor) -> tuple[typing.Any, KeyedJaggedTensor]:
+        n = len(self.names)
+        remapped = zch_remap(features, self.names, [getattr(self, f"keys_{i}") for i in range(n)],
+                             [getattr(self, f"rows_{i}") for i in range(n)], self.zch_sizes, self.world_size)
+        return self.ebc(remapped), remapped
+
 
 class ServingModel(nn.Module):
     """Dict of input tensors -> probabilities per tower, around a (traced) ``MultiTaskModel``.
@@ -89,12 +142,15 @@ class ServingModel(nn.Module):
 
 
 def script_model(model: nn.Module, schema: Schema, quant: str = "int8",
-                 row_alignment: int = ROW_ALIGNMENT) -> torch.jit.ScriptModule:
+                 row_alignment: int = ROW_ALIGNMENT, zch_world_size: int = 1) -> torch.jit.ScriptModule:
     """An eval-mode ``MultiTaskModel`` -> the scripted ``ServingModel`` (``model`` is not changed).
-    ``row_alignment``: bytes each quantized table row is padded to."""
+    ``row_alignment``: bytes each quantized table row is padded to. ``zch_world_size``: ranks of
+    the training run (where unheld zch keys' default rows are; see ``ZchLookup``)."""
     if quant not in QUANT_DTYPES:
         raise ValueError(f"quantization {quant!r} is not one of {', '.join(QUANT_DTYPES)}")
     model = copy.deepcopy(model).eval()
+    if getattr(model, "mc_ebc", None) is not None:
+        model.mc_ebc = ZchLookup(model.mc_ebc, zch_world_size)
     dtype = QUANT_DTYPES[quant]
     if dtype is not None:
         from torchrec.inference.modules import quantize_inference_model
@@ -145,7 +201,7 @@ def export(model: nn.Module, schema: Schema, output: Path, quant: str = "int8", 
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
     try:
-        scripted = script_model(model, schema, quant)
+        scripted = script_model(model, schema, quant, zch_world_size=int((meta or {}).get("trained_world_size") or 1))
         torch.jit.save(scripted, str(tmp / MODEL_FILE))
         schema.save(tmp / SCHEMA_FILE)
         check = _self_check(model, schema, tmp / MODEL_FILE)

@@ -4,7 +4,9 @@ Scoring, table export and the serving export read training checkpoints through t
 ``resolve_checkpoint`` (an explicit directory, or the newest complete one under ``model_dir``),
 ``sharded_model`` (the model planned and sharded for *this* job's world size, tables resharded
 by DCP on load) and ``local_model`` (one process, no process group, tables in memory). Only the
-model's tensors are read: no optimizer state, no training position.
+model's tensors are read: no optimizer state, no training position. zch tables send ids they do
+not hold to the default row those ids read in training (the checkpoint's world size), whatever
+the job's world size (``zch.use_trained_defaults``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from aitm_torchrec.dist import DistEnv
 from aitm_torchrec.model import MultiTaskModel
 from aitm_torchrec.sharding import describe, plan_model, sharders
 from aitm_torchrec.task import build_model
+from aitm_torchrec.zch import use_trained_defaults
 
 # Training checkpoints hold the train wrapper's state under "model"; the model is its ``model``.
 _PREFIX = "model."
@@ -72,7 +75,7 @@ def sharded_model(cfg: Config, env: DistEnv, path: Path) -> tuple[DistributedMod
     model = build_model(cfg, device="meta", dense_device=env.device)
     plan = plan_model(cfg, model, env.world_size, env.local_world_size, env.device.type)
     dmp = DistributedModelParallel(module=model, device=env.device, plan=plan, sharders=sharders())
-    load_model_weights(dmp, path)
+    _trained_defaults(dmp, cfg, load_model_weights(dmp, path))
     dmp.eval()
     return dmp, describe(plan)
 
@@ -82,5 +85,12 @@ def local_model(cfg: Config, path: Path) -> MultiTaskModel:
     weights, in eval mode. Tables are read whole: for serving exports, not for huge tables."""
     torch.manual_seed(0)  # weights are overwritten; a fixed init keeps runs reproducible anyway
     model = build_model(cfg, device="cpu")
-    load_model_weights(model, path)
+    _trained_defaults(model, cfg, load_model_weights(model, path))
     return model.eval()
+
+
+def _trained_defaults(model: nn.Module, cfg: Config, meta: dict) -> None:
+    """zch tables: unheld ids read the default row they read in training (the checkpoint's world
+    size), so scores do not depend on this job's world size (``zch.use_trained_defaults``)."""
+    if cfg.schema.zch:
+        use_trained_defaults(model, cfg.schema, int(meta.get("world_size") or 1))

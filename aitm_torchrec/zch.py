@@ -54,8 +54,10 @@ from torchrec.modules.mc_modules import (
     MCHEvictionPolicy,
     MCHManagedCollisionModule,
 )
+from torchrec.sparse.jagged_tensor import JaggedTensor
 
 from aitm_torchrec.config import ConfigError
+from aitm_torchrec.features import ZCH_KEY_SPACE
 from aitm_torchrec.schema import Schema, SparseFeature
 
 EMPTY_KEY = torch.iinfo(torch.int64).max  # an empty slot's key in the module's map
@@ -168,3 +170,65 @@ def _local(t: Any) -> torch.Tensor:
 def zch_modules(model: nn.Module) -> Sequence[nn.Module]:
     """The managed-collision modules (one per zch table, this rank's shard) in ``model``."""
     return [m for m in model.modules() if isinstance(m, MCHManagedCollisionModule)]
+
+
+# ---- jobs that read trained models: the trained key -> row map and the trained default rows ----
+
+
+def key_shards(keys: torch.Tensor, world_size: int) -> torch.Tensor:
+    """The rank (of ``world_size``) whose key range holds each key, as TorchRec's row-wise input
+    distribution routes them: ``key // ceil((2^63 - 1) / world_size)``."""
+    block = (ZCH_KEY_SPACE - 1) // world_size + 1  # ceil, in int64 (as export_model.zch_remap)
+    return torch.div(keys, block, rounding_mode="floor").clamp(max=world_size - 1)
+
+
+def trained_default_rows(keys: torch.Tensor, zch_size: int, world_size: int) -> torch.Tensor:
+    """The default row each (unheld) key read in training on ``world_size`` ranks: the last row of
+    the shard its key range fell in (``default_rows``), as global row numbers."""
+    return (key_shards(keys, world_size) + 1) * (zch_size // world_size) - 1
+
+
+def lookup_rows(keys: torch.Tensor, sorted_keys: torch.Tensor, rows: torch.Tensor, zch_size: int,
+                world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys -> (rows, default): the row holding each key (``sorted_keys`` ascending, empty slots
+    ``EMPTY_KEY`` at the end, ``rows`` aligned with it), else the key's trained default row
+    (``trained_default_rows`` for a model trained on ``world_size`` ranks), with ``default`` True."""
+    at = torch.searchsorted(sorted_keys[:-1], keys)
+    held = sorted_keys[at] == keys
+    return torch.where(held, rows[at], trained_default_rows(keys, zch_size, world_size)), ~held
+
+
+def sorted_map(keys: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A key -> row map (any order, empty slots included) sorted by key, as ``lookup_rows`` takes it."""
+    order = torch.argsort(keys, stable=True)
+    return keys[order].contiguous(), rows[order].contiguous()
+
+
+def use_trained_defaults(model: nn.Module, schema: Schema, world_size: int) -> None:
+    """Makes an eval model's zch modules (sharded or not) send unheld keys to the default row they
+    read in training on ``world_size`` ranks (``trained_default_rows``), whatever this job's world
+    size, instead of TorchRec's "last row of this module's shard". Where that row lies in another
+    rank's shard (more scoring ranks than training ranks), the shard's last row is kept."""
+    sizes = {f.name: f.zch_size for f in schema.zch}
+    for m in zch_modules(model):
+        m.remap = _TrainedDefaultRemap(m, sizes[m._name], world_size)
+
+
+class _TrainedDefaultRemap:
+    """``MCHManagedCollisionModule.remap`` with the trained default rows (``use_trained_defaults``)."""
+
+    def __init__(self, module: MCHManagedCollisionModule, zch_size: int, world_size: int) -> None:
+        self.module, self.zch_size, self.world_size = module, zch_size, world_size
+
+    def __call__(self, features: dict, mutate_miss_lengths: bool = True, write_weights: Any = None) -> dict:
+        m = self.module
+        lo = m._output_global_offset
+        hi = lo + m._zch_size
+        out = {}
+        for name, jt in features.items():
+            rows, _ = lookup_rows(jt.values(), m._mch_sorted_raw_ids, m._mch_remapped_ids_mapping,
+                                  self.zch_size, self.world_size)
+            rows = torch.where((rows >= lo) & (rows < hi), rows, hi - 1)
+            out[name] = JaggedTensor(values=rows, lengths=jt.lengths(), offsets=jt.offsets(),
+                                     weights=jt.weights_or_none())
+        return out
