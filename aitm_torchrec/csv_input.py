@@ -24,7 +24,6 @@ empty values (pyarrow's reading), so its null labels stop the reader.
 from __future__ import annotations
 
 import csv
-import glob
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -36,6 +35,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from aitm_torchrec.features import DataError
+from aitm_torchrec.files import expand_paths
 
 ARROW_TYPES = {"INT32": pa.int32(), "INT64": pa.int64(), "STRING": pa.string(), "FLOAT": pa.float32(),
                "DOUBLE": pa.float64(), "BOOL": pa.bool_()}
@@ -230,20 +230,8 @@ def csv_format(data_config) -> CsvFormat | None:
 
 
 def expand(paths: Sequence[str], what: str = "input") -> list[str]:
-    """Files, globs and directories (every file below not starting with '.' or '_') -> sorted list."""
-    files: list[str] = []
-    for p in paths:
-        if os.path.isdir(p):
-            found = sorted(f for f in glob.glob(os.path.join(p, "**", "*"), recursive=True)
-                           if os.path.isfile(f) and not os.path.basename(f).startswith((".", "_")))
-        elif any(c in p for c in "*?["):
-            found = sorted(f for f in glob.glob(p, recursive=True) if os.path.isfile(f))
-        else:
-            found = [p] if os.path.isfile(p) else []
-        if not found:
-            raise DataError(f"{what} path {p!r} matches no CSV file")
-        files += found
-    return files
+    """CSV inputs: files, globs, or directories (every file below, any name)."""
+    return expand_paths(paths, what, kind="CSV", directory_glob="*")
 
 
 class _Group:

@@ -1,13 +1,17 @@
-"""Output files every job writes the same way: atomically (temporary name, then rename), with
-sha256 checksums in their manifests."""
+"""Files: input paths expanded the same way for every input kind, and outputs every job writes
+the same way: atomically (temporary name, then rename), with sha256 checksums in manifests."""
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from aitm_torchrec.features import DataError
 
 
 def sha256_file(path: str | Path) -> str:
@@ -23,3 +27,23 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
+
+
+def expand_paths(paths: Sequence[str], what: str = "input", kind: str = "Parquet",
+                 directory_glob: str = "*.parquet") -> list[str]:
+    """Files, globs and directories -> file list, each path's files sorted. A directory gives
+    every file below it matching ``directory_glob``, without hidden or ``_``-prefixed names
+    (``_SUCCESS``, temporaries). A path matching no file is a DataError naming it."""
+    files: list[str] = []
+    for p in map(str, paths):
+        if os.path.isdir(p):
+            found = sorted(f for f in glob.glob(os.path.join(p, "**", directory_glob), recursive=True)
+                           if os.path.isfile(f) and not os.path.basename(f).startswith((".", "_")))
+        elif any(c in p for c in "*?["):
+            found = sorted(f for f in glob.glob(p, recursive=True) if os.path.isfile(f))
+        else:
+            found = [p] if os.path.isfile(p) else []
+        if not found:
+            raise DataError(f"{what} path {p!r} matches no {kind} file")
+        files += found
+    return files

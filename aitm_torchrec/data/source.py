@@ -14,9 +14,7 @@ feature or label cannot use. Files with 0 rows are skipped with a warning (recor
 
 from __future__ import annotations
 
-import glob
 import logging
-import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -25,28 +23,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from aitm_torchrec import csv_input
-
 from aitm_torchrec.features import DataError, is_string
+from aitm_torchrec.files import expand_paths
 from aitm_torchrec.schema import DenseFeature, Schema, SparseFeature
 
 logger = logging.getLogger(__name__)
-
-
-def expand_paths(paths: Sequence[str], what: str = "input") -> list[str]:
-    """Files, globs and directories (all ``*.parquet`` below) -> sorted file list."""
-    files: list[str] = []
-    for p in paths:
-        p = str(p)
-        if os.path.isdir(p):
-            found = sorted(glob.glob(os.path.join(p, "**", "*.parquet"), recursive=True))
-        elif any(c in p for c in "*?["):
-            found = sorted(glob.glob(p, recursive=True))
-        else:
-            found = [p] if os.path.exists(p) else []
-        if not found:
-            raise DataError(f"{what} path {p!r} matches no Parquet file")
-        files += found
-    return files
 
 
 def input_columns(paths: Sequence[str], csv: csv_input.CsvFormat | None = None) -> list[str]:
