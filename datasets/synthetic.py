@@ -13,7 +13,11 @@ with the columns of EasyRec's ``aitm_on_taobao`` sample (``../shared/fixtures/ea
 
 Ids are Zipf-distributed. Each step t happens only after step t-1, with probability
 sigmoid(bias_t + sum of per-id effects + a user x item interaction), so a perfect model reaches
-the AUC of the ``p_*`` columns (the oracle), printed at the end.
+the AUC of the ``p_*`` columns (the oracle), printed at the end. ``--sequential-dependence D``
+makes each later step inherit the earlier step's hidden state: its logit becomes
+(1-D) x its own effects + D x 1.5 tanh(the previous step's centred logit), so a rare later step
+is mostly predictable from what the earlier, frequent step learns (AITM's case); 0 keeps the
+steps' effects independent (the default, the data unchanged).
 
 ``OUT/_SUCCESS`` is written last (with the oracle AUCs), so its presence means the set is whole.
 
@@ -64,9 +68,10 @@ def zipf_ids(rng: np.random.Generator, vocab: int, n: int, a: float = 1.1) -> np
 class World:
     """The hidden truth: per-id effects for every step, and user / item latent vectors."""
 
-    def __init__(self, labels: list[str], seed: int) -> None:
+    def __init__(self, labels: list[str], seed: int, sequential_dependence: float = 0.0) -> None:
         rng = np.random.default_rng(seed)
         self.labels = labels
+        self.dependence = sequential_dependence
         steps = len(labels)
         self.effects = {c: rng.normal(0, s, size=(v, steps)) for c, (v, s) in {**ID_FEATURES, **TAG_FEATURES}.items()}
         self.price_effect = rng.normal(0, 0.3, size=(PRICE_BUCKETS, steps))
@@ -102,6 +107,15 @@ class World:
         inter = np.einsum("nd,nd->n", self.user_vec[raw_ids["user_id"]], self.item_vec[raw_ids["cate_id"]])
         logit += inter[:, None] * np.linspace(1.0, 1.5, steps)
 
+        if self.dependence:
+            # Sequential dependence: step t's own effects shrink and it inherits the previous
+            # step's hidden state (its centred logit), so later, rarer steps are mostly carried
+            # by what the earlier step reveals (the transfer AITM is about).
+            d = self.dependence
+            for t in range(1, steps):
+                own = logit[:, t] - self.bias[t]
+                prev = logit[:, t - 1] - self.bias[t - 1]
+                logit[:, t] = self.bias[t] + (1 - d) * own + d * 1.5 * np.tanh(prev)
         cond = 1.0 / (1.0 + np.exp(-logit))  # P(step t | step t-1)
         marginal = np.cumprod(cond, axis=1)
         happened = np.ones(n, bool)
@@ -159,15 +173,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--row-group-size", type=int, default=16384)
     p.add_argument("--string-ids", action="store_true", help="ids as strings, tags as '|'-joined strings")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sequential-dependence", type=float, default=0.0, metavar="D",
+                   help="in [0, 1]: step t's logit = (1-D) x its own effects + D x 1.5 tanh(step t-1's "
+                        "centred logit); 0 (default): independent per-step effects, the data as before")
     args = p.parse_args(argv)
     labels = [l.strip() for l in args.labels.split(",") if l.strip()]
     if not labels:
         p.error("--labels must name at least one step")
-    world = World(labels, args.seed)
+    if not 0.0 <= args.sequential_dependence <= 1.0:
+        p.error("--sequential-dependence must be in [0, 1]")
+    world = World(labels, args.seed, args.sequential_dependence)
     out = Path(args.out)
     write_split(world, out / "train", args.rows, args.seed + 1, args.string_ids, args.files, args.row_group_size)
     write_split(world, out / "eval", args.eval_rows, args.seed + 2, args.string_ids, args.files, args.row_group_size)
     stats = {"out": str(out), "train_rows": args.rows, "eval_rows": args.eval_rows,
+             "sequential_dependence": args.sequential_dependence,
              "oracle_eval_auc": oracle_auc(out / "eval", labels)}
     marker = out / "_SUCCESS"  # written last: its presence means both splits are complete
     tmp = out / "._SUCCESS.tmp"

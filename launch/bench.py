@@ -454,6 +454,29 @@ def cmd_train(args: argparse.Namespace) -> dict:
     return result
 
 
+def cmd_quality(args: argparse.Namespace) -> dict:
+    from launch import quality
+
+    return quality.cmd(args)
+
+
+def cmd_peer(args: argparse.Namespace) -> dict:
+    from launch import peer_bench
+
+    return peer_bench.cmd(args)
+
+
+def cmd_all(args: argparse.Namespace) -> dict:
+    from launch import bench_all
+
+    return bench_all.cmd(args, SUBCOMMANDS)
+
+
+# name -> (handler, help, adds its arguments). ``all`` runs these in order (those that exist);
+# another benchmark plugs in with one line here.
+SUBCOMMANDS: dict[str, tuple] = {}
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description="Benchmarks that print JSON.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -488,6 +511,18 @@ def main(argv: list[str] | None = None) -> dict:
                    help="steps of the bare pipeline on pre-read batches after the run; 0: skip")
     t.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
     t.set_defaults(fn=cmd_train)
+    from launch import bench_all, peer_bench, quality
+
+    q = sub.add_parser("quality", help="one-epoch AUC of every model vs the oracle, seeds, JSON/MD/PNG")
+    quality.add_arguments(q)
+    q.set_defaults(fn=cmd_quality)
+    pe = sub.add_parser("peer", help="a plain PyTorch AITM (research-code style) beside this trainer")
+    peer_bench.add_arguments(pe)
+    pe.set_defaults(fn=cmd_peer)
+    a = sub.add_parser("all", help="every benchmark above; JSON, Markdown and PNG under --out")
+    bench_all.add_arguments(a)
+    a.set_defaults(fn=cmd_all)
+    SUBCOMMANDS.update({name: sp for name, sp in sub.choices.items() if name != "all"})
     args = p.parse_args(argv)
     return args.fn(args)
 
