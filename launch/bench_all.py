@@ -84,20 +84,20 @@ def markdown(results: dict) -> str:
                   f"| {t['batch_size']} | {t['examples_per_s']:,} | {t['roofline_examples_per_s']:,} | "
                   f"{t['ratio_to_roofline']} | {t.get('bare_pipeline', {}).get('ratio_to_roofline', '-')} | "
                   f"{t.get('big_tables', {}).get('ratio_to_small_tables', '-')} |", ""]
-    if p := results.get("peer"):
+    if (p := results.get("peer")) and "speed" in p:
         s = p["speed"]
         lines += ["## peer (plain PyTorch AITM)\n", "| tables | rows in all | peer examples/s | ours examples/s | ours / peer |",
                   "|---|---|---|---|---|"]
         for k in ("seed_tables", "big_tables"):
             lines.append(f"| {k} | {s[k]['table_rows_total']:,} | {s[k]['peer_examples_per_s']:,} | "
                          f"{s[k]['ours_examples_per_s']:,} | {s[k]['ratio']} |")
-        if q := p.get("quality"):
-            lines += ["", f"One epoch over {q['rows']:,} rows, seed {q['seed']}, AUC per task:\n",
-                      "| run | " + " | ".join(q["oracle"]) + " |", "|---|" + "---|" * len(q["oracle"])]
-            for k, v in q.items():
-                if isinstance(v, dict):
-                    lines.append(f"| {k} | " + " | ".join(f"{v[t]:.4f}" for t in q["oracle"]) + " |")
-        lines.append("")
+    if p and (q := p.get("quality")):
+        lines += ["", f"One epoch over {q['rows']:,} rows, seed {q['seed']}, AUC per task:\n",
+                  "| run | " + " | ".join(q["oracle"]) + " |", "|---|" + "---|" * len(q["oracle"])]
+        for k, v in q.items():
+            if isinstance(v, dict):
+                lines.append(f"| {k} | " + " | ".join(f"{v[t]:.4f}" for t in q["oracle"]) + " |")
+    lines.append("")
     if d := results.get("data"):
         lines += ["## data\n", f"{d['rows_per_s_per_core']:,} rows/s per core ({d['format']}, {d['ids']} ids); "
                   f"training {d.get('train_examples_per_s', '-')} examples/s; ratio {d.get('data_over_train', '-')}\n"]
@@ -120,7 +120,7 @@ def speed_plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     bars: list[tuple[str, float]] = []
-    if p := results.get("peer"):
+    if (p := results.get("peer")) and "speed" in p:
         s = p["speed"]
         bars += [("peer\nseed tables", s["seed_tables"]["peer_examples_per_s"]),
                  ("ours\nseed tables", s["seed_tables"]["ours_examples_per_s"]),

@@ -32,6 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--speed-steps", type=int, default=20, help="timed peer steps (this trainer: 5x as many)")
     p.add_argument("--big-table-rows", type=int, default=14_000_000)
     p.add_argument("--no-epoch", dest="epoch", action="store_false", help="speed only")
+    p.add_argument("--no-speed", dest="speed", action="store_false", help="one-epoch quality only")
     p.add_argument("--seed", type=int, default=1)
 
 
@@ -52,45 +53,48 @@ def ours_examples_per_s(data: Path, steps: int, extra: list[str]) -> float:
         shutil.rmtree(model_dir, ignore_errors=True)
 
 
+def speed(args, cfg, data: Path, big: list[str], big_sizes: dict[str, int]) -> dict:
+    """Peer and this trainer, one after the other in this invocation, at both table sizes."""
+    from launch import peer
+    from launch.bench import _cpu_seconds
+
+    cpu0 = _cpu_seconds()
+    t0 = time.perf_counter()
+    sp = {"peer_small": peer.examples_per_s(cfg, data, args.peer_batch, args.speed_steps),
+          "ours_small": ours_examples_per_s(data, 5 * args.speed_steps, []),
+          "peer_big": peer.examples_per_s(cfg, data, args.peer_batch, max(args.speed_steps // 4, 3), big_sizes),
+          "ours_big": ours_examples_per_s(data, 5 * args.speed_steps, big)}
+    wall, cpu1 = time.perf_counter() - t0, _cpu_seconds()
+    out = {}
+    for name, p, o in (("seed_tables", sp["peer_small"], sp["ours_small"]), ("big_tables", sp["peer_big"], sp["ours_big"])):
+        out[name] = {"table_rows_total": p["table_rows_total"], "peer_examples_per_s": round(p["examples_per_s"]),
+                     "ours_examples_per_s": round(o), "ratio": round(o / p["examples_per_s"], 1)}
+    out["machine_cpu_s_other_processes"] = round(cpu1["machine_busy"] - cpu0["machine_busy"] -
+                                                 (cpu1["process"] - cpu0["process"]), 1)
+    out["wall_s"] = round(wall, 1)
+    return out
+
+
 def cmd(args: argparse.Namespace) -> dict:
     import torch
 
     from aitm_torchrec.config import load_config
     from launch import peer
-    from launch.bench import _cpu_seconds, big_table_overrides
+    from launch.bench import big_table_overrides
 
     torch.set_num_threads(2)
     cfg = load_config(None)
     data = quality.ensure_data(Path(args.data_root), args.rows, args.eval_rows, "clk,buy")
     big = big_table_overrides(cfg, args.big_table_rows)
     big_sizes = {cfg.feature_config.features[int(o.split(".")[2])].column: int(o.split("=")[1]) for o in big}
-    cpu0 = _cpu_seconds()
-    t0 = time.perf_counter()
-    speed = {"peer_small": peer.examples_per_s(cfg, data, args.peer_batch, args.speed_steps),
-             "ours_small": ours_examples_per_s(data, 5 * args.speed_steps, []),
-             "peer_big": peer.examples_per_s(cfg, data, args.peer_batch, max(args.speed_steps // 4, 3), big_sizes),
-             "ours_big": ours_examples_per_s(data, 5 * args.speed_steps, big)}
-    wall, cpu1 = time.perf_counter() - t0, _cpu_seconds()
-    result = {
-        "benchmark": "peer",
-        "peer": "launch/peer.py: nn.Embedding per field, dense Adam over all parameters (lr 1e-3), per-row "
-                "Dataset + DataLoader, one process, 2 threads",
-        "ours": "launch/train.py path: 2 gloo ranks x 1 thread, sharded tables, fused table optimizer, Parquet reader",
-        "speed": {
-            "seed_tables": {"table_rows_total": speed["peer_small"]["table_rows_total"],
-                            "peer_examples_per_s": round(speed["peer_small"]["examples_per_s"]),
-                            "ours_examples_per_s": round(speed["ours_small"]),
-                            "ratio": round(speed["ours_small"] / speed["peer_small"]["examples_per_s"], 1)},
-            "big_tables": {"table_rows_total": speed["peer_big"]["table_rows_total"],
-                           "peer_examples_per_s": round(speed["peer_big"]["examples_per_s"]),
-                           "ours_examples_per_s": round(speed["ours_big"]),
-                           "ratio": round(speed["ours_big"] / speed["peer_big"]["examples_per_s"], 1)},
-            "machine_cpu_s_other_processes": round(cpu1["machine_busy"] - cpu0["machine_busy"] -
-                                                   (cpu1["process"] - cpu0["process"]), 1),
-            "wall_s": round(wall, 1),
-        },
-    }
-    print(json.dumps(result["speed"]), file=sys.stderr)
+    result = {"benchmark": "peer",
+              "peer": "launch/peer.py: nn.Embedding per field, dense Adam over all parameters (lr 1e-3), per-row "
+                      "Dataset + DataLoader, one process, 2 threads",
+              "ours": "launch/train.py path: 2 gloo ranks x 1 thread, sharded tables, fused table optimizer, "
+                      "Parquet reader"}
+    if args.speed:
+        result["speed"] = speed(args, cfg, data, big, big_sizes)
+        print(json.dumps(result["speed"]), file=sys.stderr)
     if args.epoch:
         ours = {f"ours_batch_{b}": quality.one_epoch(None, data, [f"train_config.seed={args.seed}"], batch_size=b)
                 for b in [cfg.data_config.batch_size] + ([args.small_batch] if args.small_batch else [])}

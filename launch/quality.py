@@ -178,7 +178,7 @@ def ensure_data(root: Path, rows: int, eval_rows: int, labels: str, dependence: 
 
 def grid(rows: int, eval_rows: int, seeds: list[int], data_root: Path, dependence: float,
          names: list[str] | None = None, overrides: list[str] = (), nproc: int = 2, batch_size: int = 0,
-         log=print) -> list[dict]:
+         log=print, sequential_models: list[str] | None = None) -> list[dict]:
     """Every grid entry x seed, one epoch each; one record per run."""
     sets = {"2step": ensure_data(data_root, rows, eval_rows, "clk,buy"),
             "3step": ensure_data(data_root, rows, eval_rows, "clk,cart,buy")}
@@ -186,7 +186,8 @@ def grid(rows: int, eval_rows: int, seeds: list[int], data_root: Path, dependenc
         sets["2step_seq"] = ensure_data(data_root, rows, eval_rows, "clk,buy", dependence)
     runs = [(n, *GRID[n]) for n in (names or GRID)]
     if dependence:
-        runs += [(n, GRID[n][0], GRID[n][1], "2step_seq") for n in SEQUENTIAL if not names or n in names]
+        runs += [(n, GRID[n][0], GRID[n][1], "2step_seq") for n in (sequential_models or SEQUENTIAL)
+                 if not names or n in names]
     records = []
     for name, config, extra, kind in runs:
         for seed in seeds:
@@ -262,6 +263,7 @@ def add_arguments(q: argparse.ArgumentParser) -> None:
     q.add_argument("--models", help=f"comma-separated subset of: {', '.join(GRID)}")
     q.add_argument("--sequential-dependence", type=float, default=0.7,
                    help="also run the main models on data with this dependence; 0: skip")
+    q.add_argument("--sequential-models", default=",".join(SEQUENTIAL), help="models run on the sequential set")
     q.add_argument("--batch-size", type=int, default=0, help="per rank; 0: the configs' (4096)")
     q.add_argument("--world-size", type=int, default=2)
     q.add_argument("--data-root", default=str(REPO / "data"), help="where generated sets live")
@@ -279,7 +281,8 @@ def cmd(args: argparse.Namespace) -> dict:
         raise SystemExit(f"unknown --models {bad}; choose from {list(GRID)}")
     t0 = time.perf_counter()
     records = grid(args.rows, args.eval_rows, seeds, Path(args.data_root), args.sequential_dependence, names,
-                   args.overrides, args.world_size, args.batch_size, log=lambda m: print(m, file=sys.stderr))
+                   args.overrides, args.world_size, args.batch_size, log=lambda m: print(m, file=sys.stderr),
+                   sequential_models=args.sequential_models.split(","))
     summary = summarize(records)
     result = {"benchmark": "quality", "rows": args.rows, "eval_rows": args.eval_rows, "seeds": seeds,
               "world_size": args.world_size, "sequential_dependence": args.sequential_dependence,

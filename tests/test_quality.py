@@ -118,3 +118,26 @@ def test_bench_quality_end_to_end_tiny(tmp_path, tiny_data):
     assert len(saved["runs"]) == 4
     assert "| AITM |" in out.with_suffix(".md").read_text()
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_all_table_skips_missing_subcommands_and_renders(tmp_path, monkeypatch):
+    from launch import bench, bench_all
+
+    calls = []
+
+    def fake_main(argv):
+        calls.append(argv)
+        return {"peer": {"speed": {k: {"table_rows_total": 10, "peer_examples_per_s": 100, "ours_examples_per_s": 500,
+                                       "ratio": 5.0} for k in ("seed_tables", "big_tables")}}}.get(argv[0], {"x": 1})
+
+    monkeypatch.setattr(bench, "main", fake_main)
+    import argparse
+
+    args = argparse.Namespace(out=str(tmp_path / "b"), only=None, quick=True)
+    results = bench_all.cmd(args, available={"peer", "serve"})
+    assert [c[0] for c in calls] == ["peer", "serve"]  # train/data/quality/score/export absent here: skipped
+    assert set(results) == {"machine", "command", "peer", "serve"}
+    md = (tmp_path / "b" / "results.md").read_text()
+    assert "| seed_tables | 10 | 100 | 500 | 5.0 |" in md and "## serve" in md
+    assert (tmp_path / "b" / "speed.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((tmp_path / "b" / "serve.json").read_text()) == {"x": 1}
