@@ -5,7 +5,7 @@ peer's training examples/s (one process, all cores, DataLoader included) and thi
 gloo ranks x 1 thread through ``train.run`` from Parquet, eval off), at the seed's table sizes
 and with the large tables grown to ``--big-table-rows`` rows in all; their ratios.
 Quality: both trained for one epoch over the same ``--rows``-row set (the peer at its batch of
-2048, this trainer at the seed's batch per rank and at ``--small-batch`` per rank), per-task
+2048, this trainer at each of ``--ours-batches`` per rank), per-task
 AUC and the oracle's.
 """
 
@@ -27,8 +27,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rows", type=int, default=2_000_000, help="rows of the one-epoch set (generated if missing)")
     p.add_argument("--eval-rows", type=int, default=100_000)
     p.add_argument("--data-root", default=str(REPO / "data"))
+    p.add_argument("--data", help="an existing generated set (DIR with train/, eval/, _SUCCESS) instead of --rows")
+    p.add_argument("--ours-batches", default="4096,1024",
+                   help="this trainer's batches per rank for the one-epoch comparison; empty: peer only")
     p.add_argument("--peer-batch", type=int, default=2048)
-    p.add_argument("--small-batch", type=int, default=1024, help="this trainer's second batch per rank; 0: skip")
     p.add_argument("--speed-steps", type=int, default=20, help="timed peer steps (this trainer: 5x as many)")
     p.add_argument("--big-table-rows", type=int, default=14_000_000)
     p.add_argument("--no-epoch", dest="epoch", action="store_false", help="speed only")
@@ -84,7 +86,8 @@ def cmd(args: argparse.Namespace) -> dict:
 
     torch.set_num_threads(2)
     cfg = load_config(None)
-    data = quality.ensure_data(Path(args.data_root), args.rows, args.eval_rows, "clk,buy")
+    data = Path(args.data) if args.data else quality.ensure_data(Path(args.data_root), args.rows, args.eval_rows,
+                                                                 "clk,buy")
     big = big_table_overrides(cfg, args.big_table_rows)
     big_sizes = {cfg.feature_config.features[int(o.split(".")[2])].column: int(o.split("=")[1]) for o in big}
     result = {"benchmark": "peer",
@@ -97,12 +100,12 @@ def cmd(args: argparse.Namespace) -> dict:
         print(json.dumps(result["speed"]), file=sys.stderr)
     if args.epoch:
         ours = {f"ours_batch_{b}": quality.one_epoch(None, data, [f"train_config.seed={args.seed}"], batch_size=b)
-                for b in [cfg.data_config.batch_size] + ([args.small_batch] if args.small_batch else [])}
+                for b in [int(b) for b in args.ours_batches.split(",") if b]}
         p = peer.one_epoch(cfg, data, args.peer_batch, seed=args.seed)
         truth = quality.oracle(data)
         labels = {t.tower_name: t.label_name for t in cfg.towers}
         result["quality"] = {
-            "rows": args.rows, "seed": args.seed,
+            "rows": quality.train_rows(data), "data": str(data), "seed": args.seed,
             "oracle": {t: round(truth[l], 4) for t, l in labels.items()},
             f"peer_batch_{args.peer_batch}": {t: round(v, 4) for t, v in p["auc"].items()},
             **{k: {t: round(v, 4) for t, v in r["auc"].items()} for k, r in ours.items()},
