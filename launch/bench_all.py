@@ -35,6 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="bench", help="output folder")
     p.add_argument("--only", help="comma-separated subcommands (default: all that exist)")
     p.add_argument("--quick", action="store_true", help="tiny sizes: checks the plumbing, not the figures")
+    p.add_argument("--render-only", action="store_true",
+                   help="run nothing: rebuild results.md and speed.png from the OUT/<name>.json already there")
 
 
 def machine() -> dict:
@@ -60,6 +62,10 @@ def cmd(args: argparse.Namespace, available) -> dict:
     results: dict[str, dict] = {"machine": machine(), "command": " ".join(["python launch/bench.py"] + sys.argv[2:])}
     for name, argv, quick in PLAN:
         if name not in available or (only and name not in only):
+            continue
+        if args.render_only:
+            if (out / f"{name}.json").exists():
+                results[name] = json.loads((out / f"{name}.json").read_text())
             continue
         argv = [a.format(out=out) for a in (quick if args.quick else argv)]
         t0 = time.perf_counter()

@@ -195,7 +195,7 @@ def grid(rows: int, eval_rows: int, seeds: list[int], data_root: Path, dependenc
                           nproc=nproc, batch_size=batch_size)
             r.update(model=name, data=kind, seed=seed)
             records.append(r)
-            log(json.dumps({k: r[k] for k in ("model", "data", "seed", "auc", "gap", "seconds")}))
+            log(json.dumps({k: r[k] for k in ("model", "data", "seed", "auc", "oracle", "gap", "seconds")}))
     return records
 
 

@@ -133,7 +133,7 @@ def test_bench_all_table_skips_missing_subcommands_and_renders(tmp_path, monkeyp
     monkeypatch.setattr(bench, "main", fake_main)
     import argparse
 
-    args = argparse.Namespace(out=str(tmp_path / "b"), only=None, quick=True)
+    args = argparse.Namespace(out=str(tmp_path / "b"), only=None, quick=True, render_only=False)
     results = bench_all.cmd(args, available={"peer", "serve"})
     assert [c[0] for c in calls] == ["peer", "serve"]  # train/data/quality/score/export absent here: skipped
     assert set(results) == {"machine", "command", "peer", "serve"}
