@@ -59,7 +59,7 @@ def cmd(args: argparse.Namespace, available) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     only = set(args.only.split(",")) if args.only else None
-    results: dict[str, dict] = {"machine": machine(), "command": " ".join(["python launch/bench.py"] + sys.argv[2:])}
+    results: dict[str, dict] = {"machine": machine(), "command": " ".join(["python launch/bench.py"] + sys.argv[1:])}
     for name, argv, quick in PLAN:
         if name not in available or (only and name not in only):
             continue
@@ -89,7 +89,18 @@ def markdown(results: dict) -> str:
                   "|---|---|---|---|---|---|",
                   f"| {t['batch_size']} | {t['examples_per_s']:,} | {t['roofline_examples_per_s']:,} | "
                   f"{t['ratio_to_roofline']} | {t.get('bare_pipeline', {}).get('ratio_to_roofline', '-')} | "
-                  f"{t.get('big_tables', {}).get('ratio_to_small_tables', '-')} |", ""]
+                  f"{t.get('big_tables', {}).get('ratio_to_small_tables', '-')} |", "",
+                  f"CPU taken by other processes during the run: {t['cpu_during_run']['other_processes_cpu_s']} s "
+                  f"of {t['cpu_during_run']['wall_s']} s wall x {t['cpu_during_run']['cores']} cores.", ""]
+        runs = [("seed tables", t)] + ([("big tables", t["big_tables"])] if "big_tables" in t else [])
+        if all("memory" in r for _, r in runs):
+            lines += ["| tables | rows in all | examples/s | rank | peak RSS GiB | its shards GiB (weights + rowwise state) |",
+                      "|---|---|---|---|---|---|"]
+            for name, r in runs:
+                for m in r["memory"]:
+                    lines.append(f"| {name} | {r['table_rows_total']:,} | {r['examples_per_s']:,} | {m['rank']} | "
+                                 f"{m['peak_rss_gib']} | {m['shards_gib']} |")
+            lines.append("")
     if (p := results.get("peer")) and "speed" in p:
         s = p["speed"]
         lines += ["## peer (plain PyTorch AITM)\n", "| tables | rows in all | peer examples/s | ours examples/s | ours / peer |",
