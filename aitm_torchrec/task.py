@@ -14,6 +14,7 @@ detached but the first.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import torch
@@ -37,11 +38,24 @@ def build_model(cfg: Config, device: torch.device | str = "meta",
     if dense_device is None:
         dense_device = "cpu" if str(device) == "meta" else device
     schema, mc = cfg.schema, cfg.model_config
-    plain = schema.embedding_bag_configs(zch=False)
+    plain = embedding_bag_configs(cfg, zch=False)
     ebc = EmbeddingBagCollection(tables=plain, device=torch.device(device)) if plain else None
     backbone = MLP(schema.input_dim, mlp_spec(mc.backbone.mlp), dense_device)
     head = MODELS[mc.model_class](schema, mc.model_params, backbone.out_dim, dense_device)
-    return MultiTaskModel(ebc, schema.groups, schema.dense_slices, backbone, head, build_mc_ebc(schema, device))
+    mc_ebc = build_mc_ebc(schema, device, embedding_bag_configs(cfg, zch=True))
+    return MultiTaskModel(ebc, schema.groups, schema.dense_slices, backbone, head, mc_ebc)
+
+
+def embedding_bag_configs(cfg: Config, zch: bool | None = None) -> list:
+    """The schema's tables (all, or only the zch / only the other ones, see
+    ``Schema.embedding_bag_configs``) with the config's initialisation: uniform in [-s, s] for
+    ``model_config.embedding_init_scale`` s > 0 (sharded kernels read weight_init_min/max, an
+    unsharded collection its init_fn), else TorchRec's default [-sqrt(1/rows), sqrt(1/rows)]."""
+    tables = cfg.schema.embedding_bag_configs(zch)
+    s = cfg.model_config.embedding_init_scale
+    if not s:
+        return tables
+    return [dataclasses.replace(t, weight_init_min=-s, weight_init_max=s, init_fn=None) for t in tables]
 
 
 class MultiTaskLoss(nn.Module):

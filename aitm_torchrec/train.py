@@ -25,7 +25,7 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from tqdm import tqdm
 
 from aitm_torchrec import checkpoint, faults
-from aitm_torchrec.config import Config, ConfigError, LearningRateSchedule, Optimizer, to_dict
+from aitm_torchrec.config import Config, ConfigError, LearningRateSchedule, Optimizer, scaled_learning_rates, to_dict
 from aitm_torchrec.csv_input import csv_format
 from aitm_torchrec.data import Batch, ParquetReader
 from aitm_torchrec.dist import DistEnv
@@ -52,6 +52,7 @@ def build(cfg: Config, env: DistEnv) -> tuple[DistributedModelParallel, Combined
     if cfg.train_config.mixed_precision == "fp16" and env.device.type != "cuda":
         raise ConfigError("train_config.mixed_precision: fp16 needs CUDA; use bf16 or none on the CPU")
     torch.manual_seed(cfg.train_config.seed)
+    cfg = scaled_learning_rates(cfg, env.world_size)  # train_config.learning_rate_scaling
     module = build_train_module(cfg, device="meta", dense_device=env.device)
     dmp, plan = shard(cfg, module, env)
     optimizer = CombinedOptimizer([dmp.fused_optimizer, dense_optimizer(dmp, cfg.train_config.dense_optimizer)])

@@ -74,12 +74,14 @@ def eviction_policy(f: SparseFeature) -> MCHEvictionPolicy:
                    "allowed: lfu, lru, distance_lfu")
 
 
-def build_mc_ebc(schema: Schema, device: torch.device | str) -> ManagedCollisionEmbeddingBagCollection | None:
-    """The schema's zch tables as one managed-collision EBC (None when there are none)."""
+def build_mc_ebc(schema: Schema, device: torch.device | str,
+                 configs: list | None = None) -> ManagedCollisionEmbeddingBagCollection | None:
+    """The schema's zch tables as one managed-collision EBC (None when there are none);
+    ``configs``: their EmbeddingBagConfigs when not the schema's own (e.g. a custom init)."""
     if not schema.zch:
         return None
     device = torch.device(device)
-    configs = schema.embedding_bag_configs(zch=True)
+    configs = configs if configs is not None else schema.embedding_bag_configs(zch=True)
     modules = {f.name: MCHManagedCollisionModule(zch_size=f.zch_size, device=device,
                                                  eviction_policy=eviction_policy(f),
                                                  eviction_interval=f.eviction_interval, name=f.name)

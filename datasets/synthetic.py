@@ -14,7 +14,11 @@ with the columns of EasyRec's ``aitm_on_taobao`` sample (``../shared/fixtures/ea
 Ids are Zipf-distributed; ``--large-vocab N`` gives user_id and adgroup_id N distinct ids each
 (default 20000), an id space larger than a hashed table, for comparing hashing with zch tables. Each step t happens only after step t-1, with probability
 sigmoid(bias_t + sum of per-id effects + a user x item interaction), so a perfect model reaches
-the AUC of the ``p_*`` columns (the oracle), printed at the end.
+the AUC of the ``p_*`` columns (the oracle), printed at the end. ``--sequential-dependence D``
+makes each later step inherit the earlier step's hidden state: its logit becomes
+(1-D) x its own effects + D x 1.5 tanh(the previous step's centred logit), so a rare later step
+is mostly predictable from what the earlier, frequent step learns (AITM's case); 0 keeps the
+steps' effects independent (the default, the data unchanged).
 
 ``OUT/_SUCCESS`` is written last (with the oracle AUCs), so its presence means the set is whole.
 
@@ -66,9 +70,11 @@ def zipf_ids(rng: np.random.Generator, vocab: int, n: int, a: float = 1.1) -> np
 class World:
     """The hidden truth: per-id effects for every step, and user / item latent vectors."""
 
-    def __init__(self, labels: list[str], seed: int, large_vocab: int = 0) -> None:
+    def __init__(self, labels: list[str], seed: int, large_vocab: int = 0,
+                 sequential_dependence: float = 0.0) -> None:
         rng = np.random.default_rng(seed)
         self.labels = labels
+        self.dependence = sequential_dependence
         steps = len(labels)
         self.id_features = dict(ID_FEATURES)
         if large_vocab:
@@ -109,6 +115,15 @@ class World:
         inter = np.einsum("nd,nd->n", self.user_vec[raw_ids["user_id"]], self.item_vec[raw_ids["cate_id"]])
         logit += inter[:, None] * np.linspace(1.0, 1.5, steps)
 
+        if self.dependence:
+            # Sequential dependence: step t's own effects shrink and it inherits the previous
+            # step's hidden state (its centred logit), so later, rarer steps are mostly carried
+            # by what the earlier step reveals (the transfer AITM is about).
+            d = self.dependence
+            for t in range(1, steps):
+                own = logit[:, t] - self.bias[t]
+                prev = logit[:, t - 1] - self.bias[t - 1]
+                logit[:, t] = self.bias[t] + (1 - d) * own + d * 1.5 * np.tanh(prev)
         cond = 1.0 / (1.0 + np.exp(-logit))  # P(step t | step t-1)
         marginal = np.cumprod(cond, axis=1)
         happened = np.ones(n, bool)
@@ -168,15 +183,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--large-vocab", type=int, default=0,
                    help="distinct user_id and adgroup_id ids (default 0: 20000 each)")
+    p.add_argument("--sequential-dependence", type=float, default=0.0, metavar="D",
+                   help="in [0, 1]: step t's logit = (1-D) x its own effects + D x 1.5 tanh(step t-1's "
+                        "centred logit); 0 (default): independent per-step effects, the data as before")
     args = p.parse_args(argv)
     labels = [l.strip() for l in args.labels.split(",") if l.strip()]
     if not labels:
         p.error("--labels must name at least one step")
-    world = World(labels, args.seed, args.large_vocab)
+    if not 0.0 <= args.sequential_dependence <= 1.0:
+        p.error("--sequential-dependence must be in [0, 1]")
+    world = World(labels, args.seed, args.large_vocab, args.sequential_dependence)
     out = Path(args.out)
     write_split(world, out / "train", args.rows, args.seed + 1, args.string_ids, args.files, args.row_group_size)
     write_split(world, out / "eval", args.eval_rows, args.seed + 2, args.string_ids, args.files, args.row_group_size)
     stats = {"out": str(out), "train_rows": args.rows, "eval_rows": args.eval_rows,
+             "sequential_dependence": args.sequential_dependence,
              "oracle_eval_auc": oracle_auc(out / "eval", labels)}
     marker = out / "_SUCCESS"  # written last: its presence means both splits are complete
     tmp = out / "._SUCCESS.tmp"

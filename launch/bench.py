@@ -366,15 +366,39 @@ def _train_rank(config: str | None, overrides: list[str], bare_steps: int) -> di
             reader = train_reader(cfg, env)
             batches = list(itertools.islice(reader.epoch(0), 16))
             bare = _pipeline_examples_per_s(cfg, env, batches, bare_steps)
+        rss = [None] * env.world_size  # every rank's peak RSS (GiB), gathered to all
+        dist.all_gather_object(rss, _peak_rss_gib())
     finally:
         aitm_dist.teardown()
     busy = cpu1["machine_busy"] - cpu0["machine_busy"]
     return {"train": {k: summary["train"][k] for k in ("steps_this_run", "examples", "examples_per_s", "seconds")},
+            "memory": rank_memory(cfg, summary["plan"], rss),
             "threads": torch.get_num_threads(), "gemm_before": before, "gemm_after": after, "bare": bare,
             "cpu": {"wall_s": round(wall, 2), "ranks_cpu_s": round(float(ranks_cpu), 2),
                     "other_processes_cpu_s": round(busy - float(ranks_cpu), 2),
                     "steal_s": round(cpu1["machine_steal"] - cpu0["machine_steal"], 2),
                     "cores": os.cpu_count()}}
+
+
+def _peak_rss_gib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # KiB on Linux
+
+
+def rank_memory(cfg, plan: dict, rss: list[float]) -> list[dict]:
+    """Per rank: peak RSS beside the size of its table shards (fp32 weights + one fp32
+    rowwise-Adagrad accumulator per row; data-parallel tables on every rank), from the plan."""
+    feats = {f.name: f for f in cfg.feature_config.features}
+    out = [{"rank": r, "peak_rss_gib": round(v, 2), "shards_gib": 0.0} for r, v in enumerate(rss)]
+    for table, p in plan.items():
+        f = feats[table]
+        size = f.num_embeddings * (f.embedding_dim + 1) * 4 / 1024**3
+        ranks = p["ranks"] or list(range(len(rss)))
+        share = size if p["sharding_type"] == "data_parallel" else size / len(ranks)
+        for r in ranks:
+            out[r]["shards_gib"] = round(out[r]["shards_gib"] + share, 3)
+    return out
 
 
 def _launch_ranks(fn, args: tuple, nproc: int, threads: int) -> dict:
@@ -456,6 +480,7 @@ def cmd_train(args: argparse.Namespace) -> dict:
         "ratio_to_roofline": round(ex_s / roofline, 3),
         "goal_ratio_to_roofline": 0.6,
         "cpu_during_run": small["cpu"],
+        "memory": small["memory"],
     }
     if small["bare"]:
         result["bare_pipeline"] = {
@@ -480,6 +505,7 @@ def cmd_train(args: argparse.Namespace) -> dict:
             "ratio_to_small_tables": round(big_ex_s / ex_s, 3),
             "gemm_flops_per_s_before_after": [round(big["gemm_before"]), round(big["gemm_after"])],
             "cpu_during_run": big["cpu"],
+            "memory": big["memory"],
         }
     print(json.dumps(result, indent=2))
     return result
@@ -774,6 +800,29 @@ def cmd_zch(args: argparse.Namespace) -> dict:
     return result
 
 
+def cmd_quality(args: argparse.Namespace) -> dict:
+    from launch import quality
+
+    return quality.cmd(args)
+
+
+def cmd_peer(args: argparse.Namespace) -> dict:
+    from launch import peer_bench
+
+    return peer_bench.cmd(args)
+
+
+def cmd_all(args: argparse.Namespace) -> dict:
+    from launch import bench_all
+
+    return bench_all.cmd(args, SUBCOMMANDS)
+
+
+# name -> (handler, help, adds its arguments). ``all`` runs these in order (those that exist);
+# another benchmark plugs in with one line here.
+SUBCOMMANDS: dict[str, tuple] = {}
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description="Benchmarks that print JSON.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -856,6 +905,18 @@ def main(argv: list[str] | None = None) -> dict:
     z.add_argument("--zch-first", action="store_true", help="run the zch way first (order effects)")
     z.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
     z.set_defaults(fn=cmd_zch)
+    from launch import bench_all, peer_bench, quality
+
+    q = sub.add_parser("quality", help="one-epoch AUC of every model vs the oracle, seeds, JSON/MD/PNG")
+    quality.add_arguments(q)
+    q.set_defaults(fn=cmd_quality)
+    pe = sub.add_parser("peer", help="a plain PyTorch AITM (research-code style) beside this trainer")
+    peer_bench.add_arguments(pe)
+    pe.set_defaults(fn=cmd_peer)
+    a = sub.add_parser("all", help="every benchmark above; JSON, Markdown and PNG under --out")
+    bench_all.add_arguments(a)
+    a.set_defaults(fn=cmd_all)
+    SUBCOMMANDS.update({name: sp for name, sp in sub.choices.items() if name != "all"})
     args = p.parse_args(argv)
     return args.fn(args)
 

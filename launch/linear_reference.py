@@ -1,0 +1,80 @@
+"""A reference for what one pass can reach on the synthetic data (not library code).
+
+The generator's own model class: a logistic regression on one-hot ids (one scalar per id and
+step, tags summed), factorised along the chain as the generator is (click on every impression,
+buy given click, so P(buy) = P(click) x P(buy | click)), zero-initialised, per-coordinate
+Adagrad, one pass at batch 8192. No model of this project's shape can beat a correctly specified
+one by much in one pass, so its AUC bounds what the defaults can be asked for.
+
+    python -m launch.linear_reference --data data/q2m [--files 4] [--lr 0.1,0.2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def run(data: Path, files: int, lr: float, batch: int = 8192) -> dict:
+    from torchmetrics.functional.classification import binary_auroc
+
+    from aitm_torchrec.config import load_config
+    from launch import peer
+
+    cfg = load_config(None)
+    ids, tags, sizes = peer.seed_layout(cfg)
+    tr = peer.RowDataset(sorted((data / "train").glob("*.parquet"))[:files], ids, tags, ["clk", "buy"], sizes)
+    ev = peer.RowDataset(sorted((data / "eval").glob("*.parquet")), ids, tags, ["clk", "buy"], sizes)
+    torch.manual_seed(0)
+    tables = [torch.nn.Embedding(sizes[c] + 1, 2, padding_idx=sizes[c], sparse=True) for c in ids + tags]
+    for t in tables:
+        torch.nn.init.zeros_(t.weight)
+    bias = torch.zeros(2, requires_grad=True)
+    opt, opt_b = torch.optim.Adagrad([t.weight for t in tables], lr=lr), torch.optim.Adam([bias], lr=0.01)
+
+    def logits(x, g):
+        out = bias + sum(tables[i](x[:, i]) for i in range(len(ids)))
+        for j, c in enumerate(tags):
+            t = g[:, j]
+            out = out + tables[len(ids) + j](torch.where(t < 0, sizes[c], t)).sum(1)
+        return out
+
+    x_all, g_all, y_all = torch.from_numpy(tr.ids), torch.from_numpy(tr.tags), torch.from_numpy(tr.labels)
+    perm = torch.randperm(len(y_all))
+    for s in range(0, len(y_all), batch):
+        i = perm[s:s + batch]
+        lo, y = logits(x_all[i], g_all[i]), y_all[i]
+        clicked = y[:, 0] > 0
+        loss = (F.binary_cross_entropy_with_logits(lo[:, 0], y[:, 0], reduction="sum")
+                + F.binary_cross_entropy_with_logits(lo[clicked, 1], y[clicked, 1], reduction="sum"))
+        opt.zero_grad()
+        opt_b.zero_grad()
+        loss.backward()
+        opt.step()
+        opt_b.step()
+    with torch.no_grad():
+        p = torch.sigmoid(logits(torch.from_numpy(ev.ids), torch.from_numpy(ev.tags)))
+        y = torch.from_numpy(ev.labels).long()
+    return {"rows": len(y_all), "lr": lr, "clk": float(binary_auroc(p[:, 0], y[:, 0])),
+            "buy": float(binary_auroc(p[:, 0] * p[:, 1], y[:, 1]))}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", default="data/q2m")
+    p.add_argument("--files", type=int, default=4, help="first N training files")
+    p.add_argument("--lr", default="0.1")
+    args = p.parse_args(argv)
+    for lr in args.lr.split(","):
+        print(json.dumps(run(Path(args.data), args.files, float(lr))), flush=True)
+
+
+if __name__ == "__main__":
+    main()
