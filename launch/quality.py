@@ -44,8 +44,8 @@ def _rank(config: str | None, overrides: list[str]) -> dict:
 
     from aitm_torchrec import dist as aitm_dist
     from aitm_torchrec.config import load_config
+    from aitm_torchrec.dist import quiet_libraries
     from aitm_torchrec.train import run
-    from launch.train import quiet_libraries
 
     logging.basicConfig(level=logging.WARNING)
     quiet_libraries()
