@@ -725,8 +725,9 @@ def cmd_serve(args: argparse.Namespace) -> dict:
 
 # ---- zch: managed-collision tables vs hashing (issue 14) -----------------------------------
 
-def _zch_rank(config: str | None, overrides: list[str]) -> dict:
-    """One rank of a zch benchmark run: ``train.run`` from scratch; returns the summary."""
+def train_rank(config: str | None, overrides: list[str]) -> dict:
+    """One rank (a spawned process) of a benchmark's training run: ``train.run`` from scratch,
+    evaluation included; returns the summary (used by ``zch`` and ``launch/quality.py``)."""
     import logging
 
     from aitm_torchrec import dist as aitm_dist
@@ -785,7 +786,7 @@ def cmd_zch(args: argparse.Namespace) -> dict:
         model_dir = Path(tempfile.mkdtemp(prefix=f"bench_zch_{name}_"))
         extra = zch_table_overrides(cfg, args.table_size, zch, args.eviction_interval, args.policy)
         try:
-            summary = _launch_ranks(_zch_rank, (args.config, list(args.overrides) + base + extra +
+            summary = _launch_ranks(train_rank, (args.config, list(args.overrides) + base + extra +
                                                 [f"model_dir={model_dir}"]), args.world_size, args.threads_per_rank)
         finally:
             shutil.rmtree(model_dir, ignore_errors=True)

@@ -38,25 +38,6 @@ def train_rows(data: Path) -> int:
     return sum(pq.ParquetFile(p).metadata.num_rows for p in sorted((Path(data) / "train").glob("*.parquet")))
 
 
-def _rank(config: str | None, overrides: list[str]) -> dict:
-    """One rank: train (one epoch, set by the caller's num_steps), evaluate, return the summary."""
-    import logging
-
-    from aitm_torchrec import dist as aitm_dist
-    from aitm_torchrec.config import load_config
-    from aitm_torchrec.dist import quiet_libraries
-    from aitm_torchrec.train import run
-
-    logging.basicConfig(level=logging.WARNING)
-    quiet_libraries()
-    cfg = load_config(config, overrides)
-    env = aitm_dist.setup()
-    try:
-        return run(cfg, env, resume=False).to_dict()
-    finally:
-        aitm_dist.teardown()
-
-
 def one_epoch(config: str | None, data: Path, overrides: list[str] = (), nproc: int = 2,
               threads: int = 1, batch_size: int = 0) -> dict:
     """Trains ``config`` for one epoch over ``data/train`` on ``nproc`` ranks; returns
@@ -64,6 +45,7 @@ def one_epoch(config: str | None, data: Path, overrides: list[str] = (), nproc: 
     "examples_per_s", "seconds"}. ``overrides`` are applied before the data/epoch settings."""
     from aitm_torchrec.config import load_config
     from aitm_torchrec.dist import run_local
+    from launch.bench import train_rank
 
     data = Path(data)
     model_dir = Path(tempfile.mkdtemp(prefix="quality_"))
@@ -77,7 +59,7 @@ def one_epoch(config: str | None, data: Path, overrides: list[str] = (), nproc: 
     base += [f"train_config.num_steps={steps}", f"train_config.log_step_count_steps={steps}"]
     t0 = time.perf_counter()
     try:
-        summary = run_local(_rank, config, base, nproc=nproc, threads=threads)[0]
+        summary = run_local(train_rank, config, base, nproc=nproc, threads=threads)[0]
     finally:
         shutil.rmtree(model_dir, ignore_errors=True)
     truth = oracle(data)
