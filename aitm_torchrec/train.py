@@ -80,9 +80,12 @@ def eval_reader(cfg: Config, env: DistEnv) -> ParquetReader:
 
 
 def stream(reader: ParquetReader, epoch: int = 0, skip: int = 0) -> Iterator[Batch]:
-    """Endless batches over epochs, starting ``skip`` batches into ``epoch`` (the data position)."""
+    """Endless batches over epochs, starting ``skip`` batches into ``epoch`` (the data position).
+    Closing it closes the current epoch's prefetch thread too, explicitly (``yield from`` an
+    islice passes no close on; only reference counting would)."""
     while True:
-        yield from itertools.islice(reader.epoch(epoch), skip, None)
+        with contextlib.closing(reader.epoch(epoch)) as batches:
+            yield from itertools.islice(batches, skip, None)
         epoch, skip = epoch + 1, 0
 
 

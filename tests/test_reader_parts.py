@@ -117,3 +117,22 @@ def test_string_pass_through_of_a_hashed_id_column_is_decoded(tmp_path):
     (batch,) = list(reader.epoch(0))
     assert batch.passthrough.column("user").type == pa.string()
     assert batch.passthrough.column("user").to_pylist() == ["a", "b", "a"]
+
+
+def test_closing_the_training_stream_stops_its_prefetch_thread(files):
+    """Closing the endless training stream stops the current epoch's prefetch thread (a daemon
+    thread still running at interpreter exit can abort the process)."""
+    import threading
+    import time
+
+    from aitm_torchrec.train import stream
+
+    reader = ParquetReader([str(files)], SCHEMA, batch_size=8, prefetch=2)
+    batches = stream(reader)
+    next(batches), next(batches)
+    assert any(t.name == "aitm-prefetch" for t in threading.enumerate())
+    batches.close()
+    deadline = time.time() + 5
+    while any(t.name == "aitm-prefetch" for t in threading.enumerate()) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not any(t.name == "aitm-prefetch" for t in threading.enumerate())

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow  # every test here starts the TorchX CLI (and most
 def test_explicit_local_cwd_launch_trains_and_writes_summary(tiny_config):
     out = torchx("run", "-s", "local_cwd", "dist.ddp", "-j", "1x2", "--script", "launch/train.py",
                  "--", "--config", str(tiny_config), "train_config.num_steps=20")
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-12000:]
     summary = json.loads((Path(load_config(tiny_config).model_dir) / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["train"]["steps"] == 20
     assert set(summary["eval"]) == {"ctr", "cvr"}
@@ -36,7 +36,7 @@ def test_users_command_as_typed_uses_local_cwd_and_positional_script(tiny_config
     assert "launch/train.py --config x.yaml" in text
     out = torchx("run", "dist.ddp", "-j", "1x2", "launch/train.py", "--config", str(tiny_config),
                  "train_config.num_steps=10")
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-12000:]
     summary = json.loads((Path(load_config(tiny_config).model_dir) / "summary.json").read_text())
     assert summary["train"]["steps"] == 10 and summary["world_size"] == 2
 
@@ -45,7 +45,7 @@ def test_two_hosts_of_two_processes_train_and_evaluate(tiny_config):
     # -j 2x2 on local_cwd: two torchrun agents rendezvous like two hosts (world size 4).
     out = torchx("run", "dist.ddp", "-j", "2x2", "launch/train.py", "--config", str(tiny_config),
                  "train_config.num_steps=12", "train_config.log_step_count_steps=4")
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-12000:]
     summary = json.loads((Path(load_config(tiny_config).model_dir) / "summary.json").read_text())
     assert summary["world_size"] == 4 and summary["train"]["steps"] == 12
     assert summary["train"]["examples"] == 12 * 4 * load_config(tiny_config).data_config.batch_size
