@@ -122,7 +122,7 @@ def examples_per_s(cfg, data: Path, batch_size: int, steps: int, sizes_override:
                    warmup: int = 3) -> dict:
     """Training examples/s over ``steps`` steps (after ``warmup``), DataLoader included."""
     model, opt, ids, tags, sizes = build(cfg, sizes_override)
-    labels = [t.label_name for t in cfg.towers]
+    labels = cfg.schema.label_names
     files = sorted((data / "train").glob("*.parquet"))[:1]
     ds = RowDataset(files, ids, tags, labels, sizes)
     it = iter(loader(ds, batch_size, True))
@@ -145,7 +145,7 @@ def one_epoch(cfg, data: Path, batch_size: int = 2048, seed: int = 0) -> dict:
     from torchmetrics.functional.classification import binary_auroc
 
     model, opt, ids, tags, sizes = build(cfg, seed=seed)
-    labels = [t.label_name for t in cfg.towers]
+    labels = cfg.schema.label_names
     train = RowDataset(sorted((data / "train").glob("*.parquet")), ids, tags, labels, sizes)
     t0, n = time.perf_counter(), 0
     model.train()

@@ -103,7 +103,7 @@ def cmd(args: argparse.Namespace) -> dict:
                 for b in [int(b) for b in args.ours_batches.split(",") if b]}
         p = peer.one_epoch(cfg, data, args.peer_batch, seed=args.seed)
         truth = quality.oracle(data)
-        labels = {t.tower_name: t.label_name for t in cfg.towers}
+        labels = {t.tower_name: t.label_name for t in cfg.schema.tasks}
         result["quality"] = {
             "rows": quality.train_rows(data), "data": str(data), "seed": args.seed,
             "oracle": {t: round(truth[l], 4) for t, l in labels.items()},

@@ -63,7 +63,7 @@ def one_epoch(config: str | None, data: Path, overrides: list[str] = (), nproc: 
     finally:
         shutil.rmtree(model_dir, ignore_errors=True)
     truth = oracle(data)
-    labels = {t.tower_name: t.label_name for t in cfg.towers}
+    labels = {t.tower_name: t.label_name for t in cfg.schema.tasks}
     auc = {t: summary["eval"][t]["auc"] for t in labels}
     return {"auc": auc, "oracle": {t: truth[labels[t]] for t in labels},
             "gap": {t: truth[labels[t]] - auc[t] for t in labels},
