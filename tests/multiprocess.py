@@ -3,10 +3,12 @@ rendezvous) running a function, and the TorchX CLI."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +25,56 @@ REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
 
+def _torchx_env() -> dict[str, str]:
+    """This venv's bin first on PATH (torchrun), one thread per worker."""
+    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "OMP_NUM_THREADS": "1"}
+
+
 def torchx(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     """Runs the TorchX CLI of this venv from the repository root (one thread per worker)."""
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([str(BIN / "torchx"), *args], cwd=REPO, env=env, capture_output=True,
+    return subprocess.run([str(BIN / "torchx"), *args], cwd=REPO, env=_torchx_env(), capture_output=True,
                           text=True, timeout=timeout)
+
+
+@dataclass
+class BackgroundJob:
+    """A TorchX CLI run in the background: ``proc`` while it runs, ``output`` (its log) after."""
+
+    proc: subprocess.Popen
+    output: str = ""
+
+
+@contextlib.contextmanager
+def torchx_background(*args: str, log: Path) -> Iterator[BackgroundJob]:
+    """Starts the TorchX CLI in the background, stdout and stderr to ``log``; on leaving, kills
+    it if still running and reads the log into ``job.output``."""
+    with open(log, "w+") as f:
+        job = BackgroundJob(subprocess.Popen([str(BIN / "torchx"), *args], cwd=REPO, env=_torchx_env(),
+                                             stdout=f, stderr=subprocess.STDOUT, text=True))
+        try:
+            yield job
+        finally:
+            if job.proc.poll() is None:
+                job.proc.kill()
+                job.proc.wait()
+            f.seek(0)
+            job.output = f.read()
+
+
+def training_pids(marker: str, agent: bool = False, local_rank: int | None = None) -> list[int]:
+    """torchrun agents (``agent``) or training workers (of ``local_rank``, if given) of
+    ``launch/train.py`` whose command line contains ``marker`` (the TorchX CLI itself excluded)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            env = (proc / "environ").read_bytes().split(b"\0") if local_rank is not None else []
+        except OSError:
+            continue
+        if marker not in cmd or "launch/train.py" not in cmd or "torchx" in cmd or ("torchrun" in cmd) != agent:
+            continue
+        if local_rank is None or f"LOCAL_RANK={local_rank}".encode() in env:
+            pids.append(int(proc.name))
+    return pids

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -17,9 +16,8 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from aitm_torchrec import checkpoint
 from aitm_torchrec.config import load_config
 from aitm_torchrec.faults import PREEMPTED_EXIT_CODE, diagnose
-from tests.multiprocess import run_ranks
+from tests.multiprocess import run_ranks, torchx, torchx_background, training_pids
 from tests.test_checkpoint import TW, _main_runs
-from tests.test_torchx import BIN, REPO
 
 COMMON = [TW, "train_config.log_step_count_steps=1", "eval_input_path=[]"]
 
@@ -83,47 +81,25 @@ def _model_tensors(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _pids(marker: str, agent: bool) -> list[int]:
-    """torchrun agents (``agent``) or training workers whose command line contains ``marker``."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        try:
-            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode() if proc.name.isdigit() else ""
-        except OSError:
-            continue
-        if marker in cmd and "launch/train.py" in cmd and ("torchrun" in cmd) == agent and "torchx" not in cmd:
-            pids.append(int(proc.name))
-    return pids
-
-
 @pytest.mark.slow
 def test_sigterm_saves_at_the_step_reached_and_the_rerun_resumes_exactly(tiny_config, tmp_path):
     cfg = load_config(tiny_config)
     root = Path(cfg.model_dir) / "checkpoints"
     args = ["--config", str(tiny_config), *COMMON, "train_config.num_steps=300"]
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "OMP_NUM_THREADS": "1"}
-    log = open(tmp_path / "torchx.log", "w+")
-    job = subprocess.Popen([str(BIN / "torchx"), "run", "dist.ddp", "-j", "1x2", "launch/train.py", *args],
-                           cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
-    try:
+    with torchx_background("run", "dist.ddp", "-j", "1x2", "launch/train.py", *args, log=tmp_path / "torchx.log") as job:
         deadline = time.time() + 240
-        while not (Path(cfg.model_dir) / "tensorboard").exists() and time.time() < deadline and job.poll() is None:
+        while not (Path(cfg.model_dir) / "tensorboard").exists() and time.time() < deadline and job.proc.poll() is None:
             time.sleep(0.05)
         time.sleep(3)  # some steps in
-        agents = _pids(str(tiny_config), agent=True)
-        assert agents and job.poll() is None, "the job never started training"
+        agents = training_pids(str(tiny_config), agent=True)
+        assert agents and job.proc.poll() is None, "the job never started training"
         for pid in agents:
             os.kill(pid, signal.SIGTERM)
-        job.wait(timeout=120)
-    finally:
-        if job.poll() is None:
-            job.kill()
-        log.seek(0)
-        output = log.read()
-        log.close()
+        job.proc.wait(timeout=120)
+    output = job.output
     # torchrun forwards SIGTERM to its workers, waits for them (--shutdown-timeout, 30 s), then
     # re-raises the signal as SignalException: the job fails, to be retried by the scheduler.
-    assert job.returncode != 0, output[-4000:]
+    assert job.proc.returncode != 0, output[-4000:]
     assert "Received 15 death signal, shutting down workers" in output, output[-4000:]
     assert f"exiting with {PREEMPTED_EXIT_CODE} for the scheduler to retry" in output, output[-4000:]
     saved = [s for s, _ in checkpoint.checkpoints(root)]
@@ -131,9 +107,8 @@ def test_sigterm_saves_at_the_step_reached_and_the_rerun_resumes_exactly(tiny_co
     stopped = saved[0]
     assert not (Path(cfg.model_dir) / "summary.json").exists()  # it stopped before evaluating
 
-    rerun = subprocess.run([str(BIN / "torchx"), "run", "dist.ddp", "-j", "1x2", "launch/train.py", *args,
-                            "train_config.num_steps=" + str(stopped + 8)],
-                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    rerun = torchx("run", "dist.ddp", "-j", "1x2", "launch/train.py", *args,
+                   "train_config.num_steps=" + str(stopped + 8))
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     resumed = json.loads((Path(cfg.model_dir) / "summary.json").read_text())["train"]
     assert resumed["resumed_from_step"] == stopped and resumed["steps_this_run"] == 8

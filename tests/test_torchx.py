@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from aitm_torchrec.config import load_config
-from tests.multiprocess import BIN, REPO, torchx
+from tests.multiprocess import torchx, torchx_background, training_pids
 
 pytestmark = pytest.mark.slow  # every test here starts the TorchX CLI (and most, torchrun)
 
@@ -84,23 +83,6 @@ def test_kubernetes_job_spec_for_two_hosts_of_eight_gpus():
     assert "maxRetry: 3" in spec and "action: RestartJob" in spec and "event: PodFailed" in spec
 
 
-def _worker_pids(marker: str, local_rank: int) -> list[int]:
-    """Training worker processes whose command line contains ``marker``."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            env = (proc / "environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if marker in cmd and "launch/train.py" in cmd and "torchrun" not in cmd \
-                and f"LOCAL_RANK={local_rank}".encode() in env:
-            pids.append(int(proc.name))
-    return pids
-
-
 def test_a_killed_rank_restarts_the_job_from_the_last_checkpoint(tiny_config):
     import signal
     import time
@@ -109,30 +91,21 @@ def test_a_killed_rank_restarts_the_job_from_the_last_checkpoint(tiny_config):
 
     cfg = load_config(tiny_config)
     root = Path(cfg.model_dir) / "checkpoints"
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "OMP_NUM_THREADS": "1"}
-    log = open(tiny_config.parent / "torchx.log", "w+")
-    job = subprocess.Popen(
-        [str(BIN / "torchx"), "run", "dist.ddp", "-j", "1x2", "--max_retries", "2", "launch/train.py",
-         "--config", str(tiny_config), "train_config.num_steps=400", "train_config.save_checkpoints_steps=20",
-         "train_config.log_step_count_steps=20", "eval_input_path=[]"],
-        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
-    try:
+    with torchx_background("run", "dist.ddp", "-j", "1x2", "--max_retries", "2", "launch/train.py",
+                           "--config", str(tiny_config), "train_config.num_steps=400",
+                           "train_config.save_checkpoints_steps=20", "train_config.log_step_count_steps=20",
+                           "eval_input_path=[]", log=tiny_config.parent / "torchx.log") as job:
         deadline = time.time() + 240
-        while not checkpoint.checkpoints(root) and time.time() < deadline and job.poll() is None:
+        while not checkpoint.checkpoints(root) and time.time() < deadline and job.proc.poll() is None:
             time.sleep(0.05)
-        victims = _worker_pids(str(tiny_config), local_rank=1)
+        victims = training_pids(str(tiny_config), local_rank=1)
         assert checkpoint.checkpoints(root) and victims, "the job never reached its first checkpoint"
         for pid in victims:
             os.kill(pid, signal.SIGKILL)
         killed_at = checkpoint.checkpoints(root)[-1][0]
-        job.wait(timeout=300)
-    finally:
-        if job.poll() is None:
-            job.kill()
-        log.seek(0)
-        output = log.read()
-        log.close()
-    assert job.returncode == 0, output[-4000:]
+        job.proc.wait(timeout=300)
+    output = job.output
+    assert job.proc.returncode == 0, output[-4000:]
     assert "failed (exitcode:" in output  # torchrun saw the worker die and restarted the job
     assert killed_at < 400, "the rank was killed after training finished"
     summary = json.loads((Path(cfg.model_dir) / "summary.json").read_text())
