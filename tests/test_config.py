@@ -111,6 +111,19 @@ def test_model_configs_load(name):
     assert cfg.features == load_config().features  # same features and tables as the seed
 
 
+# The task weights README "Why these defaults" chose from bench/studies/ (click : buy, or
+# click : cart : buy), in every shipped Taobao config, so the quality grid compares like with like.
+SHIPPED_TASK_WEIGHTS = {2: (1.0, 2.0), 3: (1.0, 1.5, 2.0)}
+
+
+@pytest.mark.parametrize("name", ["aitm_taobao.yaml", *sorted(MODEL_CONFIGS)])
+def test_shipped_configs_weigh_the_later_steps_as_the_study_chose(name):
+    towers = load_config(config_path(name)).towers
+    assert tuple(t.classification_weight for t in towers) == SHIPPED_TASK_WEIGHTS[len(towers)]
+    assert all(t.weight == 1.0 for t in load_config(config_path(name), [
+        f"{TOWERS}.{i}.weight=1.0" for i in range(len(towers))]).towers)  # the key still overrides
+
+
 def test_new_model_keys_have_documented_defaults():
     cfg = load_config()
     mp = cfg.model_config.model_params
