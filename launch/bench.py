@@ -824,6 +824,25 @@ def cmd_all(args: argparse.Namespace) -> dict:
 SUBCOMMANDS: dict[str, tuple] = {}
 
 
+def _add_generated_set(p: argparse.ArgumentParser, rows: int, rows_help: str, row_group_size: int = 65536,
+                       files: bool = True) -> None:
+    """The generated Parquet set a benchmark reads (data, train, export, score)."""
+    p.add_argument("--rows", type=int, default=rows, help=rows_help)
+    p.add_argument("--data", help="data directory (default data/bench_taobao_int64_<rows>; generated if missing)")
+    p.add_argument("--row-group-size", type=int, default=row_group_size)
+    if files:
+        p.add_argument("--files", type=int, default=4)
+
+
+def _add_ranks(p: argparse.ArgumentParser, world_help: str | None = None, big_tables_help: str | None = None) -> None:
+    """Spawned gloo ranks (and, with ``big_tables_help``, the grown-tables second run)."""
+    p.add_argument("--world-size", type=int, default=2, help=world_help)
+    p.add_argument("--threads-per-rank", type=int, default=1, help="OMP_NUM_THREADS of each rank")
+    if big_tables_help:
+        p.add_argument("--big-tables", action=argparse.BooleanOptionalAction, default=True, help=big_tables_help)
+        p.add_argument("--big-table-rows", type=int, default=14_000_000)
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description="Benchmarks that print JSON.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -843,17 +862,10 @@ def main(argv: list[str] | None = None) -> dict:
     d.set_defaults(fn=cmd_data)
     t = sub.add_parser("train", help="2-rank training examples/s from Parquet vs the GEMM roofline")
     t.add_argument("--config", help="YAML config (default: the seed's)")
-    t.add_argument("--rows", type=int, default=1_000_000, help="rows of the generated set")
-    t.add_argument("--data", help="data directory (default data/bench_taobao_int64_<rows>; generated if missing)")
-    t.add_argument("--row-group-size", type=int, default=65536)
-    t.add_argument("--files", type=int, default=4)
+    _add_generated_set(t, 1_000_000, "rows of the generated set")
     t.add_argument("--steps", type=int, default=300, help="training steps per run")
     t.add_argument("--batch-size", type=int, default=0, help="per rank; 0: the config's data_config.batch_size")
-    t.add_argument("--world-size", type=int, default=2, help="training processes")
-    t.add_argument("--threads-per-rank", type=int, default=1, help="OMP_NUM_THREADS of each rank")
-    t.add_argument("--big-tables", action=argparse.BooleanOptionalAction, default=True,
-                   help="also train with the large tables grown to --big-table-rows rows in all")
-    t.add_argument("--big-table-rows", type=int, default=14_000_000)
+    _add_ranks(t, "training processes", "also train with the large tables grown to --big-table-rows rows in all")
     t.add_argument("--bare-steps", type=int, default=100,
                    help="steps of the bare pipeline on pre-read batches after the run; 0: skip")
     t.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
@@ -862,24 +874,15 @@ def main(argv: list[str] | None = None) -> dict:
     e.add_argument("--config", help="YAML config (default: the seed's)")
     e.add_argument("--table-rows", type=int, default=10_000_000, help="rows of the grown adgroup_id table")
     e.add_argument("--chunk-rows", type=int, default=1_000_000, help="rows per part (the export's window)")
-    e.add_argument("--rows", type=int, default=20_000, help="rows of the generated training set")
-    e.add_argument("--data", help="data directory (default data/bench_taobao_int64_<rows>; generated if missing)")
-    e.add_argument("--row-group-size", type=int, default=8192)
+    _add_generated_set(e, 20_000, "rows of the generated training set", row_group_size=8192, files=False)
     e.add_argument("--world-size", type=int, default=2, help="training and export processes")
     e.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
     e.set_defaults(fn=cmd_export)
     c = sub.add_parser("score", help="batch scoring examples/s beside training examples/s, same ranks")
     c.add_argument("--config", help="YAML config (default: the seed's)")
-    c.add_argument("--rows", type=int, default=400_000, help="rows of the generated data set (scored whole)")
-    c.add_argument("--data", help="data directory (default data/bench_taobao_int64_<rows>; generated if missing)")
-    c.add_argument("--row-group-size", type=int, default=65536)
-    c.add_argument("--files", type=int, default=4)
+    _add_generated_set(c, 400_000, "rows of the generated data set (scored whole)")
     c.add_argument("--steps", type=int, default=60, help="training steps before scoring")
-    c.add_argument("--world-size", type=int, default=2)
-    c.add_argument("--threads-per-rank", type=int, default=1)
-    c.add_argument("--big-tables", action=argparse.BooleanOptionalAction, default=True,
-                   help="also with the large tables grown to --big-table-rows rows in all")
-    c.add_argument("--big-table-rows", type=int, default=14_000_000)
+    _add_ranks(c, big_tables_help="also with the large tables grown to --big-table-rows rows in all")
     c.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
     c.set_defaults(fn=cmd_score)
     s = sub.add_parser("serve", help="serving artefact latency, throughput and size per quantization")
@@ -901,8 +904,7 @@ def main(argv: list[str] | None = None) -> dict:
     z.add_argument("--batch-size", type=int, default=1024, help="per rank")
     z.add_argument("--eviction-interval", type=int, default=20)
     z.add_argument("--policy", default="lfu", choices=["lfu", "lru", "distance_lfu"])
-    z.add_argument("--world-size", type=int, default=2)
-    z.add_argument("--threads-per-rank", type=int, default=1)
+    _add_ranks(z)
     z.add_argument("--zch-first", action="store_true", help="run the zch way first (order effects)")
     z.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
     z.set_defaults(fn=cmd_zch)
