@@ -7,7 +7,7 @@ on for longer chains), zero-initialised, per-coordinate Adagrad, one pass at bat
 model of this project's shape can beat a correctly specified one by much in one pass, so its AUC
 bounds what the defaults can be asked for.
 
-    python -m launch.linear_reference --data data/q2m [--files 4] [--lr 0.1,0.2] [--labels clk,buy]
+    python -m launch.linear_reference --data data/q2m [--files 4] [--lr 0.1,0.2] [--labels clk,cart,buy]
 """
 
 from __future__ import annotations
@@ -23,11 +23,14 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-def run(data: Path, files: int, lr: float, batch: int = 8192, labels: tuple[str, ...] = ("clk", "buy")) -> dict:
+def run(data: Path, files: int, lr: float, batch: int = 8192, labels: tuple[str, ...] = ()) -> dict:
+    """``labels``: the chain, first to last; by default the generated set's own (its ``_SUCCESS``)."""
     from torchmetrics.functional.classification import binary_auroc
 
     from aitm_torchrec.config import load_config
-    from launch import peer
+    from launch import peer, quality
+
+    labels = tuple(labels) or tuple(quality.oracle(data))
 
     cfg = load_config(None)
     ids, tags, sizes = peer.seed_layout(cfg)
@@ -74,7 +77,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data", default="data/q2m")
     p.add_argument("--files", type=int, default=4, help="first N training files")
     p.add_argument("--lr", default="0.1")
-    p.add_argument("--labels", default="clk,buy", help="the chain's label columns, first to last")
+    p.add_argument("--labels", default="",
+                   help="the chain's label columns, first to last (default: the generated set's, from its _SUCCESS)")
     args = p.parse_args(argv)
     labels = tuple(label.strip() for label in args.labels.split(",") if label.strip())
     for lr in args.lr.split(","):
