@@ -407,6 +407,9 @@ class _Converter:
             if m.has(key):
                 out[key] = m.get(key)
         if m.get("feature_type", "IdFeature") == "TagFeature":
+            # EasyRec pools a bag by its combiner, default "mean" (feature_config.proto); our key
+            # defaults to the seed's "sum", so EasyRec's default is written out
+            out.setdefault("combiner", "mean")
             out["separator"] = m.get("separator", "|")  # EasyRec's default
         elif m.has("separator") and m.get("separator") != "|":
             raise self.fail(m, "separator", "is only supported for TagFeature")

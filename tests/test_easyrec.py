@@ -117,8 +117,8 @@ MAPPINGS = [
     ("features.feature_type", {}, lambda c: c.features["tags"].feature_type, "TagFeature"),
     ("features.separator_default", {}, lambda c: c.features["tags"].separator, "|"),
     ("features.separator", dict(tag=TAG + ' separator: "#"'), lambda c: c.features["tags"].separator, "#"),
-    ("features.combiner", dict(tag=TAG + ' combiner: "mean"'), lambda c: c.features["tags"].combiner, "mean"),
-    ("features.combiner_default", {}, lambda c: c.features["tags"].combiner, "sum"),
+    ("features.combiner", dict(tag=TAG + ' combiner: "sum"'), lambda c: c.features["tags"].combiner, "sum"),
+    ("features.combiner_default", {}, lambda c: c.features["tags"].combiner, "mean"),  # feature_config.proto
     ("features.feature_name", dict(tag=TAG + ' feature_name: "t"', groups='feature_names: "uid" feature_names: "t"'), lambda c: c.features["t"].column, "tags"),
     ("feature_configs", dict(top='feature_configs { input_names: "price" feature_type: RawFeature raw_input_dim: 1 }'),
      lambda c: c.features["price"].feature_type, "RawFeature"),
