@@ -8,6 +8,7 @@ runs as a world of one on a free local port.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import socket
@@ -69,6 +70,9 @@ def setup(backend: str | None = None, timeout_s: float = 600) -> DistEnv:
 
 def teardown() -> None:
     if dist.is_initialized():
+        # Collect the job's sharded modules and pipelines (reference cycles) while the process
+        # group they hold is still valid, not during interpreter shutdown.
+        gc.collect()
         dist.destroy_process_group()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -109,8 +110,15 @@ def test_a_killed_rank_restarts_the_job_from_the_last_checkpoint(tiny_config):
     assert "failed (exitcode:" in output  # torchrun saw the worker die and restarted the job
     assert killed_at < 400, "the rank was killed after training finished"
     summary = json.loads((Path(cfg.model_dir) / "summary.json").read_text())
-    t = summary["train"]
-    assert t["steps"] == 400
-    # restarted from the last complete checkpoint at (or after) the kill: at most one interval lost
-    assert killed_at <= t["resumed_from_step"] < 400
-    assert t["resumed_from_step"] + t["steps_this_run"] == 400
+    assert summary["train"]["steps"] == 400
+    # Every attempt's rank 0 prints where it resumed and how many steps it trained, in order.
+    attempts = list(zip(map(int, re.findall(r'"resumed_from_step": (\d+)', output)),
+                        map(int, re.findall(r'"steps_this_run": (\d+)', output))))
+    resumed, trained = attempts[0]
+    # the restart resumed from the last complete checkpoint at (or after) the kill: at most one
+    # interval lost, and it trained the rest
+    assert killed_at <= resumed < 400 and resumed + trained == 400, attempts
+    # A worker that crashes while exiting after a finished run makes torchrun start one more
+    # attempt, which finds the final checkpoint and trains nothing (seen once on this machine:
+    # "terminate called without an active exception" in a rank's teardown).
+    assert all(later == (400, 0) for later in attempts[1:]), attempts
