@@ -38,9 +38,10 @@ def main(argv: list[str] | None = None) -> dict:
     with aitm_dist.job() as env:
         summary = run(cfg, env, resume=not args.no_resume).to_dict()
     if env.is_main:
-        brief = {"eval": summary["eval"], "train": {k: summary["train"][k] for k in ("steps", "resumed_from_step", "steps_this_run",
-                                                                        "examples", "examples_per_s")},
-                 "world_size": summary["world_size"], "summary": os.path.join(cfg.model_dir, "summary.json")}
+        train = {k: summary["train"][k]
+                 for k in ("steps", "resumed_from_step", "steps_this_run", "examples", "examples_per_s")}
+        brief = {"eval": summary["eval"], "train": train, "world_size": summary["world_size"],
+                 "summary": os.path.join(cfg.model_dir, "summary.json")}
         print(json.dumps(brief, indent=2))
     return summary
 

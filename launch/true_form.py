@@ -38,6 +38,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from datasets.synthetic import ID_FEATURES, LATENT, PRICE_BUCKETS, TAG_FEATURES  # noqa: E402
+from launch import quality  # noqa: E402
 
 LATENT_SCALE = 0.5  # the generator's user / item latent vectors ~ N(0, 0.5^2)
 PRICE_SCALE = 0.3  # and its price effects ~ N(0, 0.3^2)
@@ -234,7 +235,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-latent", action="store_true", help="without the user x category interaction")
     args = p.parse_args(argv)
     data = Path(args.data)
-    labels = list(json.loads((data / "_SUCCESS").read_text())["oracle_eval_auc"])
+    labels = list(quality.oracle(data))  # the chain, first to last, as the generator wrote it
     splits = (read_rows(data / "train", labels), read_rows(data / "eval", labels))
     for opt in args.optimizer.split(","):
         for rate in (float(r) for r in args.rate.split(",")):
