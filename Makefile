@@ -25,7 +25,7 @@ $(STAMP): requirements.txt setup.cfg pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt $(FBGEMM)
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps torchrec==1.8.0
-	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	$(PY) -m pip install -q --disable-pip-version-check --no-build-isolation -e ".[bench,test]"
 	touch $@
 
 $(DEMO_DATA)/_SUCCESS: | $(STAMP)

@@ -13,12 +13,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from pathlib import Path
 
-# Runs as a script under torchrun: make the repository importable without installing it.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from torch.distributed.elastic.multiprocessing.errors import record  # noqa: E402
+from torch.distributed.elastic.multiprocessing.errors import record
 
 SUBCOMMANDS = {
     "embeddings": ("aitm_torchrec.export_embeddings", "embedding tables -> Parquet (or npy), streamed per shard"),

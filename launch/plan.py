@@ -13,14 +13,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import warnings
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from aitm_torchrec.config import load_config  # noqa: E402
-from aitm_torchrec.sharding import plan_for_topology  # noqa: E402
+from aitm_torchrec.config import load_config
+from aitm_torchrec.sharding import plan_for_topology
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:

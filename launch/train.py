@@ -10,17 +10,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
-from pathlib import Path
 
-# Runs as a script under torchrun: make the repository importable without installing it.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from torch.distributed.elastic.multiprocessing.errors import record
 
-from torch.distributed.elastic.multiprocessing.errors import record  # noqa: E402
-
-from aitm_torchrec import dist as aitm_dist  # noqa: E402
-from aitm_torchrec.config import load_config  # noqa: E402
-from aitm_torchrec.train import run  # noqa: E402
+from aitm_torchrec import dist as aitm_dist
+from aitm_torchrec.config import load_config
+from aitm_torchrec.train import run
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
