@@ -38,9 +38,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
+from aitm_torchrec import dist as aitm_dist
 from aitm_torchrec.files import sha256_file, write_json_atomic
-
-__all__ = ["write_json_atomic"]  # kept importable from here: jobs use it beside checkpoints
 
 logger = logging.getLogger(__name__)
 
@@ -246,18 +245,13 @@ def _write_limits(root: Path) -> str:
 def _everywhere(fn: Callable[[], Any], what: str, root: Path) -> list[Any]:
     """Runs ``fn`` on every rank and returns every rank's result, or raises CheckpointError on
     every rank with the first failure, so no rank waits at a barrier for one that failed."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
     try:
         mine: tuple[Any, str | None] = (fn(), None)
     except Exception as e:  # reported to every rank, then raised there
-        mine = (None, f"{type(e).__name__}: {e}")
-    if dist.is_initialized():
-        everyone: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(everyone, mine)
-    else:
-        everyone = [mine]
-    for rank, (_, error) in enumerate(everyone):
-        if error is not None:
-            raise CheckpointError(f"{what} {root} failed on rank {rank}: {error}")
+        mine = (None, f"{what} {root} failed on rank {rank}: {type(e).__name__}: {e}")
+    everyone = aitm_dist.all_gather(mine)
+    aitm_dist.raise_first([error for _, error in everyone], CheckpointError)
     return [result for result, _ in everyone]
 
 

@@ -14,7 +14,7 @@ import os
 import socket
 import uuid
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -74,6 +74,46 @@ def teardown() -> None:
         # group they hold is still valid, not during interpreter shutdown.
         gc.collect()
         dist.destroy_process_group()
+
+
+def all_gather(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` (picklable), in rank order, on every rank; ``[obj]`` without a
+    process group or in a world of one. Collective."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank. Collective."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier() -> None:
+    """Every rank waits here for the others; nothing without a process group. Collective."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def raise_first(errors: Sequence[str | None], error: Callable[[str], BaseException]) -> None:
+    """Raises ``error(message)`` for the lowest rank's message among ``errors`` (one per rank,
+    None where that rank is fine); nothing when every entry is None."""
+    first = next((e for e in errors if e), None)
+    if first:
+        raise error(first)
+
+
+def agree(message: str | None, error: Callable[[str], BaseException]) -> None:
+    """Collective, once on every rank: when any rank passes a message (its reason to stop), every
+    rank raises ``error`` with the lowest such rank's message, so no rank goes on to wait in a
+    collective for a rank that gave up."""
+    raise_first(all_gather(message), error)
 
 
 def quiet_libraries() -> None:

@@ -3,9 +3,10 @@
     python launch/export.py model --output DIR [--config FILE] [--checkpoint DIR]
                                   [--quant none|int8|fp16|int4] [key.path=value ...]
 
-Input: a training checkpoint of any world size (``inference.resolve_checkpoint``; read whole into
-this one process by ``inference.local_model``, no process group). Output, written into a
-temporary directory beside ``DIR`` and renamed into place, so ``DIR`` is never half-written:
+``run(cfg, ModelExportOptions)``. Input: a training checkpoint of any world size
+(``from_checkpoint.resolve_checkpoint``; read whole into this one process by
+``from_checkpoint.local_model``, no process group). Output, written into a temporary directory
+beside ``DIR`` and renamed into place (``outputs.publish_dir``), so ``DIR`` is never half-written:
 
 - ``DIR/scripted_model.pt``: ``ServingModel`` around the model, its EmbeddingBagCollection
   swapped for TorchRec's quantized one (``quantize_inference_model``; ``none`` keeps fp32
@@ -33,13 +34,10 @@ A TorchScript file is code: load only artefacts you trust (ones this project wro
 # No ``from __future__ import annotations`` here: TorchScript compiles ``ServingModel.forward``
 # and needs its annotations as types, not strings.
 
-import argparse
 import copy
 import json
-import os
-import shutil
-import tempfile
 import typing
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +47,9 @@ from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from aitm_torchrec.config import Config
+from aitm_torchrec.from_checkpoint import checkpoint_meta, local_model, resolve_checkpoint
+from aitm_torchrec.outputs import publish_dir
 from aitm_torchrec.schema import Schema
 from aitm_torchrec.serving import META_FILE, MODEL_FILE, SCHEMA_FILE, input_names, output_names
 
@@ -194,13 +195,7 @@ def eager_probs(model: nn.Module, schema: Schema, inputs: dict[str, torch.Tensor
 def export(model: nn.Module, schema: Schema, output: Path, quant: str = "int8", meta: dict | None = None) -> dict:
     """Writes the artefact of an eval-mode ``MultiTaskModel`` to ``output`` atomically; returns
     meta.json's contents. ``meta``: extra entries (checkpoint path and step)."""
-    output = Path(output)
-    if output.exists() and not (output / META_FILE).exists() and any(output.iterdir()):
-        raise FileExistsError(f"{output}: exists, is not empty and holds no serving model; "
-                              "choose another --output")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
-    try:
+    def build(tmp: Path) -> dict:
         scripted = script_model(model, schema, quant, zch_world_size=int((meta or {}).get("trained_world_size") or 1))
         torch.jit.save(scripted, str(tmp / MODEL_FILE))
         schema.save(tmp / SCHEMA_FILE)
@@ -222,11 +217,9 @@ def export(model: nn.Module, schema: Schema, output: Path, quant: str = "int8", 
             "self_check": check,
         }
         (tmp / META_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-        _replace_dir(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return info
+        return info
+
+    return publish_dir(build, Path(output), META_FILE, "serving model")
 
 
 def _self_check(model: nn.Module, schema: Schema, path: Path, batch_size: int = 64) -> dict:
@@ -238,17 +231,6 @@ def _self_check(model: nn.Module, schema: Schema, path: Path, batch_size: int = 
         got = loaded(inputs)
     diff = max(float((got[n] - expected[:, i]).abs().max()) for i, n in enumerate(output_names(schema)))
     return {"rows": batch_size, "max_abs_diff_vs_checkpoint_model": diff}
-
-
-def _replace_dir(new: Path, output: Path) -> None:
-    """Renames ``new`` to ``output``; an old ``output`` is moved aside first, then deleted."""
-    old = None
-    if output.exists():
-        old = output.with_name(f".{output.name}.old.{os.getpid()}")
-        os.replace(output, old)
-    os.replace(new, output)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _version(dist: str) -> str:
@@ -266,26 +248,21 @@ def _fbgemm_version() -> str:
     return getattr(fbgemm_gpu, "__version__", None) or _version("fbgemm_gpu-cpu")
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--output", required=True, help="directory to write (replaced atomically)")
-    p.add_argument("--config", help="YAML config (default: the seed's configs/aitm_taobao.yaml)")
-    p.add_argument("--checkpoint", help="checkpoints/step_<N> directory (default: the newest under model_dir)")
-    p.add_argument("--quant", choices=list(QUANT_DTYPES), default="int8", help="table weights (default int8)")
-    p.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
+@dataclass(frozen=True)
+class ModelExportOptions:
+    """``launch/export.py model``'s flags."""
+
+    output: Path
+    checkpoint: str | None = None  # default: the newest complete checkpoint under model_dir
+    quant: str = "int8"  # table weights: one of QUANT_DTYPES
 
 
-def main(args: argparse.Namespace) -> dict:
+def run(cfg: Config, opts: ModelExportOptions) -> dict:
     """Exports the checkpoint's model; returns meta.json's contents plus ``output``."""
-    from aitm_torchrec.config import load_config
-    from aitm_torchrec.inference import checkpoint_meta, local_model, resolve_checkpoint
-
-    cfg = load_config(args.config, args.overrides)
-    path = resolve_checkpoint(cfg, args.checkpoint)
+    path = resolve_checkpoint(cfg, opts.checkpoint)
     ckpt = checkpoint_meta(path)
     model = local_model(cfg, path)
-    info = export(model, cfg.schema, Path(args.output), args.quant,
+    info = export(model, cfg.schema, Path(opts.output), opts.quant,
                   {"checkpoint": str(path.resolve()), "step": ckpt.get("step"),
                    "trained_world_size": ckpt.get("world_size")})
-    result = {"output": str(Path(args.output).resolve()), **info}
-    print(json.dumps(result, indent=2, sort_keys=True))
-    return result
+    return {"output": str(Path(opts.output).resolve()), **info}

@@ -18,9 +18,6 @@
 - SIGTERM (torchrun forwards it to its workers) only sets a flag: every rank finishes the step
   in flight, all stop at the same step, the caller saves a checkpoint and raises ``Preempted``,
   which exits with status 143 (128 + SIGTERM).
-
-``inject_nan_for_test`` is a test hook: ``AITM_TEST_INJECT_NAN_STEP=N`` poisons the labels of
-one tower in the batch trained at step N on one rank.
 """
 
 from __future__ import annotations
@@ -29,7 +26,6 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +35,6 @@ import torch.nn.functional as F
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
 from aitm_torchrec import checkpoint
-from aitm_torchrec.data import Batch
 
 logger = logging.getLogger(__name__)
 
@@ -174,23 +169,3 @@ class GuardedPipeline(TrainPipelineSparseDist):
     def _optimizer_step(self) -> None:
         if not self.guard.bad_loss and self.guard.dense_grads_finite(self._optimizer):
             super()._optimizer_step()
-
-
-def inject_nan_for_test(batches: Iterator[Batch], start: int, rank: int, world_size: int) -> Iterator[Batch]:
-    """Test hook. With ``AITM_TEST_INJECT_NAN_STEP=N`` the batch trained at (1-based) step N gets
-    NaN labels for tower ``AITM_TEST_INJECT_NAN_TOWER`` (index, default 0) on rank
-    ``AITM_TEST_INJECT_NAN_RANK`` (default the last). Without it, ``batches`` as they are."""
-    at = os.environ.get("AITM_TEST_INJECT_NAN_STEP")
-    if not at or int(os.environ.get("AITM_TEST_INJECT_NAN_RANK", world_size - 1)) != rank:
-        return batches
-    tower = int(os.environ.get("AITM_TEST_INJECT_NAN_TOWER", 0))
-
-    def poisoned() -> Iterator[Batch]:
-        for step, batch in enumerate(batches, start + 1):
-            if step == int(at):
-                labels = batch.labels.clone()
-                labels[:, tower] = float("nan")
-                batch = Batch(batch.dense, batch.sparse, labels, batch.weights)
-            yield batch
-
-    return poisoned()

@@ -3,11 +3,12 @@ the same way: atomically (temporary name, then rename), with sha256 checksums in
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +21,26 @@ def sha256_file(path: str | Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def write_json_atomic(path: str | Path, data: Any) -> None:
-    """``data`` as indented JSON at ``path``, written under a temporary name, then renamed."""
+@contextlib.contextmanager
+def atomic_write(path: str | Path) -> Iterator[Path]:
+    """Yields the temporary path to write ``path`` under (``.<name>.tmp`` beside it); renames it to
+    ``path`` when the block completes, removes it when the block raises. So ``path`` is either
+    absent, or as it was, or complete."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: str | Path, data: Any) -> None:
+    """``data`` as indented JSON at ``path``, written under a temporary name, then renamed."""
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def expand_paths(paths: Sequence[str], what: str = "input", kind: str = "Parquet",

@@ -1,21 +1,29 @@
-"""Models by name: ``model_config.model_class`` -> a builder of the model's head.
+"""Models by name, and the model built from a config.
 
-Every model is a ``MultiTaskModel`` (input side -> backbone -> head); only the head differs. A
-builder takes the schema (tower order and relations), the config's ``model_params`` and the
-backbone's output width, and returns the head (B x H -> B x T logits). Adding a model class is
-one head class and one entry in ``MODELS``.
+Every model is a ``MultiTaskModel`` (input side -> backbone -> head); only the head differs.
+``MODELS`` maps ``model_config.model_class`` to a builder of the head: it takes the schema (tower
+order and relations), the config's ``model_params`` and the backbone's output width, and returns
+the head (B x H -> B x T logits). Adding a model class is one head class and one entry in
+``MODELS``. ``build_model(cfg)`` assembles the whole model; it needs no process group, data or
+training loop, so scoring and the exports build exactly the model training built.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import nn
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from aitm_torchrec.baselines import DBMTLHead, ESMMHead, MMoEHead, SharedBottomHead
-from aitm_torchrec.model import AITMHead, Device, MLPSpec, TowerSpec
+from aitm_torchrec.model import MLP, AITMHead, Device, MLPSpec, MultiTaskModel, TowerSpec
 from aitm_torchrec.schema import Schema
+
+if TYPE_CHECKING:
+    from aitm_torchrec.config import Config
 
 HeadBuilder = Callable[[Schema, Any, int, Device], nn.Module]
 
@@ -68,3 +76,34 @@ MODELS: dict[str, HeadBuilder] = {
     "MMoE": _mmoe,
     "SharedBottom": _shared_bottom,
 }
+
+
+def build_model(cfg: Config, device: torch.device | str = "meta",
+                dense_device: torch.device | str | None = None) -> MultiTaskModel:
+    """The config's model (``model_config.model_class``, see ``registry.MODELS``); zch features'
+    tables in ``mc_ebc`` (see ``zch.py``), the others in ``ebc``. Tables on
+    ``device`` (``meta`` for sharding), dense layers on ``dense_device`` (default: ``cpu`` when
+    tables are on ``meta``)."""
+    from aitm_torchrec.zch import build_mc_ebc  # TEMP-CYCLE
+
+    if dense_device is None:
+        dense_device = "cpu" if str(device) == "meta" else device
+    schema, mc = cfg.schema, cfg.model_config
+    plain = embedding_bag_configs(cfg, zch=False)
+    ebc = EmbeddingBagCollection(tables=plain, device=torch.device(device)) if plain else None
+    backbone = MLP(schema.input_dim, mlp_spec(mc.backbone.mlp), dense_device)
+    head = MODELS[mc.model_class](schema, mc.model_params, backbone.out_dim, dense_device)
+    mc_ebc = build_mc_ebc(schema, device, embedding_bag_configs(cfg, zch=True))
+    return MultiTaskModel(ebc, schema.groups, schema.dense_slices, backbone, head, mc_ebc)
+
+
+def embedding_bag_configs(cfg: Config, zch: bool | None = None) -> list:
+    """The schema's tables (all, or only the zch / only the other ones, see
+    ``Schema.embedding_bag_configs``) with the config's initialisation: uniform in [-s, s] for
+    ``model_config.embedding_init_scale`` s > 0 (sharded kernels read weight_init_min/max, an
+    unsharded collection its init_fn), else TorchRec's default [-sqrt(1/rows), sqrt(1/rows)]."""
+    tables = cfg.schema.embedding_bag_configs(zch)
+    s = cfg.model_config.embedding_init_scale
+    if not s:
+        return tables
+    return [dataclasses.replace(t, weight_init_min=-s, weight_init_max=s, init_fn=None) for t in tables]

@@ -28,10 +28,8 @@ import itertools
 import json
 import logging
 import math
-import os
-import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,14 +40,16 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from aitm_torchrec import inference
+from aitm_torchrec import dist as aitm_dist
+from aitm_torchrec import from_checkpoint
 from aitm_torchrec.config import Config, to_dict
-from aitm_torchrec.csv_input import csv_format
 from aitm_torchrec.data import Batch, ParquetReader
+from aitm_torchrec.data.csv_input import csv_format
 from aitm_torchrec.data.source import input_columns
 from aitm_torchrec.dist import DistEnv
-from aitm_torchrec.files import sha256_file, write_json_atomic
+from aitm_torchrec.files import atomic_write, sha256_file
 from aitm_torchrec.metrics import TaskMetrics
+from aitm_torchrec.outputs import JobOutput, describe_difference
 
 logger = logging.getLogger(__name__)
 
@@ -97,30 +97,6 @@ def plan_parts(num_rows: int, world_size: int, rows_per_part: int) -> list[Part]
     return parts
 
 
-def _broadcast(obj: object, env: DistEnv) -> object:
-    """Rank 0's ``obj`` on every rank."""
-    if env.world_size == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _all_gather(obj: object, env: DistEnv) -> list:
-    if env.world_size == 1:
-        return [obj]
-    out: list = [None] * env.world_size
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def _check_same_on_every_rank(error: str | None, env: DistEnv) -> None:
-    """Raises rank 0's verdict on every rank, so no rank waits on a rank that stopped."""
-    verdict = _broadcast(error, env)
-    if verdict:
-        raise ScoreError(verdict)
-
-
 def _identity(path: Path, meta: str, step: int) -> dict:
     """A checkpoint or artefact: path and step, plus its meta file's checksum and time (a model
     re-trained or re-exported at the same path is another model)."""
@@ -144,46 +120,16 @@ def _job(cfg: Config, opts: ScoreOptions, model: dict, reader: ParquetReader, co
     }))
 
 
-def _job_difference(old: dict, new: dict) -> str | None:
-    differ = [k for k in new if old.get(k) != new[k]]
-    if not differ:
-        return None
-    names = {"config": "the config", "checkpoint": "the checkpoint", "inputs": "the input files or their rows",
-             "rows": "the input rows", "world_size": "the world size", "rows_per_part": "rows_per_part",
-             "reserved_columns": "the reserved columns", "output_columns": "the output columns",
-             "metrics": "--metrics"}
-    shown = {"checkpoint": lambda c: f"step {c['step']} at {c['path']}" if c else "none",
-             "world_size": str}
-    return ", ".join(names[k] + (f" (was {shown[k](old.get(k))}, now {shown[k](new[k])})" if k in shown else "")
-                     for k in differ)
+_JOB_NAMES = {"config": "the config", "checkpoint": "the checkpoint", "inputs": "the input files or their rows",
+              "rows": "the input rows", "world_size": "the world size", "rows_per_part": "rows_per_part",
+              "reserved_columns": "the reserved columns", "output_columns": "the output columns",
+              "metrics": "--metrics"}
+_JOB_SHOWN = {"checkpoint": lambda c: f"step {c['step']} at {c['path']}" if c else "none", "world_size": str}
 
 
-def _prepare_output(out: Path, job: dict, opts: ScoreOptions, env: DistEnv) -> bool:
-    """Rank 0 checks (and creates) the output directory; returns True if it is already complete.
-    Every rank gets the same verdict or the same error."""
-    error, done = None, False
-    if env.is_main:
-        job_path = out / "job.json"
-        try:
-            if opts.overwrite and out.exists():
-                shutil.rmtree(out)
-            if job_path.exists():
-                diff = _job_difference(json.loads(job_path.read_text()), job)
-                if diff:
-                    error = (f"{out}: holds scores of another job: {diff} differ from {job_path}; "
-                             "use a new --output, or --overwrite to replace it")
-                done = (out / "_SUCCESS").exists()
-            elif out.exists() and any(out.iterdir()):
-                error = f"{out}: exists and is not the output of a scoring job (no job.json); use a new --output"
-            if not error:
-                out.mkdir(parents=True, exist_ok=True)
-                for tmp in out.glob(".part-*.tmp"):  # a crash's unfinished part
-                    tmp.unlink()
-                write_json_atomic(job_path, job)
-        except OSError as e:
-            error = f"{out}: cannot prepare the output directory ({e})"
-    _check_same_on_every_rank(error, env)
-    return bool(_broadcast(done, env))
+def _job_output(out: Path) -> JobOutput:
+    return JobOutput(out, "job.json", "scores of another job",
+                     lambda old, new: describe_difference(old, new, _JOB_NAMES, _JOB_SHOWN), ScoreError)
 
 
 def _part_complete(path: Path, rows: int) -> bool:
@@ -213,13 +159,8 @@ def _write_part(out: Path, part: Part, pieces: list[pa.Table]) -> None:
     table = pa.concat_tables(pieces)
     if table.num_rows != part.hi - part.lo:
         raise RuntimeError(f"{part.name}: {table.num_rows} rows scored for {part.hi - part.lo} input rows")
-    tmp = out / f".{part.name}.tmp"
-    pq.write_table(table, tmp)
-    os.replace(tmp, out / part.name)
-    # Test hook (crash-resume tests): rank 1 dies right after writing this many parts.
-    die_after = os.environ.get("AITM_TEST_SCORE_DIE_AFTER_PARTS")
-    if die_after and part.rank == 1 and part.index + 1 >= int(die_after):
-        os._exit(3)
+    with atomic_write(out / part.name) as tmp:
+        pq.write_table(table, tmp)
 
 
 def _scored_table(batch: Batch, logits: torch.Tensor, towers: Sequence[str], kinds: Sequence[str]) -> pa.Table:
@@ -237,8 +178,10 @@ def _scored_table(batch: Batch, logits: torch.Tensor, towers: Sequence[str], kin
     return table
 
 
-def run(cfg: Config, env: DistEnv, opts: ScoreOptions) -> dict:
-    """Scores the input with the checkpoint; returns the manifest (on every rank)."""
+def run(cfg: Config, env: DistEnv, opts: ScoreOptions, on_part_written: Callable[[Part], None] | None = None) -> dict:
+    """Scores the input with the checkpoint; returns the manifest (on every rank).
+    ``on_part_written``: called with each part once it is in place (the crash tests stop a rank
+    there)."""
     started = time.time()
     for kind in opts.output_kinds:
         if kind not in OUTPUT_KINDS:
@@ -257,9 +200,9 @@ def run(cfg: Config, env: DistEnv, opts: ScoreOptions) -> dict:
         schema, model = predictor.schema, _identity(Path(opts.model), "meta.json", int(predictor.meta.get("step", -1)))
         source_text = f"serving model {opts.model}"
     else:
-        ckpt = inference.resolve_checkpoint(cfg, opts.checkpoint)
+        ckpt = from_checkpoint.resolve_checkpoint(cfg, opts.checkpoint)
         schema = cfg.schema
-        model = _identity(ckpt, "meta.json", int(inference.checkpoint_meta(ckpt).get("step", -1)))
+        model = _identity(ckpt, "meta.json", int(from_checkpoint.checkpoint_meta(ckpt).get("step", -1)))
         source_text = f"{ckpt} (step {model['step']})"
     columns = list(opts.reserved_columns)
     csv = csv_format(cfg.data_config)
@@ -271,8 +214,9 @@ def run(cfg: Config, env: DistEnv, opts: ScoreOptions) -> dict:
                            prefetch=cfg.data_config.prefetch_size, labels=opts.metrics,
                            label_chain_policy="keep", passthrough=passthrough, csv=csv)
     out = Path(opts.output)
+    output = _job_output(out)
     job = _job(cfg, opts, model, reader, columns, env, opts.rows_per_part)
-    already_done = _prepare_output(out, job, opts, env)
+    already_done = output.prepare(job, opts.overwrite, env.is_main)
     parts = plan_parts(reader.num_rows, env.world_size, opts.rows_per_part)
     mine = [p for p in parts if p.rank == env.rank]
     todo = [] if already_done else [p for p in mine if not _part_complete(out / p.name, p.hi - p.lo)]
@@ -294,7 +238,7 @@ def run(cfg: Config, env: DistEnv, opts: ScoreOptions) -> dict:
                 p = torch.from_numpy(np.stack([probs[t] for t in schema.tower_names], axis=1)).double()
                 return torch.logit(p).float()
         else:
-            dmp, _ = inference.sharded_model(cfg, env, ckpt)
+            dmp, _ = from_checkpoint.sharded_model(cfg, env, ckpt)
 
             def forward(batch: Batch) -> torch.Tensor:
                 return dmp(batch.dense.to(env.device), batch.sparse.to(env.device))
@@ -311,6 +255,8 @@ def run(cfg: Config, env: DistEnv, opts: ScoreOptions) -> dict:
                     continue
                 if current is not None and part != current:
                     _write_part(out, current, pieces)
+                    if on_part_written is not None:
+                        on_part_written(current)
                     pieces = []
                 current = part
                 pieces.append(_scored_table(batch, logits, towers, opts.output_kinds))
@@ -318,6 +264,8 @@ def run(cfg: Config, env: DistEnv, opts: ScoreOptions) -> dict:
                 bar.update(batch.num_real)
             if current is not None:
                 _write_part(out, current, pieces)
+                if on_part_written is not None:
+                    on_part_written(current)
         loop_seconds = time.perf_counter() - t0
         bar.close()
 
@@ -325,9 +273,9 @@ def run(cfg: Config, env: DistEnv, opts: ScoreOptions) -> dict:
     files = [{"file": p.name, "rank": p.rank, "rows": p.hi - p.lo, "first_row": p.lo, "sha256": sha256_file(out / p.name)}
              for p in mine]
     metrics = _metrics(out, mine, schema.label_names, schema.tower_names, env) if opts.metrics else None
-    all_files = sorted((f for fs in _all_gather(files, env) for f in fs), key=lambda f: f["file"])
-    total_scored = sum(_all_gather(rows_scored, env))
-    slowest = max(_all_gather(loop_seconds, env))
+    all_files = sorted((f for fs in aitm_dist.all_gather(files) for f in fs), key=lambda f: f["file"])
+    total_scored = sum(aitm_dist.all_gather(rows_scored))
+    slowest = max(aitm_dist.all_gather(loop_seconds))
     manifest = {
         "checkpoint": job["checkpoint"],
         "config_model_dir": cfg.model_dir,
@@ -346,16 +294,9 @@ def run(cfg: Config, env: DistEnv, opts: ScoreOptions) -> dict:
     }
     if sum(f["rows"] for f in all_files) != reader.num_rows:
         raise RuntimeError(f"{out}: parts hold {sum(f['rows'] for f in all_files)} rows for {reader.num_rows} input rows")
-    if env.world_size > 1:
-        dist.barrier()
-    if env.is_main:
-        if already_done and (out / "manifest.json").exists():
-            manifest = json.loads((out / "manifest.json").read_text())
-        else:
-            write_json_atomic(out / "manifest.json", manifest)
-            (out / "_SUCCESS").write_text("")
-    if env.world_size > 1:
-        dist.barrier()
+    if already_done:  # the recorded manifest, as the job that completed it wrote it
+        return output.manifest() if env.is_main else manifest
+    output.finish(lambda: manifest, env.is_main)
     return manifest
 
 

@@ -1,7 +1,6 @@
-"""Task: the model built from a config, the multi-task loss, and the train wrapper.
+"""Task: the multi-task loss and the train wrapper around the model (``registry.build_model``).
 
-``build_model(cfg)`` needs no process group, data or training loop: scoring and export jobs call
-it exactly as training does. The wrapper ``MultiTaskTrain`` owns the loss and follows TorchRec's
+The wrapper ``MultiTaskTrain`` owns the loss and follows TorchRec's
 train-pipeline contract: ``forward(batch) -> (loss, (loss, logits, labels, weights))``, all
 detached but the first.
 
@@ -14,48 +13,16 @@ detached but the first.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from aitm_torchrec.config import Config
 from aitm_torchrec.data import Batch
-from aitm_torchrec.model import MLP, MultiTaskModel
-from aitm_torchrec.registry import MODELS, mlp_spec
-from aitm_torchrec.zch import build_mc_ebc
-
-
-def build_model(cfg: Config, device: torch.device | str = "meta",
-                dense_device: torch.device | str | None = None) -> MultiTaskModel:
-    """The config's model (``model_config.model_class``, see ``registry.MODELS``); zch features'
-    tables in ``mc_ebc`` (see ``zch.py``), the others in ``ebc``. Tables on
-    ``device`` (``meta`` for sharding), dense layers on ``dense_device`` (default: ``cpu`` when
-    tables are on ``meta``)."""
-    if dense_device is None:
-        dense_device = "cpu" if str(device) == "meta" else device
-    schema, mc = cfg.schema, cfg.model_config
-    plain = embedding_bag_configs(cfg, zch=False)
-    ebc = EmbeddingBagCollection(tables=plain, device=torch.device(device)) if plain else None
-    backbone = MLP(schema.input_dim, mlp_spec(mc.backbone.mlp), dense_device)
-    head = MODELS[mc.model_class](schema, mc.model_params, backbone.out_dim, dense_device)
-    mc_ebc = build_mc_ebc(schema, device, embedding_bag_configs(cfg, zch=True))
-    return MultiTaskModel(ebc, schema.groups, schema.dense_slices, backbone, head, mc_ebc)
-
-
-def embedding_bag_configs(cfg: Config, zch: bool | None = None) -> list:
-    """The schema's tables (all, or only the zch / only the other ones, see
-    ``Schema.embedding_bag_configs``) with the config's initialisation: uniform in [-s, s] for
-    ``model_config.embedding_init_scale`` s > 0 (sharded kernels read weight_init_min/max, an
-    unsharded collection its init_fn), else TorchRec's default [-sqrt(1/rows), sqrt(1/rows)]."""
-    tables = cfg.schema.embedding_bag_configs(zch)
-    s = cfg.model_config.embedding_init_scale
-    if not s:
-        return tables
-    return [dataclasses.replace(t, weight_init_min=-s, weight_init_max=s, init_fn=None) for t in tables]
+from aitm_torchrec.model import MultiTaskModel
+from aitm_torchrec.registry import build_model
 
 
 class MultiTaskLoss(nn.Module):

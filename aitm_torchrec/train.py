@@ -11,7 +11,7 @@ import itertools
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,9 +26,10 @@ from tqdm import tqdm
 
 from aitm_torchrec import checkpoint, faults
 from aitm_torchrec.config import Config, ConfigError, LearningRateSchedule, Optimizer, scaled_learning_rates, to_dict
-from aitm_torchrec.csv_input import csv_format
 from aitm_torchrec.data import Batch, ParquetReader
+from aitm_torchrec.data.csv_input import csv_format
 from aitm_torchrec.dist import DistEnv
+from aitm_torchrec.files import write_json_atomic
 from aitm_torchrec.metrics import TaskMetrics
 from aitm_torchrec.sharding import describe, shard
 from aitm_torchrec.task import build_train_module
@@ -303,9 +304,22 @@ class _Loop:
             self.save()
 
 
-def run(cfg: Config, env: DistEnv, resume: bool = True) -> TrainResult:
-    """Trains to ``train_config.num_steps`` (resuming from the latest complete checkpoint),
-    evaluates, and writes ``summary.json``. Returns the result on every rank."""
+@dataclass(frozen=True)
+class TrainOptions:
+    """``launch/train.py``'s flags (the config says everything else)."""
+
+    resume: bool = True  # start from the newest complete checkpoint under model_dir
+
+
+BatchesHook = Callable[[Iterator[Batch], int, DistEnv], Iterator[Batch]]
+
+
+def run(cfg: Config, env: DistEnv, opts: TrainOptions = TrainOptions(),
+        wrap_batches: BatchesHook | None = None) -> TrainResult:
+    """Trains to ``train_config.num_steps`` (resuming from the latest complete checkpoint unless
+    ``opts.resume`` is off), evaluates, and writes ``summary.json``. Returns the result on every
+    rank. ``wrap_batches(batches, first_step, env)``: the training batches as the loop takes them
+    (the fault tests poison one there); ``first_step`` is the 0-based step of the first one."""
     tc, bs = cfg.train_config, cfg.data_config.batch_size
     # Readers first: bad paths or schemas fail on every rank before any collective starts.
     reader = train_reader(cfg, env)
@@ -315,14 +329,15 @@ def run(cfg: Config, env: DistEnv, resume: bool = True) -> TrainResult:
         logger.info("sharding plan: %s", plan)
     pos = Position()
     # The newest checkpoint that verifies (damaged newer ones are skipped with a warning).
-    if resume and (path := checkpoint.agreed_latest(Path(cfg.model_dir) / "checkpoints")) is not None:
+    if opts.resume and (path := checkpoint.agreed_latest(Path(cfg.model_dir) / "checkpoints")) is not None:
         pos = restore(path, dmp, optimizer, env, bs, check=False)
     loop = _Loop(cfg, env, dmp, optimizer, plan, evaluator, pos)
 
     spe = reader.steps_per_epoch
     source = stream(reader, pos.epoch, pos.epoch_step)
     batches = itertools.islice(source, max(tc.num_steps - loop.start, 0))
-    batches = faults.inject_nan_for_test(batches, loop.start, env.rank, env.world_size)
+    if wrap_batches is not None:
+        batches = wrap_batches(batches, loop.start, env)
     # SIGTERM and non-finite losses: every rank agrees once per step, before backward.
     guard = faults.StepGuard(tc.nonfinite_policy, loop.towers, loop.ckpt_root)
     pipeline = faults.GuardedPipeline(dmp, optimizer, env.device, execute_all_batches=True, guard=guard)
@@ -355,7 +370,7 @@ def run(cfg: Config, env: DistEnv, resume: bool = True) -> TrainResult:
         towers=[{"tower_name": t.tower_name, "label_name": t.label_name} for t in cfg.schema.tasks], plan=plan)
     if env.is_main:
         _scalars(loop.writer, "eval", eval_metrics, tc.num_steps)
-        checkpoint.write_json_atomic(Path(cfg.model_dir) / "summary.json", result.to_dict())
+        write_json_atomic(Path(cfg.model_dir) / "summary.json", result.to_dict())
         loop.writer.close()
     return result
 

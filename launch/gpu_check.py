@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from aitm_torchrec import dist as aitm_dist
     from aitm_torchrec.config import load_config
-    from aitm_torchrec.train import run
+    from aitm_torchrec.train import TrainOptions, run
     from datasets import synthetic
 
     work = Path(args.out or tempfile.mkdtemp(prefix="aitm_gpu_check_"))
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> dict:
                     "torch": torch.__version__, "cuda": torch.version.cuda}
     t0 = time.perf_counter()
     try:
-        summary = run(cfg, env, resume=False).to_dict()
+        summary = run(cfg, env, TrainOptions(resume=False)).to_dict()
         result.update(ok=True, plan=summary["plan"], loss=summary["train"]["loss"],
                       examples_per_s=summary["train"]["examples_per_s"], eval=summary["eval"],
                       checkpoint=str(Path(cfg.model_dir) / "checkpoints"))

@@ -14,7 +14,7 @@ from pathlib import Path
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from aitm_torchrec import dist as aitm_dist
-from aitm_torchrec.config import load_config
+from aitm_torchrec.config import Config, load_config
 from aitm_torchrec.score import ScoreOptions, run
 
 
@@ -22,7 +22,8 @@ def _columns(text: str) -> tuple[str, ...]:
     return tuple(c.strip() for c in text.split(",") if c.strip())
 
 
-def parse(argv: list[str] | None) -> argparse.Namespace:
+def parse(argv: list[str] | None) -> tuple[Config, ScoreOptions]:
+    """The config (with overrides) and the options, from the command line."""
     p = argparse.ArgumentParser(description="Score Parquet rows with a trained AITM checkpoint.")
     p.add_argument("--output", required=True, help="output directory (parts, manifest.json, _SUCCESS)")
     p.add_argument("--config", help="YAML config the checkpoint was trained with (default: configs/aitm_taobao.yaml)")
@@ -42,23 +43,22 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.rows_per_part < 1 or args.batch_size < 0:
         p.error("--rows_per_part must be >= 1 and --batch_size >= 0")
-    return args
-
-
-@record
-def main(argv: list[str] | None = None) -> dict:
-    args = parse(argv)
-    cfg = load_config(args.config, args.overrides)
     opts = ScoreOptions(output=Path(args.output), inputs=tuple(args.input), checkpoint=args.checkpoint,
                         model=args.model, threads=args.threads,
                         reserved_columns=args.reserved_columns, output_kinds=args.output_columns,
                         batch_size=args.batch_size, rows_per_part=args.rows_per_part, metrics=args.metrics,
                         overwrite=args.overwrite)
+    return load_config(args.config, args.overrides), opts
+
+
+@record
+def main(argv: list[str] | None = None) -> dict:
+    cfg, opts = parse(argv)
     with aitm_dist.job() as env:
         manifest = run(cfg, env, opts)
     if env.is_main:
         brief = {k: manifest[k] for k in ("rows", "rows_scored_this_run", "world_size", "checkpoint", "metrics")}
-        brief["output"] = str(args.output)
+        brief["output"] = str(opts.output)
         print(json.dumps(brief, indent=2))
     return manifest
 

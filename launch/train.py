@@ -14,24 +14,25 @@ import os
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from aitm_torchrec import dist as aitm_dist
-from aitm_torchrec.config import load_config
-from aitm_torchrec.train import run
+from aitm_torchrec.config import Config, load_config
+from aitm_torchrec.train import TrainOptions, run
 
 
-def parse(argv: list[str] | None) -> argparse.Namespace:
+def parse(argv: list[str] | None) -> tuple[Config, TrainOptions]:
+    """The config (with overrides) and the options, from the command line."""
     p = argparse.ArgumentParser(description="Train an AITM model from a YAML config.")
     p.add_argument("--config", help="YAML config (default: configs/aitm_taobao.yaml)")
     p.add_argument("--no-resume", action="store_true", help="ignore checkpoints in model_dir")
     p.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    return load_config(args.config, args.overrides), TrainOptions(resume=not args.no_resume)
 
 
 @record
 def main(argv: list[str] | None = None) -> dict:
-    args = parse(argv)
-    cfg = load_config(args.config, args.overrides)
+    cfg, opts = parse(argv)
     with aitm_dist.job() as env:
-        summary = run(cfg, env, resume=not args.no_resume).to_dict()
+        summary = run(cfg, env, opts).to_dict()
     if env.is_main:
         train = {k: summary["train"][k]
                  for k in ("steps", "resumed_from_step", "steps_this_run", "examples", "examples_per_s")}

@@ -9,9 +9,8 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
-from aitm_torchrec import csv_input
 from aitm_torchrec.config import build_checked
-from aitm_torchrec.data import ParquetReader
+from aitm_torchrec.data import ParquetReader, csv_input
 from aitm_torchrec.features import DataError
 
 SCHEMA = csv_input.schema([("clk", "INT32"), ("buy", "INT64"), ("id", "STRING"), ("tags", "STRING"),

@@ -18,7 +18,7 @@ import yaml
 
 from aitm_torchrec import easyrec
 from aitm_torchrec.config import ConfigError, load_config
-from aitm_torchrec.task import build_model
+from aitm_torchrec.registry import build_model
 from datasets import synthetic
 from tests.multiprocess import run_ranks
 

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,10 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
 from aitm_torchrec import checkpoint
 from aitm_torchrec.config import load_config
+from aitm_torchrec.data import Batch
+from aitm_torchrec.dist import DistEnv
 from aitm_torchrec.faults import PREEMPTED_EXIT_CODE, diagnose
+from aitm_torchrec.train import BatchesHook
 from tests.multiprocess import run_ranks, torchx, torchx_background, training_pids
 from tests.test_checkpoint import TW, _main_runs
 
@@ -34,14 +38,49 @@ def test_diagnose_names_the_tower_whose_logits_or_bce_went_non_finite():
     assert diagnose(torch.tensor(0.3), logits, labels, weights, ["ctr", "cvr"]) == ""
 
 
+def _nan_labels(at_step: int, tower: int) -> BatchesHook:
+    """The batch trained at (1-based) ``at_step`` gets NaN labels for ``tower`` on the last rank."""
+    def wrap(batches: Iterator[Batch], start: int, env: DistEnv) -> Iterator[Batch]:
+        if env.rank != env.world_size - 1:
+            return batches
+
+        def poisoned() -> Iterator[Batch]:
+            for step, batch in enumerate(batches, start + 1):
+                if step == at_step:
+                    labels = batch.labels.clone()
+                    labels[:, tower] = float("nan")
+                    batch = Batch(batch.dense, batch.sparse, labels, batch.weights)
+                yield batch
+
+        return poisoned()
+
+    return wrap
+
+
+def _runs_with_nan_labels(config_path: str, runs: list[list[str]], at_step: int, tower: int) -> list[dict]:
+    """Several training jobs (as ``_main_runs``), each with NaN labels at one step (``_nan_labels``)."""
+    from aitm_torchrec import dist as aitm_dist
+    from aitm_torchrec.train import run
+    from launch.train import parse
+
+    aitm_dist.setup()
+    try:
+        out = []
+        for overrides in runs:
+            cfg, opts = parse(["--config", config_path, *overrides])
+            with aitm_dist.job() as env:
+                out.append(run(cfg, env, opts, wrap_batches=_nan_labels(at_step, tower)).to_dict())
+        return out
+    finally:
+        aitm_dist.teardown()
+
+
 @pytest.mark.slow
-def test_a_nan_loss_stops_training_naming_step_tower_and_last_checkpoint(tiny_config, tmp_path, monkeypatch):
-    monkeypatch.setenv("AITM_TEST_INJECT_NAN_STEP", "7")
-    monkeypatch.setenv("AITM_TEST_INJECT_NAN_TOWER", "1")  # cvr, on the last rank (1)
+def test_a_nan_loss_stops_training_naming_step_tower_and_last_checkpoint(tiny_config, tmp_path):
     d = tmp_path / "run"
-    with pytest.raises(ChildFailedError) as err:
-        run_ranks(_main_runs, str(tiny_config), [[*COMMON, f"model_dir={d}", "train_config.num_steps=10",
-                                                  "train_config.save_checkpoints_steps=4"]])
+    with pytest.raises(ChildFailedError) as err:  # NaN labels of cvr at step 7 on the last rank (1)
+        run_ranks(_runs_with_nan_labels, str(tiny_config), [[*COMMON, f"model_dir={d}", "train_config.num_steps=10",
+                                                             "train_config.save_checkpoints_steps=4"]], 7, 1)
     text = str(err.value)
     assert "training stopped at step 7: non-finite loss (rank 1: tower cvr: BCE non-finite in 128 of 128 rows" in text
     assert f"Last good checkpoint: {d / 'checkpoints' / 'step_00000004'}" in text
@@ -49,17 +88,16 @@ def test_a_nan_loss_stops_training_naming_step_tower_and_last_checkpoint(tiny_co
 
 
 @pytest.mark.slow
-def test_nonfinite_policy_skip_counts_the_batch_and_leaves_the_model_untouched(tiny_config, tmp_path, monkeypatch):
+def test_nonfinite_policy_skip_counts_the_batch_and_leaves_the_model_untouched(tiny_config, tmp_path):
     # Steps 1-6 then a NaN at step 7 (skipped: no table or dense update), so the model saved at
     # step 7 equals the one saved at step 6; training goes on to step 10.
-    monkeypatch.setenv("AITM_TEST_INJECT_NAN_STEP", "7")
     a, b = tmp_path / "a", tmp_path / "b"
     common = [*COMMON, "train_config.nonfinite_policy=skip"]
-    out = run_ranks(_main_runs, str(tiny_config), [
+    out = run_ranks(_runs_with_nan_labels, str(tiny_config), [
         [*common, f"model_dir={a}", "train_config.num_steps=6"],
         [*common, f"model_dir={b}", "train_config.num_steps=7"],
         [*common, f"model_dir={b}", "train_config.num_steps=10"],
-    ])[0]
+    ], 7, 0)[0]
     assert out[0]["train"]["skipped_batches"] == 0
     assert out[1]["train"]["skipped_batches"] == 1 and out[2]["train"]["skipped_batches"] == 0
     assert 7 not in dict(out[1]["train"]["loss"])  # a skipped step's loss is not reported

@@ -15,7 +15,8 @@ from aitm_torchrec.baselines import DBMTLHead, ESMMHead, MMoEHead, SharedBottomH
 from aitm_torchrec.config import load_config
 from aitm_torchrec.data import Batch
 from aitm_torchrec.model import AIT, MLP, AITMHead, MLPSpec, MultiTaskModel, TowerSpec
-from aitm_torchrec.task import MultiTaskLoss, MultiTaskTrain, build_model
+from aitm_torchrec.registry import build_model
+from aitm_torchrec.task import MultiTaskLoss, MultiTaskTrain
 from tests.conftest import REPO
 
 

@@ -4,6 +4,7 @@ points and the data set generators, and they run from outside the checkout."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,8 +19,12 @@ def installed(tmp_path_factory) -> Path:
     """The project's wheel, built from this checkout and installed (without dependencies, which
     this venv has) into a directory of its own."""
     root = tmp_path_factory.mktemp("wheel")
+    # A copy of the sources, so the build's own directories never land in the checkout.
+    source = root / "src"
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".*", "data", "runs", "build", "*.egg-info",
+                                                               "__pycache__"))
     pip = [sys.executable, "-m", "pip", "-q", "--disable-pip-version-check"]
-    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(root / "dist"), str(REPO)],
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(root / "dist"), str(source)],
                    check=True, cwd=root, capture_output=True)
     (wheel,) = (root / "dist").glob("aitm_torchrec-*.whl")
     subprocess.run([*pip, "install", "--no-deps", "--target", str(root / "site"), str(wheel)],

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from aitm_torchrec.config import ConfigError, load_config, scaled_learning_rates
-from aitm_torchrec.task import build_model, embedding_bag_configs
+from aitm_torchrec.registry import build_model, embedding_bag_configs
 from datasets import synthetic
 
 

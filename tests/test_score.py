@@ -13,7 +13,7 @@ import pytest
 import yaml
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-from aitm_torchrec.score import plan_parts
+from aitm_torchrec.score import Part, plan_parts
 from tests.conftest import tiny_config_dict
 from tests.multiprocess import run_ranks, torchx
 
@@ -102,9 +102,19 @@ def test_two_ranks_one_and_three_score_every_row_once_with_equal_probabilities(t
     assert set(one["metrics"]) == {"ctr", "cvr"} and 0.0 <= one["metrics"]["ctr"]["auc"] <= 1.0
 
 
+def _die_on_rank_1(part: Part) -> None:
+    if part.rank == 1:  # right after its first part is in place
+        os._exit(3)
+
+
 def _score_and_die(argv: list[str]) -> dict:
-    os.environ["AITM_TEST_SCORE_DIE_AFTER_PARTS"] = "1"  # rank 1 dies after its first part
-    return _score(argv)
+    from aitm_torchrec import dist as aitm_dist
+    from aitm_torchrec.score import run
+    from launch.score import parse
+
+    cfg, opts = parse(argv)
+    with aitm_dist.job() as env:
+        return run(cfg, env, opts, on_part_written=_die_on_rank_1)
 
 
 def test_a_killed_rank_then_a_rerun_scores_every_row_exactly_once(trained):

@@ -3,7 +3,7 @@
 One tiny model is trained once for the module on 2 real gloo ranks (the seed config shrunk, plus
 a RawFeature with a normaliser so the dense path is served too), then exported in each
 quantization through ``launch/export.py model``. Tests compare the artefacts with
-``inference.local_model`` of the same checkpoint on the same rows, read through the training
+``from_checkpoint.local_model`` of the same checkpoint on the same rows, read through the training
 ``ParquetReader``; quantization costs are printed (``pytest -s``) and bounded.
 """
 
@@ -25,9 +25,9 @@ from torchmetrics.functional.classification import binary_auroc
 from aitm_torchrec.config import load_config
 from aitm_torchrec.data import DataError, ParquetReader
 from aitm_torchrec.export_model import export
-from aitm_torchrec.inference import CheckpointNotFound, local_model, resolve_checkpoint
+from aitm_torchrec.from_checkpoint import CheckpointNotFound, local_model, resolve_checkpoint
+from aitm_torchrec.registry import build_model
 from aitm_torchrec.serving import ArtefactError, Predictor
-from aitm_torchrec.task import build_model
 from tests.conftest import REPO, tiny_config_dict
 from tests.multiprocess import run_ranks
 

@@ -13,8 +13,8 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from aitm_torchrec.config import ConfigError, load_config
 from aitm_torchrec.features import ZCH_KEY_SPACE, Source, ids_to_rows, mix64, zch_keys
+from aitm_torchrec.registry import build_model
 from aitm_torchrec.schema import Schema
-from aitm_torchrec.task import build_model
 from aitm_torchrec.zch import EMPTY_KEY, build_mc_ebc, default_rows, zch_plan, zch_rows
 from tests.conftest import tiny_config_dict
 from tests.multiprocess import run_ranks
@@ -134,7 +134,7 @@ def _runs_then_shards(config_path: str, runs: list[list[str]]) -> dict:
     """Training jobs one after the other, then the last run's checkpoint loaded into a sharded
     model: this rank's zch rows and table shard."""
     from aitm_torchrec import dist as aitm_dist
-    from aitm_torchrec.inference import resolve_checkpoint, sharded_model
+    from aitm_torchrec.from_checkpoint import resolve_checkpoint, sharded_model
     from launch.train import main
 
     env = aitm_dist.setup()
@@ -199,7 +199,7 @@ def test_two_rank_zch_training_resumes_exactly_and_reshards_to_one(tiny_data, tm
     assert held[k0] != held[k1]
 
     # Reshard 2 -> 1: one process, no process group, reads the 2-rank checkpoint.
-    from aitm_torchrec.inference import local_model, resolve_checkpoint
+    from aitm_torchrec.from_checkpoint import local_model, resolve_checkpoint
 
     cfg = load_config(path, [*common, f"model_dir={a}"])
     model = local_model(cfg, resolve_checkpoint(cfg))

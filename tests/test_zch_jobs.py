@@ -3,7 +3,7 @@ and with the serving artefact) and the serving export (fp32, int8) with the Pred
 
 One tiny model with ``user_id`` as a zch table (256 rows, eviction every 4 steps) is trained
 once for the module on 2 real gloo ranks, 16 steps (a checkpoint at a multiple of 4). Every job
-is compared with ``inference.local_model`` of the same checkpoint."""
+is compared with ``from_checkpoint.local_model`` of the same checkpoint."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from torchrec.sparse.jagged_tensor import JaggedTensor
 from aitm_torchrec.config import load_config
 from aitm_torchrec.data import ParquetReader
 from aitm_torchrec.features import Source, ids_to_rows, zch_keys
-from aitm_torchrec.inference import local_model, resolve_checkpoint
+from aitm_torchrec.from_checkpoint import local_model, resolve_checkpoint
 from aitm_torchrec.serving import Predictor
 from aitm_torchrec.zch import default_rows, zch_rows
 from tests.conftest import tiny_config_dict

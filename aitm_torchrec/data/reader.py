@@ -28,10 +28,10 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from aitm_torchrec.csv_input import CsvFormat
 from aitm_torchrec.data import batcher
 from aitm_torchrec.data.batch import Batch, Chunk
 from aitm_torchrec.data.convert import Converter
+from aitm_torchrec.data.csv_input import CsvFormat
 from aitm_torchrec.data.source import ParquetSource
 from aitm_torchrec.data.stats import ReaderStats
 from aitm_torchrec.features import DataError

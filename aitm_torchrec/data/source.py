@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from aitm_torchrec import csv_input
+from aitm_torchrec.data import csv_input
 from aitm_torchrec.features import DataError, is_string
 from aitm_torchrec.files import expand_paths
 from aitm_torchrec.schema import DenseFeature, Schema, SparseFeature

@@ -18,9 +18,9 @@ import yaml
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
 from aitm_torchrec.config import load_config
-from aitm_torchrec.export_embeddings import DIE_AFTER_PARTS, TABLE_KEY, ExportError, table_chunks
 from aitm_torchrec.features import Source, bag_column
-from aitm_torchrec.inference import local_model, resolve_checkpoint
+from aitm_torchrec.from_checkpoint import local_model, resolve_checkpoint
+from aitm_torchrec.table_export import TABLE_KEY, ExportError, table_chunks
 from tests.conftest import tiny_config_dict
 from tests.multiprocess import run_ranks
 
@@ -40,6 +40,26 @@ def _export(argv: list[str]) -> dict:
     from launch.export import main
 
     return main(["embeddings", *argv])
+
+
+_written = 0
+
+
+def _die_after_three_parts(path: Path) -> None:
+    global _written
+    _written += 1
+    if _written >= 3:  # this rank's third part and its sidecar are in place
+        os._exit(17)
+
+
+def _export_and_die(argv: list[str]) -> dict:
+    from aitm_torchrec import dist as aitm_dist
+    from aitm_torchrec import table_export
+    from launch.export import parse
+
+    _, cfg, opts = parse(["embeddings", *argv])
+    with aitm_dist.job() as env:
+        return table_export.run(cfg, env, opts, on_part_written=_die_after_three_parts)
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +142,7 @@ def _save_row_sharded(root: str, rows: int, dim: int) -> None:
     from torch.distributed.tensor import Shard, distribute_tensor
 
     from aitm_torchrec import dist as aitm_dist
-    from aitm_torchrec.checkpoint import write_json_atomic
+    from aitm_torchrec.files import write_json_atomic
 
     env = aitm_dist.setup()
     mesh = init_device_mesh("cpu", (env.world_size,))
@@ -207,14 +227,12 @@ def test_bad_arguments_fail_before_any_output_on_every_rank(trained, tmp_path):
 
 
 @pytest.mark.slow
-def test_killed_export_leaves_no_success_and_rerun_completes_it(trained, tmp_path, monkeypatch):
+def test_killed_export_leaves_no_success_and_rerun_completes_it(trained, tmp_path):
     config = str(trained["column_wise"])
     out = tmp_path / "out"
     argv = ["--config", config, "--output", str(out), "--chunk-rows", "128"]
-    monkeypatch.setenv(DIE_AFTER_PARTS, "3")
     with pytest.raises(ChildFailedError):
-        run_ranks(_export, argv)
-    monkeypatch.delenv(DIE_AFTER_PARTS)
+        run_ranks(_export_and_die, argv)
     assert not (out / "_SUCCESS").exists() and not (out / "manifest.json").exists()
     before = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("*/part-*")}
     assert len(before) >= 3

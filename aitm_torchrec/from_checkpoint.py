@@ -22,8 +22,8 @@ from aitm_torchrec import checkpoint
 from aitm_torchrec.config import Config
 from aitm_torchrec.dist import DistEnv
 from aitm_torchrec.model import MultiTaskModel
+from aitm_torchrec.registry import build_model
 from aitm_torchrec.sharding import describe, plan_model, sharders
-from aitm_torchrec.task import build_model
 from aitm_torchrec.zch import use_trained_defaults
 
 # Training checkpoints hold the train wrapper's state under "model"; the model is its ``model``.
