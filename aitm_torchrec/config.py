@@ -20,7 +20,6 @@ from typing import Any, Literal
 
 import yaml
 
-from aitm_torchrec.registry import MODELS
 from aitm_torchrec.schema import Normalizer, Schema, topological_order
 
 __all__ = ["Normalizer", "topological_order"]  # re-exported: part of the config vocabulary
@@ -34,6 +33,9 @@ SHARDING_TYPES_CUDA = SHARDING_TYPES_CPU + ("row_wise", "table_row_wise")
 COMPUTE_KERNELS = ("dense", "fused", "fused_uvm", "fused_uvm_caching", "key_value")
 SPARSE_OPTIMIZERS = ("rowwise_adagrad", "adagrad", "sgd", "adam")
 DENSE_OPTIMIZERS = ("adam", "adagrad", "sgd")
+# The model_config.model_class names, here so that validating a config needs no torch;
+# registry.MODELS (torch) must have exactly these keys, in this order, and checks so at import.
+MODEL_CLASSES = ("AITM", "DBMTL", "ESMM", "MMoE", "SharedBottom")
 
 
 class ConfigError(ValueError):
@@ -175,7 +177,7 @@ class ModelParams:
 class ModelConfig:
     feature_groups: tuple[FeatureGroup, ...]
     model_params: ModelParams
-    model_class: str = "AITM"  # a name in registry.MODELS
+    model_class: str = "AITM"  # one of MODEL_CLASSES (= registry.MODELS' keys)
     model_name: str = ""
     backbone: Backbone = Backbone()
     embedding_regularization: float = 0.0
@@ -520,8 +522,8 @@ def validate(cfg: Config, where: str) -> None:
             fail(f"{key}.separator", f"({f.name}) is only allowed for TagFeature")
 
     mc = cfg.model_config
-    if mc.model_class not in MODELS:
-        fail("model_config.model_class", f"is {mc.model_class!r}; allowed: {', '.join(MODELS)}")
+    if mc.model_class not in MODEL_CLASSES:
+        fail("model_config.model_class", f"is {mc.model_class!r}; allowed: {', '.join(MODEL_CLASSES)}")
     if not mc.feature_groups:
         fail("model_config.feature_groups", "must list at least one group")
     for i, g in enumerate(mc.feature_groups):

@@ -3,7 +3,9 @@
 Every model is a ``MultiTaskModel`` (input side -> backbone -> head); only the head differs. A
 builder takes the schema (tower order and relations), the config's ``model_params`` and the
 backbone's output width, and returns the head (B x H -> B x T logits). Adding a model class is
-one head class and one entry in ``MODELS``.
+one head class and one entry in ``MODELS``, and its name in ``config.MODEL_CLASSES`` (configs are
+validated without importing torch, so the config knows the names on its own; importing this module
+fails if the two lists differ).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 from torch import nn
 
 from aitm_torchrec.baselines import DBMTLHead, ESMMHead, MMoEHead, SharedBottomHead
+from aitm_torchrec.config import MODEL_CLASSES
 from aitm_torchrec.model import AITMHead, Device, MLPSpec, TowerSpec
 from aitm_torchrec.schema import Schema
 
@@ -68,3 +71,10 @@ MODELS: dict[str, HeadBuilder] = {
     "MMoE": _mmoe,
     "SharedBottom": _shared_bottom,
 }
+
+# Validation lists the allowed model_class values from MODEL_CLASSES: a model added here but not
+# there could never be configured, one added there but not here would pass validation and fail
+# at build time. Same order too, so the "allowed:" message lists them as MODELS does.
+if tuple(MODELS) != MODEL_CLASSES:
+    raise RuntimeError(f"registry.MODELS {list(MODELS)} and config.MODEL_CLASSES {list(MODEL_CLASSES)} "
+                       "must name the same model classes in the same order")
