@@ -1,10 +1,32 @@
 """Cross-field checks of a built ``Config``: what the types alone cannot say.
 
 ``validate(cfg, where)`` raises the first problem found as a ``ConfigError``
-``"<where>: <key path> <what is wrong>"``.
+``"<where>: <key path> <what is wrong>"`` (``where`` is the file). It runs one check per part of
+the config, in this order, each checking its keys in file order, so that when several problems
+apply the same one is always reported:
+
+1. ``check_features``: names unique, one id space per table (hash_bucket_size, num_buckets or zch),
+   RawFeature / TagFeature-only keys, zch sizes, embedding_dim.
+2. ``check_model``: model_class, feature_groups naming defined features, the backbone / transfer /
+   expert MLPs, num_expert.
+3. ``check_towers``: per task tower: name and label unique, its MLPs, relation_tower_names naming
+   other towers (at most one for ESMM), losses; then no cycle among the relations.
+4. ``check_data``: label_fields in tower order, sizes, CSVInput columns, no label used as a feature.
+5. ``check_embedding_init``: model_config.embedding_init_scale (a model key checked after the data,
+   where it always was: moving it would change which error wins).
+6. ``check_train``: num_steps, the optimizers' names and rates, checkpoint counts, the learning
+   rate scaling and schedule.
+7. ``check_eval``: step counts.
+8. ``check_sharding``: cache_load_factor, per-table constraints naming non-zch features, allowed
+   sharding types and compute kernels.
+
+Later checks may assume earlier ones passed (e.g. feature names are unique, towers have names).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NoReturn
 
 from aitm_torchrec.config.errors import ConfigError
 from aitm_torchrec.config.types import (
@@ -18,11 +40,34 @@ from aitm_torchrec.config.types import (
     TableConstraint,
 )
 
+Fail = Callable[[str, str], NoReturn]
+
 
 def validate(cfg: Config, where: str) -> None:
-    def fail(key: str, msg: str) -> None:
+    """Raises ``ConfigError`` for the first problem, checking the parts in the order above."""
+    for check in CHECKS:
+        check(cfg, where)
+
+
+def _fail(where: str) -> Fail:
+    def fail(key: str, msg: str) -> NoReturn:
         raise ConfigError(f"{where}: {key} {msg}")
 
+    return fail
+
+
+def _check_dnn(fail: Fail, key: str, dnn: DNN, owner: str = "", required: bool = False) -> None:
+    owner = f"({owner}) " if owner else ""
+    if required and not dnn.hidden_units:
+        fail(f"{key}.hidden_units", f"{owner}must list at least one size")
+    if any(u < 1 for u in dnn.hidden_units):
+        fail(f"{key}.hidden_units", f"{owner}must list positive sizes, got {list(dnn.hidden_units)}")
+    if not 0.0 <= dnn.dropout_ratio < 1.0:
+        fail(f"{key}.dropout_ratio", f"{owner}must be in [0, 1), got {dnn.dropout_ratio}")
+
+
+def check_features(cfg: Config, where: str) -> None:
+    fail = _fail(where)
     features = cfg.feature_config.features
     if not features:
         fail("feature_config.features", "must list at least one feature")
@@ -61,6 +106,10 @@ def validate(cfg: Config, where: str) -> None:
         if f.separator and f.feature_type != "TagFeature":
             fail(f"{key}.separator", f"({f.name}) is only allowed for TagFeature")
 
+
+def check_model(cfg: Config, where: str) -> None:
+    fail = _fail(where)
+    seen = {f.name for f in cfg.feature_config.features}  # unique: check_features passed
     mc = cfg.model_config
     if mc.model_class not in MODEL_CLASSES:
         fail("model_config.model_class", f"is {mc.model_class!r}; allowed: {', '.join(MODEL_CLASSES)}")
@@ -71,23 +120,18 @@ def validate(cfg: Config, where: str) -> None:
             if name not in seen:
                 fail(f"model_config.feature_groups[{i}].feature_names",
                      f"names unknown feature {name!r}; defined: {', '.join(sorted(seen))}")
-    def check_dnn(key: str, dnn: DNN, owner: str = "", required: bool = False) -> None:
-        owner = f"({owner}) " if owner else ""
-        if required and not dnn.hidden_units:
-            fail(f"{key}.hidden_units", f"{owner}must list at least one size")
-        if any(u < 1 for u in dnn.hidden_units):
-            fail(f"{key}.hidden_units", f"{owner}must list positive sizes, got {list(dnn.hidden_units)}")
-        if not 0.0 <= dnn.dropout_ratio < 1.0:
-            fail(f"{key}.dropout_ratio", f"{owner}must be in [0, 1), got {dnn.dropout_ratio}")
-
-    check_dnn("model_config.backbone.mlp", mc.backbone.mlp)
+    _check_dnn(fail, "model_config.backbone.mlp", mc.backbone.mlp)
     mp = mc.model_params
-    check_dnn("model_config.model_params.transfer_mlp", mp.transfer_mlp)
-    check_dnn("model_config.model_params.expert_dnn", mp.expert_dnn,
-              required=mc.model_class == "MMoE")
+    _check_dnn(fail, "model_config.model_params.transfer_mlp", mp.transfer_mlp)
+    _check_dnn(fail, "model_config.model_params.expert_dnn", mp.expert_dnn,
+               required=mc.model_class == "MMoE")
     if mp.num_expert < 1:
         fail("model_config.model_params.num_expert", f"must be >= 1, got {mp.num_expert}")
 
+
+def check_towers(cfg: Config, where: str) -> None:
+    fail = _fail(where)
+    mc = cfg.model_config
     towers = mc.model_params.task_towers
     if len(towers) < 1:
         fail("model_config.model_params.task_towers", "must list at least one tower")
@@ -103,9 +147,9 @@ def validate(cfg: Config, where: str) -> None:
         labels[t.label_name] = t.tower_name
         if t.num_class != 1:
             fail(f"{key}.num_class", f"({t.tower_name}) must be 1 (binary tasks only)")
-        check_dnn(f"{key}.dnn", t.dnn, t.tower_name, required=True)
-        check_dnn(f"{key}.relation_dnn", t.relation_dnn, t.tower_name)
-        check_dnn(f"{key}.output_dnn", t.output_dnn, t.tower_name)
+        _check_dnn(fail, f"{key}.dnn", t.dnn, t.tower_name, required=True)
+        _check_dnn(fail, f"{key}.relation_dnn", t.relation_dnn, t.tower_name)
+        _check_dnn(fail, f"{key}.output_dnn", t.output_dnn, t.tower_name)
         if t.output_dnn.hidden_units and mc.model_class not in ("AITM", "DBMTL"):
             fail(f"{key}.output_dnn", f"({t.tower_name}) is read by AITM and DBMTL only")
         if t.ait_project_dim < 0:
@@ -133,6 +177,11 @@ def validate(cfg: Config, where: str) -> None:
         cycle = ", ".join(towers[i].tower_name for i in e.args[0])
         fail("model_config.model_params.task_towers", f"relation_tower_names form a cycle among towers: {cycle}")
 
+
+def check_data(cfg: Config, where: str) -> None:
+    fail = _fail(where)
+    features = cfg.feature_config.features
+    towers = cfg.towers
     dc = cfg.data_config
     if dc.label_fields and tuple(dc.label_fields) != tuple(t.label_name for t in towers):
         fail("data_config.label_fields", f"{list(dc.label_fields)} must match the towers' "
@@ -159,18 +208,25 @@ def validate(cfg: Config, where: str) -> None:
     for label in (t.label_name for t in towers):
         if label in columns:
             fail("data_config.label_fields", f"label {label!r} is also the input of feature {columns[label]!r}")
+
+
+def check_embedding_init(cfg: Config, where: str) -> None:
+    fail = _fail(where)
     if cfg.model_config.embedding_init_scale < 0:
         fail("model_config.embedding_init_scale", "must be >= 0 (0: TorchRec's default per table)")
-    if cfg.train_config.num_steps < 0:
+
+
+def check_train(cfg: Config, where: str) -> None:
+    fail = _fail(where)
+    tc = cfg.train_config
+    if tc.num_steps < 0:
         fail("train_config.num_steps", "must be >= 0")
     for side, allowed in (("sparse_optimizer", SPARSE_OPTIMIZERS), ("dense_optimizer", DENSE_OPTIMIZERS)):
-        opt = getattr(cfg.train_config, side)
+        opt = getattr(tc, side)
         if opt.name not in allowed:
             fail(f"train_config.{side}.name", f"is {opt.name!r}; allowed: {', '.join(allowed)}")
         if opt.learning_rate <= 0:
             fail(f"train_config.{side}.learning_rate", "must be > 0")
-
-    tc = cfg.train_config
     if tc.keep_checkpoint_max < 0 or tc.save_checkpoints_steps < 0 or tc.log_step_count_steps < 0:
         fail("train_config", "keep_checkpoint_max, save_checkpoints_steps and log_step_count_steps must be >= 0")
     lr = tc.learning_rate_schedule
@@ -183,9 +239,18 @@ def validate(cfg: Config, where: str) -> None:
     if not 0 <= lr.min_ratio <= 1 or not 0 <= lr.warmup_start_ratio <= 1 or not 0 < lr.decay_rate <= 1:
         fail("train_config.learning_rate_schedule", "min_ratio and warmup_start_ratio must be in [0, 1], "
              "decay_rate in (0, 1]")
+
+
+def check_eval(cfg: Config, where: str) -> None:
+    fail = _fail(where)
     if cfg.eval_config.every_steps < 0 or cfg.eval_config.num_steps < 0:
         fail("eval_config", "num_steps and every_steps must be >= 0")
 
+
+def check_sharding(cfg: Config, where: str) -> None:
+    fail = _fail(where)
+    features = cfg.feature_config.features
+    seen = {f.name for f in features}
     sc = cfg.sharding_config
     if not 0 < sc.cache_load_factor <= 1:
         fail("sharding_config.cache_load_factor", "must be in (0, 1]")
@@ -205,3 +270,10 @@ def validate(cfg: Config, where: str) -> None:
         for k in c.compute_kernels:
             if k not in COMPUTE_KERNELS:
                 fail(f"{key}.compute_kernels", f"has {k!r}; allowed: {', '.join(COMPUTE_KERNELS)}")
+
+
+# The order is part of the behaviour: the first failing check names the error (see above).
+CHECKS: tuple[Callable[[Config, str], None], ...] = (
+    check_features, check_model, check_towers, check_data, check_embedding_init, check_train,
+    check_eval, check_sharding,
+)
