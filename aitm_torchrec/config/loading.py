@@ -41,7 +41,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
 
 def read_raw(path: Path) -> dict:
     """The config file as a plain mapping of our keys: YAML as it is, EasyRec converted."""
-    from aitm_torchrec import easyrec  # imports this module
+    # Imported here, not at the top: easyrec imports this package (ConfigError, build_checked), so
+    # a top-level import would make the two modules import each other.
+    from aitm_torchrec import easyrec
 
     try:
         text = path.read_text()
