@@ -34,6 +34,10 @@ from typing import Any
 import yaml
 from google.protobuf import text_format
 
+# One-way: this module needs the config package (its error type, and build_checked for the CLI);
+# the package imports this module only when read_raw is called (to tell EasyRec text from YAML).
+from aitm_torchrec.config import ConfigError, apply_override, build_checked
+
 logger = logging.getLogger(__name__)
 
 EASYREC_SUFFIXES = (".config", ".pbtxt", ".prototxt")
@@ -293,8 +297,6 @@ SCHEMA: dict[str, Spec] = {
 
 
 def _error(text: str) -> Exception:
-    from aitm_torchrec.config import ConfigError  # config imports this module lazily
-
     return ConfigError(text)
 
 
@@ -672,7 +674,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", metavar="key.path=value", help="overrides on the converted config")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    from aitm_torchrec.config import ConfigError, apply_override, build_checked
 
     try:
         raw = to_raw(args.config)

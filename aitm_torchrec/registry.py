@@ -4,7 +4,9 @@ Every model is a ``MultiTaskModel`` (input side -> backbone -> head); only the h
 ``MODELS`` maps ``model_config.model_class`` to a builder of the head: it takes the schema (tower
 order and relations), the config's ``model_params`` and the backbone's output width, and returns
 the head (B x H -> B x T logits). Adding a model class is one head class and one entry in
-``MODELS``. ``build_model(cfg)`` assembles the whole model; it needs no process group, data or
+``MODELS``, and its name in ``config.MODEL_CLASSES`` (configs are validated without importing
+torch, so the config knows the names on its own; importing this module fails if the two lists
+differ). ``build_model(cfg)`` assembles the whole model; it needs no process group, data or
 training loop, so scoring and the exports build exactly the model training built.
 """
 
@@ -12,18 +14,17 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from aitm_torchrec.baselines import DBMTLHead, ESMMHead, MMoEHead, SharedBottomHead
+from aitm_torchrec.config import MODEL_CLASSES, Config
 from aitm_torchrec.model import MLP, AITMHead, Device, MLPSpec, MultiTaskModel, TowerSpec
 from aitm_torchrec.schema import Schema
-
-if TYPE_CHECKING:
-    from aitm_torchrec.config import Config
+from aitm_torchrec.zch import build_mc_ebc
 
 HeadBuilder = Callable[[Schema, Any, int, Device], nn.Module]
 
@@ -78,14 +79,20 @@ MODELS: dict[str, HeadBuilder] = {
 }
 
 
+# Validation lists the allowed model_class values from MODEL_CLASSES: a model added here but not
+# there could never be configured, one added there but not here would pass validation and fail
+# at build time. Same order too, so the "allowed:" message lists them as MODELS does.
+if tuple(MODELS) != MODEL_CLASSES:
+    raise RuntimeError(f"registry.MODELS {list(MODELS)} and config.MODEL_CLASSES {list(MODEL_CLASSES)} "
+                       "must name the same model classes in the same order")
+
+
 def build_model(cfg: Config, device: torch.device | str = "meta",
                 dense_device: torch.device | str | None = None) -> MultiTaskModel:
     """The config's model (``model_config.model_class``, see ``registry.MODELS``); zch features'
     tables in ``mc_ebc`` (see ``zch.py``), the others in ``ebc``. Tables on
     ``device`` (``meta`` for sharding), dense layers on ``dense_device`` (default: ``cpu`` when
     tables are on ``meta``)."""
-    from aitm_torchrec.zch import build_mc_ebc  # TEMP-CYCLE
-
     if dense_device is None:
         dense_device = "cpu" if str(device) == "meta" else device
     schema, mc = cfg.schema, cfg.model_config

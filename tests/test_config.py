@@ -1,4 +1,8 @@
 import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -180,3 +184,40 @@ def test_model_errors_name_the_file_the_key_and_the_tower(name, overrides, messa
         load_config(config_path(name), overrides)
     assert message in str(e.value)
     assert name in str(e.value)
+
+
+# --------------------------------------------------------------------------------------------
+# The config package imports no torch: reading and checking configs stays cheap and works where
+# torch is absent (launchers, converters). Checked in a fresh interpreter, since this one has
+# long since imported torch through other tests.
+
+REPO = Path(__file__).resolve().parent.parent
+
+LOAD_ALL_AND_REPORT = """
+import glob, json, sys
+import aitm_torchrec.config as config
+paths = sorted(glob.glob("configs/*.yaml")) + sorted(glob.glob(sys.argv[1]))
+for path in paths:
+    config.load_config(path)
+print(json.dumps({"package": config.__file__, "loaded": paths,
+                  "heavy": sorted(m for m in ("torch", "torchrec") if m in sys.modules)}))
+"""
+
+
+@pytest.mark.parametrize("also", ["", "tests/fixtures/easyrec/*.config"], ids=["yaml", "yaml+easyrec"])
+def test_loading_every_shipped_config_imports_no_torch(also):
+    out = subprocess.run([sys.executable, "-c", LOAD_ALL_AND_REPORT, also], cwd=REPO, capture_output=True,
+                         text=True, check=True)
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert Path(report["package"]).resolve().is_relative_to(REPO / "aitm_torchrec")  # this checkout's
+    shipped = [sorted(str(p.relative_to(REPO)) for p in REPO.glob(pattern)) for pattern in ("configs/*.yaml", also)
+               if pattern]
+    assert all(shipped) and report["loaded"] == sum(shipped, [])
+    assert report["heavy"] == []
+
+
+def test_registry_models_are_the_config_model_classes():
+    from aitm_torchrec.config import MODEL_CLASSES
+    from aitm_torchrec.registry import MODELS  # itself raises at import if they differ
+
+    assert tuple(MODELS) == MODEL_CLASSES

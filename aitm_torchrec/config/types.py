@@ -1,0 +1,313 @@
+"""The config's types: frozen dataclasses whose field names are the YAML keys, and the allowed values.
+
+A ``Config`` is the whole file; each field's type is what the YAML value must be (``loading.build``
+reads the annotations: a dataclass is a mapping, ``tuple[X, ...]`` a list (or one scalar), a
+``Literal`` one of its values, ``X | None`` also accepts null); its default applies when the key is
+absent, and a field without a default is required. The comments beside the fields say what each
+key means. Cross-field rules (what must be > 0, which names must exist) are ``validation``'s.
+
+The tuples of allowed names (``MODEL_CLASSES``, ``SHARDING_TYPES_CPU`` ...) are the vocabulary that
+``validation`` checks against and the rest of the library reads. Nothing here imports torch:
+``Config.schema`` builds the resolved ``Schema``, which imports torchrec only when asked for tables.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from dataclasses import dataclass
+from typing import Literal
+
+from aitm_torchrec.schema import Normalizer, Schema
+
+FEATURE_TYPES = ("IdFeature", "TagFeature", "RawFeature")
+LOSS_TYPES = ("CLASSIFICATION", "ORDER_CALIBRATE_LOSS")
+SHARDING_TYPES_CPU = ("data_parallel", "table_wise", "column_wise", "table_column_wise")
+SHARDING_TYPES_CUDA = SHARDING_TYPES_CPU + ("row_wise", "table_row_wise")
+COMPUTE_KERNELS = ("dense", "fused", "fused_uvm", "fused_uvm_caching", "key_value")
+SPARSE_OPTIMIZERS = ("rowwise_adagrad", "adagrad", "sgd", "adam")
+DENSE_OPTIMIZERS = ("adam", "adagrad", "sgd")
+# The model_config.model_class names, here so that validating a config needs no torch;
+# registry.MODELS (torch) must have exactly these keys, in this order, and checks so at import.
+MODEL_CLASSES = ("AITM", "DBMTL", "ESMM", "MMoE", "SharedBottom")
+
+
+# --------------------------------------------------------------------------------------------
+# Schema. Field names are the YAML keys.
+
+
+@dataclass(frozen=True)
+class Zch:
+    """A managed-collision (zero-collision hashing) table: every kept id has a row of its own.
+
+    ``zch_size`` rows in all (split evenly over the ranks; each rank's last row is the shared row
+    of ids it does not hold: unseen and evicted ids). Every ``eviction_interval`` training steps
+    the ids seen since the last eviction compete with the held ones under ``eviction_policy``
+    (lfu: most seen; lru: most recent; distance_lfu: counts decayed by age with
+    ``decay_exponent``); the losers' rows are re-initialised with their optimizer state.
+    """
+
+    zch_size: int = 0
+    eviction_interval: int = 100  # training steps
+    eviction_policy: Literal["lfu", "lru", "distance_lfu"] = "lfu"
+    decay_exponent: float = 1.0  # lru and distance_lfu only
+
+
+@dataclass(frozen=True)
+class Feature:
+    """One input column -> one embedding table (or dense values for RawFeature)."""
+
+    input_names: tuple[str, ...]
+    feature_type: Literal["IdFeature", "TagFeature", "RawFeature"] = "IdFeature"
+    feature_name: str = ""  # defaults to input_names[0]
+    embedding_dim: int = 16
+    hash_bucket_size: int = 0  # ids (int or string) hashed into [0, hash_bucket_size)
+    num_buckets: int = 0  # ids already in [0, num_buckets); out of range is an error
+    zch: Zch | None = None  # managed-collision table instead of hashing (see Zch)
+    separator: str = ""  # TagFeature stored as one string, e.g. "|"
+    combiner: Literal["sum", "mean"] = "sum"  # pooling of the bag
+    raw_input_dim: int = 1  # RawFeature width
+    normalizer: Normalizer | None = None  # RawFeature only; none: values as they are
+
+    @property
+    def name(self) -> str:
+        return self.feature_name or self.input_names[0]
+
+    @property
+    def column(self) -> str:
+        return self.input_names[0]
+
+    @property
+    def num_embeddings(self) -> int:
+        return self.hash_bucket_size or self.num_buckets or (self.zch.zch_size if self.zch else 0)
+
+
+@dataclass(frozen=True)
+class FeatureConfig:
+    features: tuple[Feature, ...]
+
+
+@dataclass(frozen=True)
+class FeatureGroup:
+    group_name: str
+    feature_names: tuple[str, ...]
+    wide_deep: Literal["DEEP"] = "DEEP"
+
+
+@dataclass(frozen=True)
+class DNN:
+    """An MLP block: Linear -> [BatchNorm] -> ReLU -> [Dropout] per hidden size."""
+
+    hidden_units: tuple[int, ...] = ()
+    dropout_ratio: float = 0.0  # after every layer's activation
+    use_bn: bool = False  # EasyRec's DNN defaults to true
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """Shared MLP over the concatenated feature groups (EasyRec backbone block ``mlp``)."""
+
+    mlp: DNN = DNN()
+
+
+@dataclass(frozen=True)
+class Loss:
+    loss_type: Literal["CLASSIFICATION", "ORDER_CALIBRATE_LOSS"] = "CLASSIFICATION"
+    weight: float = 1.0  # for ORDER_CALIBRATE_LOSS this is alpha
+
+
+@dataclass(frozen=True)
+class MetricsSet:
+    auc: dict | None = None
+
+
+@dataclass(frozen=True)
+class TaskTower:
+    tower_name: str
+    label_name: str
+    loss_type: Literal["CLASSIFICATION", "ORDER_CALIBRATE_LOSS"] = "CLASSIFICATION"
+    losses: tuple[Loss, ...] = ()  # when given, replaces loss_type
+    metrics_set: tuple[MetricsSet, ...] = ()
+    dnn: DNN = DNN()
+    use_ait_module: bool = True
+    ait_project_dim: int = 0  # 0 -> the tower's last hidden size
+    relation_tower_names: tuple[str, ...] = ()
+    relation_dnn: DNN = DNN()  # DBMTL (use_ait_module false); empty -> one layer of dnn's last size
+    output_dnn: DNN = DNN()  # AITM/DBMTL: after AIT / relation dnn, before the logit (EasyRec backbone form)
+    weight: float = 1.0
+    num_class: int = 1
+
+    @property
+    def all_losses(self) -> tuple[Loss, ...]:
+        return self.losses or (Loss(self.loss_type),)
+
+    @property
+    def classification_weight(self) -> float:
+        """Weight of this tower's BCE: ``weight`` times its CLASSIFICATION entries' weights."""
+        return self.weight * sum(l.weight for l in self.all_losses if l.loss_type == "CLASSIFICATION")
+
+    @property
+    def calibration_alpha(self) -> float:
+        """Weight of this tower's ORDER_CALIBRATE_LOSS against its relation towers (0 if none)."""
+        return sum(l.weight for l in self.all_losses if l.loss_type == "ORDER_CALIBRATE_LOSS")
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    task_towers: tuple[TaskTower, ...]
+    l2_regularization: float = 0.0
+    ait_attention: Literal["self", "cross"] = "self"  # self: the paper; cross: EasyRec (own tower queries)
+    stop_gradient: bool = False  # detach what a tower receives from its relation towers
+    transfer_mlp: DNN = DNN()  # hidden layers of the transfer MLP, before its output layer
+    num_expert: int = 3  # MMoE
+    expert_dnn: DNN = DNN()  # MMoE, required there
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    feature_groups: tuple[FeatureGroup, ...]
+    model_params: ModelParams
+    model_class: str = "AITM"  # one of MODEL_CLASSES (= registry.MODELS' keys)
+    model_name: str = ""
+    backbone: Backbone = Backbone()
+    embedding_regularization: float = 0.0
+    # Tables start uniform in [-s, s]; 0: TorchRec's default [-sqrt(1/rows), sqrt(1/rows)] per table.
+    embedding_init_scale: float = 0.0
+
+
+@dataclass(frozen=True)
+class InputField:
+    """A column of EasyRec CSV input (``data_config.input_fields``), in file order."""
+
+    input_name: str
+    input_type: Literal["INT32", "INT64", "STRING", "FLOAT", "DOUBLE", "BOOL"] = "STRING"
+    default_val: str = ""  # fills empty values; "" leaves them missing
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    batch_size: int = 1024  # per rank
+    label_fields: tuple[str, ...] = ()
+    shuffle: bool = True
+    shuffle_buffer_size: int = 0  # rows; 0 -> 8 batches
+    prefetch_size: int = 4  # batches prepared ahead in a background thread
+    eval_batch_size: int = 0  # 0 -> batch_size
+    # A row where a later step of the chain (label_fields order) is 1 while an earlier one is 0:
+    # error (default: usually swapped or misaligned label columns), drop the row, or keep it.
+    label_chain_policy: Literal["error", "drop", "keep"] = "error"
+    # EasyRec's CSV input: header-less, columns in input_fields order (see csv_input.py).
+    input_type: Literal["ParquetInput", "CSVInput"] = "ParquetInput"
+    input_fields: tuple[InputField, ...] = ()
+    separator: str = ","  # CSVInput column delimiter
+
+
+@dataclass(frozen=True)
+class Optimizer:
+    name: str
+    learning_rate: float
+    weight_decay: float = 0.0
+    eps: float = 1e-8
+
+
+@dataclass(frozen=True)
+class LearningRateSchedule:
+    """Multiplier on every optimizer's learning rate (dense and fused sparse alike)."""
+
+    warmup_steps: int = 0  # linear ramp from warmup_start_ratio to 1
+    warmup_start_ratio: float = 0.0
+    decay: Literal["constant", "linear", "cosine", "exponential"] = "constant"
+    decay_steps: int = 0  # linear/cosine: steps after warmup to reach min_ratio (0 -> to num_steps); exponential: period
+    decay_rate: float = 0.5  # exponential: factor per decay_steps
+    min_ratio: float = 0.0  # floor of the multiplier after warmup
+
+
+@dataclass(frozen=True)
+class LearningRateScaling:
+    """Learning rates tied to the global batch (batch_size x world size): both optimizers' rates
+    are multiplied by (global / reference_batch_size) ** p, p = 0 (none), 0.5 (sqrt), 1 (linear)."""
+
+    rule: Literal["none", "sqrt", "linear"] = "none"
+    reference_batch_size: int = 8192  # the global batch the configured rates are for
+
+    def factor(self, global_batch: int) -> float:
+        power = {"none": 0.0, "sqrt": 0.5, "linear": 1.0}[self.rule]
+        return (global_batch / self.reference_batch_size) ** power
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    num_steps: int = 1000
+    # One-epoch quality on the synthetic Taobao set (README, "Why these defaults"): a lower table
+    # rate and an eps near a rare row's gradient scale keep one noisy example from moving a row far.
+    sparse_optimizer: Optimizer = Optimizer("rowwise_adagrad", 0.01, eps=1e-5)
+    dense_optimizer: Optimizer = Optimizer("adam", 3e-3)
+    learning_rate_schedule: LearningRateSchedule = LearningRateSchedule()
+    learning_rate_scaling: LearningRateScaling = LearningRateScaling()
+    log_step_count_steps: int = 50
+    save_checkpoints_steps: int = 0  # 0 -> only at the end
+    keep_checkpoint_max: int = 5  # 0 -> keep all
+    mixed_precision: Literal["none", "bf16", "fp16"] = "none"  # autocast dtype for the dense layers
+    nonfinite_policy: Literal["stop", "skip"] = "stop"  # a non-finite loss/gradient: stop, or skip the batch
+    seed: int = 2021
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    num_steps: int = 0  # 0 -> the whole eval input
+    every_steps: int = 0  # also evaluate every N training steps; 0 -> only at the end
+
+
+@dataclass(frozen=True)
+class TableConstraint:
+    sharding_types: tuple[str, ...] = ()
+    compute_kernels: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ShardingConfig:
+    """Planner inputs. Empty lists leave the choice to the planner."""
+
+    sharding_types: tuple[str, ...] = ()  # allowed for every table
+    compute_kernels: tuple[str, ...] = ()
+    tables: tuple[tuple[str, TableConstraint], ...] = ()  # per feature name, overrides the above
+    hbm_cap_gb: float = 0.0  # per rank; 0 -> the device's memory (CUDA) / unused (CPU)
+    ddr_cap_gb: float = 0.0  # per rank; 0 -> host memory / local world size
+    cache_load_factor: float = 0.2  # fused_uvm_caching: share of a table's rows cached in HBM
+
+
+@dataclass(frozen=True)
+class Config:
+    feature_config: FeatureConfig
+    model_config: ModelConfig
+    data_config: DataConfig = DataConfig()
+    train_config: TrainConfig = TrainConfig()
+    eval_config: EvalConfig = EvalConfig()
+    sharding_config: ShardingConfig = ShardingConfig()
+    train_input_path: tuple[str, ...] = ()
+    eval_input_path: tuple[str, ...] = ()
+    model_dir: str = ""  # default runs/<config file stem>
+
+    @property
+    def features(self) -> dict:
+        return {f.name: f for f in self.feature_config.features}
+
+    @functools.cached_property
+    def schema(self) -> Schema:
+        """The resolved schema (feature layout, id rules, label order, tower indices), built once."""
+        return Schema.from_config(self)
+
+    @property
+    def towers(self) -> tuple[TaskTower, ...]:
+        return self.model_config.model_params.task_towers
+
+
+def scaled_learning_rates(cfg: Config, world_size: int) -> Config:
+    """``cfg`` with both optimizers' rates multiplied by ``learning_rate_scaling``'s factor for
+    the global batch ``data_config.batch_size`` x ``world_size`` (unchanged for rule ``none``)."""
+    tc = cfg.train_config
+    factor = tc.learning_rate_scaling.factor(cfg.data_config.batch_size * world_size)
+    if factor == 1.0:
+        return cfg
+    opts = {side: dataclasses.replace(getattr(tc, side), learning_rate=getattr(tc, side).learning_rate * factor)
+            for side in ("sparse_optimizer", "dense_optimizer")}
+    return dataclasses.replace(cfg, train_config=dataclasses.replace(tc, **opts))

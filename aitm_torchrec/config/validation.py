@@ -1,0 +1,279 @@
+"""Cross-field checks of a built ``Config``: what the types alone cannot say.
+
+``validate(cfg, where)`` raises the first problem found as a ``ConfigError``
+``"<where>: <key path> <what is wrong>"`` (``where`` is the file). It runs one check per part of
+the config, in this order, each checking its keys in file order, so that when several problems
+apply the same one is always reported:
+
+1. ``check_features``: names unique, one id space per table (hash_bucket_size, num_buckets or zch),
+   RawFeature / TagFeature-only keys, zch sizes, embedding_dim.
+2. ``check_model``: model_class, feature_groups naming defined features, the backbone / transfer /
+   expert MLPs, num_expert.
+3. ``check_towers``: per task tower: name and label unique, its MLPs, relation_tower_names naming
+   other towers (at most one for ESMM), losses; then no cycle among the relations.
+4. ``check_data``: label_fields in tower order, sizes, CSVInput columns, no label used as a feature.
+5. ``check_embedding_init``: model_config.embedding_init_scale (a model key checked after the data,
+   where it always was: moving it would change which error wins).
+6. ``check_train``: num_steps, the optimizers' names and rates, checkpoint counts, the learning
+   rate scaling and schedule.
+7. ``check_eval``: step counts.
+8. ``check_sharding``: cache_load_factor, per-table constraints naming non-zch features, allowed
+   sharding types and compute kernels.
+
+Later checks may assume earlier ones passed (e.g. feature names are unique, towers have names).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NoReturn
+
+from aitm_torchrec.config.errors import ConfigError
+from aitm_torchrec.config.types import (
+    COMPUTE_KERNELS,
+    DENSE_OPTIMIZERS,
+    DNN,
+    MODEL_CLASSES,
+    SHARDING_TYPES_CUDA,
+    SPARSE_OPTIMIZERS,
+    Config,
+    TableConstraint,
+)
+
+Fail = Callable[[str, str], NoReturn]
+
+
+def validate(cfg: Config, where: str) -> None:
+    """Raises ``ConfigError`` for the first problem, checking the parts in the order above."""
+    for check in CHECKS:
+        check(cfg, where)
+
+
+def _fail(where: str) -> Fail:
+    def fail(key: str, msg: str) -> NoReturn:
+        raise ConfigError(f"{where}: {key} {msg}")
+
+    return fail
+
+
+def _check_dnn(fail: Fail, key: str, dnn: DNN, owner: str = "", required: bool = False) -> None:
+    owner = f"({owner}) " if owner else ""
+    if required and not dnn.hidden_units:
+        fail(f"{key}.hidden_units", f"{owner}must list at least one size")
+    if any(u < 1 for u in dnn.hidden_units):
+        fail(f"{key}.hidden_units", f"{owner}must list positive sizes, got {list(dnn.hidden_units)}")
+    if not 0.0 <= dnn.dropout_ratio < 1.0:
+        fail(f"{key}.dropout_ratio", f"{owner}must be in [0, 1), got {dnn.dropout_ratio}")
+
+
+def check_features(cfg: Config, where: str) -> None:
+    fail = _fail(where)
+    features = cfg.feature_config.features
+    if not features:
+        fail("feature_config.features", "must list at least one feature")
+    seen: set[str] = set()
+    for i, f in enumerate(features):
+        key = f"feature_config.features[{i}]"
+        if not f.input_names:
+            fail(f"{key}.input_names", "must name the input column")
+        if f.name in seen:
+            fail(f"{key}.feature_name", f"{f.name!r} is defined twice")
+        seen.add(f.name)
+        if f.feature_type == "RawFeature":
+            if f.hash_bucket_size or f.num_buckets or f.zch:
+                fail(key, f"({f.name}) RawFeature takes no hash_bucket_size / num_buckets / zch")
+            if f.raw_input_dim < 1:
+                fail(f"{key}.raw_input_dim", "must be >= 1")
+            if f.normalizer is not None and f.normalizer.std <= 0:
+                fail(f"{key}.normalizer.std", f"({f.name}) must be > 0")
+            if f.separator:
+                fail(f"{key}.separator", f"({f.name}) is only allowed for TagFeature")
+            continue
+        if f.normalizer is not None:
+            fail(f"{key}.normalizer", f"({f.name}) is only allowed for RawFeature")
+        if [f.hash_bucket_size > 0, f.num_buckets > 0, f.zch is not None].count(True) != 1:
+            fail(key, f"({f.name}) needs exactly one of hash_bucket_size or num_buckets (> 0), or zch")
+        if f.zch is not None:
+            if f.zch.zch_size < 2:
+                fail(f"{key}.zch.zch_size", f"({f.name}) must be >= 2 (one row is kept for unseen ids), "
+                     f"got {f.zch.zch_size}")
+            if f.zch.eviction_interval < 1:
+                fail(f"{key}.zch.eviction_interval", f"({f.name}) must be >= 1 step, got {f.zch.eviction_interval}")
+            if f.zch.decay_exponent <= 0:
+                fail(f"{key}.zch.decay_exponent", f"({f.name}) must be > 0, got {f.zch.decay_exponent}")
+        if f.embedding_dim < 1:
+            fail(f"{key}.embedding_dim", f"({f.name}) must be >= 1")
+        if f.separator and f.feature_type != "TagFeature":
+            fail(f"{key}.separator", f"({f.name}) is only allowed for TagFeature")
+
+
+def check_model(cfg: Config, where: str) -> None:
+    fail = _fail(where)
+    seen = {f.name for f in cfg.feature_config.features}  # unique: check_features passed
+    mc = cfg.model_config
+    if mc.model_class not in MODEL_CLASSES:
+        fail("model_config.model_class", f"is {mc.model_class!r}; allowed: {', '.join(MODEL_CLASSES)}")
+    if not mc.feature_groups:
+        fail("model_config.feature_groups", "must list at least one group")
+    for i, g in enumerate(mc.feature_groups):
+        for name in g.feature_names:
+            if name not in seen:
+                fail(f"model_config.feature_groups[{i}].feature_names",
+                     f"names unknown feature {name!r}; defined: {', '.join(sorted(seen))}")
+    _check_dnn(fail, "model_config.backbone.mlp", mc.backbone.mlp)
+    mp = mc.model_params
+    _check_dnn(fail, "model_config.model_params.transfer_mlp", mp.transfer_mlp)
+    _check_dnn(fail, "model_config.model_params.expert_dnn", mp.expert_dnn,
+               required=mc.model_class == "MMoE")
+    if mp.num_expert < 1:
+        fail("model_config.model_params.num_expert", f"must be >= 1, got {mp.num_expert}")
+
+
+def check_towers(cfg: Config, where: str) -> None:
+    fail = _fail(where)
+    mc = cfg.model_config
+    towers = mc.model_params.task_towers
+    if len(towers) < 1:
+        fail("model_config.model_params.task_towers", "must list at least one tower")
+    names = [t.tower_name for t in towers]
+    labels: dict[str, str] = {}
+    for i, t in enumerate(towers):
+        key = f"model_config.model_params.task_towers[{i}]"
+        if names.count(t.tower_name) > 1:
+            fail(f"{key}.tower_name", f"{t.tower_name!r} is used by more than one tower")
+        if t.label_name in labels:
+            fail(f"{key}.label_name", f"({t.tower_name}) label {t.label_name!r} is already used "
+                 f"by tower {labels[t.label_name]!r}")
+        labels[t.label_name] = t.tower_name
+        if t.num_class != 1:
+            fail(f"{key}.num_class", f"({t.tower_name}) must be 1 (binary tasks only)")
+        _check_dnn(fail, f"{key}.dnn", t.dnn, t.tower_name, required=True)
+        _check_dnn(fail, f"{key}.relation_dnn", t.relation_dnn, t.tower_name)
+        _check_dnn(fail, f"{key}.output_dnn", t.output_dnn, t.tower_name)
+        if t.output_dnn.hidden_units and mc.model_class not in ("AITM", "DBMTL"):
+            fail(f"{key}.output_dnn", f"({t.tower_name}) is read by AITM and DBMTL only")
+        if t.ait_project_dim < 0:
+            fail(f"{key}.ait_project_dim", f"({t.tower_name}) must be >= 0")
+        for j, r in enumerate(t.relation_tower_names):
+            if r not in names:
+                fail(f"{key}.relation_tower_names", f"({t.tower_name}) names unknown tower {r!r}; "
+                     f"towers: {', '.join(names)}")
+            if r == t.tower_name:
+                fail(f"{key}.relation_tower_names", f"({t.tower_name}) names itself")
+            if r in t.relation_tower_names[:j]:
+                fail(f"{key}.relation_tower_names", f"({t.tower_name}) names tower {r!r} twice")
+        if mc.model_class == "ESMM" and len(t.relation_tower_names) > 1:
+            fail(f"{key}.relation_tower_names", f"({t.tower_name}) ESMM multiplies along a chain: "
+                 f"name at most one earlier tower, got {list(t.relation_tower_names)}")
+        if t.calibration_alpha and not t.relation_tower_names:
+            fail(f"{key}.losses", f"({t.tower_name}) ORDER_CALIBRATE_LOSS needs relation_tower_names")
+        if not any(l.loss_type == "CLASSIFICATION" for l in t.all_losses):
+            fail(f"{key}.losses", f"({t.tower_name}) needs a CLASSIFICATION loss")
+        if t.weight < 0 or any(l.weight < 0 for l in t.all_losses):
+            fail(f"{key}", f"({t.tower_name}) weight and losses[].weight must be >= 0")
+    try:
+        _ = cfg.schema  # the one place tower indices are resolved; rejects cycles
+    except ValueError as e:
+        cycle = ", ".join(towers[i].tower_name for i in e.args[0])
+        fail("model_config.model_params.task_towers", f"relation_tower_names form a cycle among towers: {cycle}")
+
+
+def check_data(cfg: Config, where: str) -> None:
+    fail = _fail(where)
+    features = cfg.feature_config.features
+    towers = cfg.towers
+    dc = cfg.data_config
+    if dc.label_fields and tuple(dc.label_fields) != tuple(t.label_name for t in towers):
+        fail("data_config.label_fields", f"{list(dc.label_fields)} must match the towers' "
+             f"label_name in order: {[t.label_name for t in towers]}")
+    if dc.batch_size < 1:
+        fail("data_config.batch_size", "must be >= 1")
+    if dc.shuffle_buffer_size < 0:
+        fail("data_config.shuffle_buffer_size", "must be >= 0")
+    if dc.prefetch_size < 0:
+        fail("data_config.prefetch_size", "must be >= 0")
+    if dc.eval_batch_size < 0:
+        fail("data_config.eval_batch_size", "must be >= 0")
+    if dc.input_type == "CSVInput":
+        if len(dc.separator) != 1:
+            fail("data_config.separator", f"must be one character for CSVInput, got {dc.separator!r}")
+        fields = [f.input_name for f in dc.input_fields]
+        for col in [f.column for f in features] + [t.label_name for t in towers]:
+            if col not in fields:
+                fail("data_config.input_fields", f"has no column {col!r} (CSVInput reads only input_fields); "
+                     f"columns: {', '.join(fields) or 'none'}")
+        if len(set(fields)) != len(fields):
+            fail("data_config.input_fields", "names a column twice")
+    columns = {f.column: f.name for f in features}
+    for label in (t.label_name for t in towers):
+        if label in columns:
+            fail("data_config.label_fields", f"label {label!r} is also the input of feature {columns[label]!r}")
+
+
+def check_embedding_init(cfg: Config, where: str) -> None:
+    fail = _fail(where)
+    if cfg.model_config.embedding_init_scale < 0:
+        fail("model_config.embedding_init_scale", "must be >= 0 (0: TorchRec's default per table)")
+
+
+def check_train(cfg: Config, where: str) -> None:
+    fail = _fail(where)
+    tc = cfg.train_config
+    if tc.num_steps < 0:
+        fail("train_config.num_steps", "must be >= 0")
+    for side, allowed in (("sparse_optimizer", SPARSE_OPTIMIZERS), ("dense_optimizer", DENSE_OPTIMIZERS)):
+        opt = getattr(tc, side)
+        if opt.name not in allowed:
+            fail(f"train_config.{side}.name", f"is {opt.name!r}; allowed: {', '.join(allowed)}")
+        if opt.learning_rate <= 0:
+            fail(f"train_config.{side}.learning_rate", "must be > 0")
+    if tc.keep_checkpoint_max < 0 or tc.save_checkpoints_steps < 0 or tc.log_step_count_steps < 0:
+        fail("train_config", "keep_checkpoint_max, save_checkpoints_steps and log_step_count_steps must be >= 0")
+    lr = tc.learning_rate_schedule
+    if tc.learning_rate_scaling.reference_batch_size < 1:
+        fail("train_config.learning_rate_scaling.reference_batch_size", "must be >= 1")
+    if lr.warmup_steps < 0 or lr.decay_steps < 0:
+        fail("train_config.learning_rate_schedule", "warmup_steps and decay_steps must be >= 0")
+    if lr.decay == "exponential" and not lr.decay_steps:
+        fail("train_config.learning_rate_schedule.decay_steps", "must be > 0 for exponential decay")
+    if not 0 <= lr.min_ratio <= 1 or not 0 <= lr.warmup_start_ratio <= 1 or not 0 < lr.decay_rate <= 1:
+        fail("train_config.learning_rate_schedule", "min_ratio and warmup_start_ratio must be in [0, 1], "
+             "decay_rate in (0, 1]")
+
+
+def check_eval(cfg: Config, where: str) -> None:
+    fail = _fail(where)
+    if cfg.eval_config.every_steps < 0 or cfg.eval_config.num_steps < 0:
+        fail("eval_config", "num_steps and every_steps must be >= 0")
+
+
+def check_sharding(cfg: Config, where: str) -> None:
+    fail = _fail(where)
+    features = cfg.feature_config.features
+    seen = {f.name for f in features}
+    sc = cfg.sharding_config
+    if not 0 < sc.cache_load_factor <= 1:
+        fail("sharding_config.cache_load_factor", "must be in (0, 1]")
+    constraints = [("sharding_config", TableConstraint(sc.sharding_types, sc.compute_kernels))]
+    zch_features = {f.name for f in features if f.zch is not None}
+    for name, c in sc.tables:
+        if name not in seen:
+            fail(f"sharding_config.tables.{name}", "names no feature")
+        if name in zch_features:
+            fail(f"sharding_config.tables.{name}", "is a zch table; zch tables are always row-wise, "
+                 "split evenly over the ranks")
+        constraints.append((f"sharding_config.tables.{name}", c))
+    for key, c in constraints:
+        for s in c.sharding_types:
+            if s not in SHARDING_TYPES_CUDA:
+                fail(f"{key}.sharding_types", f"has {s!r}; allowed: {', '.join(SHARDING_TYPES_CUDA)}")
+        for k in c.compute_kernels:
+            if k not in COMPUTE_KERNELS:
+                fail(f"{key}.compute_kernels", f"has {k!r}; allowed: {', '.join(COMPUTE_KERNELS)}")
+
+
+# The order is part of the behaviour: the first failing check names the error (see above).
+CHECKS: tuple[Callable[[Config, str], None], ...] = (
+    check_features, check_model, check_towers, check_data, check_embedding_init, check_train,
+    check_eval, check_sharding,
+)
