@@ -37,7 +37,7 @@ PLAN: list[tuple[str, list[str], list[str]]] = [
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default="bench", help="output folder")
+    p.add_argument("--out", default="benchmarks/results", help="output folder")
     p.add_argument("--only", help="comma-separated subcommands (default: all that exist)")
     p.add_argument("--quick", action="store_true", help="tiny sizes: checks the plumbing, not the figures")
     p.add_argument("--render-only", action="store_true",

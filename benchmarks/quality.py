@@ -199,7 +199,7 @@ def add_arguments(q: argparse.ArgumentParser) -> None:
     q.add_argument("--data-root", default=str(REPO / "data"), help="where generated sets live")
     q.add_argument("--headline-rows", type=int, default=0,
                    help="also train the seed config (AITM) for one epoch over this many rows (e.g. 2000000)")
-    q.add_argument("--out", default="bench/quality", help="writes OUT.json, OUT.md and OUT.png")
+    q.add_argument("--out", default="benchmarks/results/quality", help="writes OUT.json, OUT.md and OUT.png")
     q.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides for every run")
 
 
