@@ -1,5 +1,5 @@
-"""The ``python -m benchmarks`` commands: ``data`` and ``quality`` end to end at tiny sizes, ``all``'s
-table and plots."""
+"""The ``python -m benchmarks`` command line: ``data`` and ``quality`` end to end at tiny sizes,
+``all``'s table and plots, and docs/benchmarks.md covering every subcommand and flag."""
 
 from __future__ import annotations
 
@@ -57,3 +57,24 @@ def test_bench_all_table_skips_missing_subcommands_and_renders(tmp_path):
     assert "| seed_tables | 10 | 100 | 500 | 5.0 |" in md and "## serve" in md
     assert (tmp_path / "b" / "speed.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((tmp_path / "b" / "serve.json").read_text()) == {"x": 1}
+
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
+
+
+def test_every_subcommand_and_flag_is_documented():
+    text = DOC.read_text()
+    sub = next(a for a in run.parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name, parser in sub.choices.items():
+        assert f"### `{name}`" in text, name
+        for action in parser._actions:
+            for flag in action.option_strings:
+                assert flag in ("-h", "--help") or f"`{flag}`" in text, (name, flag)
+
+
+def test_docs_relative_links_resolve():
+    import re
+
+    for target in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", DOC.read_text()):
+        if not target.startswith(("http://", "https://")):
+            assert (DOC.parent / target).exists(), target
