@@ -36,7 +36,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from benchmarks import quality
-from benchmarks.common import REPO, big_table_overrides, cpu_seconds
+from benchmarks.common import REPO, big_table_overrides, cpu_seconds, train_rank
 
 HELP = "a plain PyTorch AITM (research-code style) beside this trainer"
 
@@ -205,7 +205,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _ours_rank(config: str | None, overrides: list[str]) -> float:
-    return quality._rank(config, overrides)["train"]["examples_per_s"]
+    return train_rank(config, overrides)["train"]["examples_per_s"]
 
 
 def ours_examples_per_s(data: Path, steps: int, extra: list[str]) -> float:
