@@ -115,7 +115,7 @@ def test_model_configs_load(name):
     assert cfg.features == load_config().features  # same features and tables as the seed
 
 
-# The task weights README "Why these defaults" chose from bench/studies/ (click : buy, or
+# The task weights the studies in benchmarks/studies/ chose (docs/benchmarks.md; click : buy, or
 # click : cart : buy), in every shipped Taobao config, so the quality grid compares like with like.
 SHIPPED_TASK_WEIGHTS = {2: (1.0, 2.0), 3: (1.0, 1.5, 2.0)}
 

@@ -192,15 +192,6 @@ def test_label_relations_give_a_dag_of_steps(tmp_path):
     assert chain.stats.label_chain_violations == 2  # cart without clk, buy without cart
 
 
-def test_bench_data_smoke(tmp_path):
-    """launch/bench.py data runs and reports its numbers (no timing is asserted)."""
-    from launch import bench
-
-    out = bench.main(["data", "--rows", "3000", "--data", str(tmp_path / "bench"), "--row-group-size", "1000",
-                      "--files", "2", "--repeats", "1", "--train-steps", "0"])
-    assert out["rows"] == 3000 and out["rows_per_s"] > 0 and out["rows_per_s_per_core"] > 0
-
-
 @pytest.mark.parametrize("override,message", [
     ("feature_config.features.0.normalizer={mean: 1.0}", r"features\[0\].normalizer \(pid\) is only allowed for RawFeature"),
     ("data_config.label_chain_policy=skip", "label_chain_policy is 'skip'; allowed: error, drop, keep"),

@@ -1,11 +1,12 @@
-"""What one pass can reach on the synthetic data: the generator's true model, learned online (not library code).
+"""``python -m benchmarks true_form``: what one pass can reach on the synthetic data: the
+generator's true model, learned online (not library code).
 
 The model is exactly the one ``datasets/synthetic.py`` samples from: per step, a bias, one effect
 per id (price included), the *mean* of the tags' effects, and the user x category latent
 interaction (u_user . v_cate, x the step's scale 1 ... 1.5); each step given the one before
 (P(buy) = P(click) x P(buy | click), trained on the rows where the step before happened). With
 the generator's true parameters loaded it gives back every row's ``p_*`` column (the oracle), which
-``tests/test_quality.py`` checks. It learns in one pass at batch 8192 (the seed's global batch),
+``tests/test_true_form.py`` checks. It learns in one pass at batch 8192 (the seed's global batch),
 starting at the prior's mean (zero effects, small random latent vectors), with one of:
 
 - ``newton``: a diagonal online Newton step, the Gaussian filtering of the generator's prior: each
@@ -18,7 +19,7 @@ online learner may go further), but it shows what the data allows in one pass, w
 goals are measured against. ``--no-latent`` drops the interaction (a logistic regression on
 one-hot ids); ``--passes N`` makes N passes.
 
-    python -m launch.true_form --data data/q2m [--optimizer newton,adagrad] [--rate 0.5] [--seeds 1,2,3]
+    python -m benchmarks true_form --data data/q2m [--optimizer newton,adagrad] [--rate 0.5] [--seeds 1,2,3]
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,10 +35,11 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks import quality
+from datasets.synthetic import ID_FEATURES, LATENT, PRICE_BUCKETS, TAG_FEATURES
 
-from datasets.synthetic import ID_FEATURES, LATENT, PRICE_BUCKETS, TAG_FEATURES  # noqa: E402
-from launch import quality  # noqa: E402
+HELP = "what one pass of the generator's own model, learned online, reaches on a synthetic set"
+DESCRIPTION = "What one pass can reach on the synthetic data: the generator's true model, learned online (not library code)."
 
 LATENT_SCALE = 0.5  # the generator's user / item latent vectors ~ N(0, 0.5^2)
 PRICE_SCALE = 0.3  # and its price effects ~ N(0, 0.3^2)
@@ -224,8 +225,7 @@ def run(data: Path, optimizer: str = "newton", rate: float = 0.5, seed: int = 1,
             "rows": len(train), "auc": auc, "gap": {k: oracle[k] - auc[k] for k in labels}}
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="data/q2m", help="a set made by datasets.synthetic")
     p.add_argument("--optimizer", default="newton", help="newton, adagrad or both (comma-separated)")
     p.add_argument("--rate", default="0.5", help="step size(s), comma-separated")
@@ -233,7 +233,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--passes", type=int, default=1)
     p.add_argument("--batch", type=int, default=8192)
     p.add_argument("--no-latent", action="store_true", help="without the user x category interaction")
-    args = p.parse_args(argv)
+
+
+def cmd(args: argparse.Namespace) -> None:
     data = Path(args.data)
     labels = list(quality.oracle(data))  # the chain, first to last, as the generator wrote it
     splits = (read_rows(data / "train", labels), read_rows(data / "eval", labels))
@@ -250,6 +252,3 @@ def main(argv: list[str] | None = None) -> None:
                                   "mean_gap": {k: round(m, 4) for k, (m, _) in gap.items()},
                                   "std_gap": {k: round(s, 4) for k, (_, s) in gap.items()}}), flush=True)
 
-
-if __name__ == "__main__":
-    main()

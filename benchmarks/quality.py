@@ -1,13 +1,15 @@
-"""One-epoch quality of this project's models against the synthetic data's oracle.
+"""``python -m benchmarks quality``: one-epoch quality of this project's models against the
+synthetic data's oracle.
 
 ``one_epoch(config, data, overrides, nproc)`` trains a config for exactly one pass over
 ``data/train`` on ``nproc`` local gloo ranks through ``aitm_torchrec.train.run`` (the real
 trainer: sharded tables, fused table optimizer, TrainPipelineSparseDist), evaluates on
 ``data/eval`` and returns per-task AUC beside the oracle AUC that ``datasets/synthetic.py``
-recorded in ``data/_SUCCESS``. ``launch/bench.py quality`` runs a grid of models and seeds
-through it; ``python -m launch.quality`` runs named setting studies (how the defaults were chosen).
+recorded in ``data/_SUCCESS``. The ``quality`` subcommand runs ``GRID`` (every model) x seeds
+through it and writes OUT.json, OUT.md and OUT.png; ``benchmarks/study.py`` runs named settings
+through it.
 
-    python -m launch.quality study --data data/q2m --seeds 1,2,3 --out bench/study.json
+    python -m benchmarks quality [--rows 500000] [--seeds 1,2,3] [--headline-rows 2000000]
 """
 
 from __future__ import annotations
@@ -22,9 +24,9 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.common import REPO, train_rank
 
-REPO = Path(__file__).resolve().parent.parent
+HELP = "one-epoch AUC of every model vs the oracle, seeds, JSON/MD/PNG"
 
 
 def oracle(data: Path) -> dict[str, float]:
@@ -45,7 +47,6 @@ def one_epoch(config: str | None, data: Path, overrides: list[str] = (), nproc: 
     "examples_per_s", "seconds"}. ``overrides`` are applied before the data/epoch settings."""
     from aitm_torchrec.config import load_config
     from aitm_torchrec.dist import run_local
-    from launch.bench import train_rank
 
     data = Path(data)
     model_dir = Path(tempfile.mkdtemp(prefix="quality_"))
@@ -75,59 +76,6 @@ def mean_spread(values: list[float]) -> tuple[float, float]:
     """(mean, population standard deviation)."""
     return statistics.fmean(values), (statistics.pstdev(values) if len(values) > 1 else 0.0)
 
-
-def study(args: argparse.Namespace) -> dict:
-    """Named override sets x seeds on one data set; JSON lines as they finish, a summary at the end."""
-    settings = json.loads(Path(args.settings).read_text()) if args.settings else STUDY
-    if args.only:
-        settings = {k: v for k, v in settings.items() if k in args.only.split(",")}
-    seeds = [int(s) for s in args.seeds.split(",")]
-    out = Path(args.out) if args.out else None
-    results = json.loads(out.read_text()) if out and out.exists() else {}
-    for name, overrides in settings.items():
-        for seed in seeds:
-            key = f"{name}@{seed}@{args.batch_size}@{Path(args.data).name}"
-            if key in results:
-                continue
-            r = one_epoch(args.config, Path(args.data), overrides + [f"train_config.seed={seed}"],
-                          batch_size=args.batch_size)
-            r.update(setting=name, seed=seed, overrides=overrides)
-            results[key] = r
-            print(json.dumps({"key": key, "auc": r["auc"], "gap": r["gap"], "s": r["seconds"]}), flush=True)
-            if out:
-                out.parent.mkdir(parents=True, exist_ok=True)
-                out.write_text(json.dumps(results, indent=1))
-    return results
-
-
-# Settings studied for the defaults (README, "Why these defaults").
-STUDY: dict[str, list[str]] = {
-    "seed": [],
-}
-
-
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    sub = p.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("study", help="named override sets x seeds, one epoch each")
-    s.add_argument("--config", default=None)
-    s.add_argument("--data", default="data/q2m")
-    s.add_argument("--seeds", default="1,2,3")
-    s.add_argument("--batch-size", type=int, default=0)
-    s.add_argument("--settings", help="JSON file {name: [overrides]} (default: STUDY)")
-    s.add_argument("--only", help="comma-separated setting names")
-    s.add_argument("--out")
-    s.set_defaults(fn=study)
-    args = p.parse_args(argv)
-    args.fn(args)
-
-
-if __name__ == "__main__":
-    main()
-
-
-# --------------------------------------------------------------------------------------------
-# The quality grid of ``launch/bench.py quality``.
 
 # name -> (config, overrides, data kind): every model on the same tables and budget.
 GRID: dict[str, tuple[str, list[str], str]] = {
@@ -251,7 +199,7 @@ def add_arguments(q: argparse.ArgumentParser) -> None:
     q.add_argument("--data-root", default=str(REPO / "data"), help="where generated sets live")
     q.add_argument("--headline-rows", type=int, default=0,
                    help="also train the seed config (AITM) for one epoch over this many rows (e.g. 2000000)")
-    q.add_argument("--out", default="bench/quality", help="writes OUT.json, OUT.md and OUT.png")
+    q.add_argument("--out", default="benchmarks/results/quality", help="writes OUT.json, OUT.md and OUT.png")
     q.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides for every run")
 
 

@@ -1,8 +1,9 @@
-"""``python launch/bench.py all --out bench/``: every benchmark, one after another, into one folder.
+"""``python -m benchmarks all --out benchmarks/results``: every benchmark, one after another, into
+one folder.
 
 ``PLAN`` is the table of subcommands with the arguments ``all`` gives each; a subcommand that
-this checkout's ``bench.py`` does not have is skipped, so a new benchmark (``score``, ``export``,
-``serve``) plugs in with one line. Each result goes to ``OUT/<name>.json``; ``OUT/results.md``
+this checkout's ``python -m benchmarks`` does not have is skipped, so a new benchmark plugs in with
+one line. Each result goes to ``OUT/<name>.json``; ``OUT/results.md``
 gathers the Markdown tables, ``OUT/quality.png`` and ``OUT/speed.png`` the plots.
 """
 
@@ -16,7 +17,9 @@ import sys
 import time
 from pathlib import Path
 
-# name -> arguments for ``bench.py NAME`` (``{out}``: the output folder, ``{quick}``: --quick).
+from benchmarks import quality
+
+# name -> arguments for ``python -m benchmarks NAME`` (``{out}``: the output folder, ``{quick}``: --quick).
 PLAN: list[tuple[str, list[str], list[str]]] = [
     # (subcommand, arguments, arguments with --quick)
     ("train", ["--steps", "150"], ["--steps", "30", "--bare-steps", "20", "--no-big-tables"]),
@@ -34,7 +37,7 @@ PLAN: list[tuple[str, list[str], list[str]]] = [
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default="bench", help="output folder")
+    p.add_argument("--out", default="benchmarks/results", help="output folder")
     p.add_argument("--only", help="comma-separated subcommands (default: all that exist)")
     p.add_argument("--quick", action="store_true", help="tiny sizes: checks the plumbing, not the figures")
     p.add_argument("--render-only", action="store_true",
@@ -55,13 +58,16 @@ def machine() -> dict:
             "python": platform.python_version(), "cuda": torch.cuda.is_available()}
 
 
-def cmd(args: argparse.Namespace, available) -> dict:
-    from launch import bench
+HELP = "every benchmark above; JSON, Markdown and PNG under --out"
 
+
+def cmd(args: argparse.Namespace, available, run) -> dict:
+    """Runs the ``PLAN`` entries named in ``available`` (and ``--only``) through ``run(argv) -> dict``
+    (``benchmarks.run.main``)."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     only = set(args.only.split(",")) if args.only else None
-    results: dict[str, dict] = {"machine": machine(), "command": " ".join(["python launch/bench.py"] + sys.argv[1:])}
+    results: dict[str, dict] = {"machine": machine(), "command": " ".join(["python -m benchmarks"] + sys.argv[1:])}
     for name, argv, quick in PLAN:
         if name not in available or (only and name not in only):
             continue
@@ -71,8 +77,8 @@ def cmd(args: argparse.Namespace, available) -> dict:
             continue
         argv = [a.format(out=out) for a in (quick if args.quick else argv)]
         t0 = time.perf_counter()
-        print(f"== bench.py {name} {' '.join(argv)}", file=sys.stderr, flush=True)
-        results[name] = bench.main([name, *argv])
+        print(f"== benchmarks {name} {' '.join(argv)}", file=sys.stderr, flush=True)
+        results[name] = run([name, *argv])
         (out / f"{name}.json").write_text(json.dumps(results[name], indent=1) + "\n")
         print(f"== {name}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     (out / "results.md").write_text(markdown(results))
@@ -121,8 +127,6 @@ def markdown(results: dict) -> str:
         lines += ["## data\n", f"{d['rows_per_s_per_core']:,} rows/s per core ({d['format']}, {d['ids']} ids); "
                   f"training {d.get('train_examples_per_s', '-')} examples/s; ratio {d.get('data_over_train', '-')}\n"]
     if q := results.get("quality"):
-        from launch import quality
-
         lines += ["## quality\n", quality.markdown(q["summary"])]
         if h := q.get("headline"):
             lines += [f"Headline, {h['rows']:,} rows:\n", quality.markdown(h["summary"])]

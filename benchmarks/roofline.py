@@ -1,0 +1,88 @@
+"""The dense-compute roofline of a config: its GEMMs, their training FLOPs, and how fast this
+machine runs them (used by ``train``).
+
+- ``linear_gemms``: every ``nn.Linear`` of the built model (backbone, towers, transfer layers,
+  the AIT projections h1/h2/h3 once per candidate, heads) with the rows it sees in one B-row
+  ``predict`` (a forward hook), so a layer run on B x C candidates counts C.
+- ``training_flops``: 2*rows*in*out multiply-adds forward, x3 for forward + the two backward GEMMs
+  (input and weight gradients; every layer needs both, since gradients flow to the embeddings).
+  Not counted: biases, activations, batch norm, dropout, AIT scores and softmax, the loss,
+  embedding lookups and their fused update, the dense optimizer.
+- ``gemm_seconds``: fp32 ``torch.mm`` on exactly those shapes (forward x @ W^T, backward dY @ W
+  and dY^T @ x), the fastest of several passes; ``world_gemm_flops_per_s`` sums it over ranks
+  measuring at once.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+
+def linear_gemms(cfg, batch_size: int) -> list[tuple[str, int, int, int]]:
+    """(layer name, rows, in, out) of every ``nn.Linear`` in one forward of ``batch_size`` rows.
+
+    Rows come from a forward hook on ``predict`` of the config's model (tables on ``meta``, dense
+    layers on the CPU), so a layer applied to B x C inputs (AIT projections) has B*C rows.
+    """
+    import torch
+    from torch import nn
+
+    from aitm_torchrec.task import build_model
+
+    model = build_model(cfg, device="meta", dense_device="cpu")
+    found: list[tuple[str, int, int, int]] = []
+    hooks = [m.register_forward_hook(
+        lambda mod, inp, out, name=name: found.append(
+            (name, inp[0].numel() // mod.in_features, mod.in_features, mod.out_features)))
+        for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    with torch.no_grad():
+        model.predict(torch.zeros(batch_size, model.input_dim))
+    for h in hooks:
+        h.remove()
+    return found
+
+
+def training_flops(gemms: list[tuple[str, int, int, int]], batch_size: int) -> tuple[float, dict[str, float]]:
+    """(training FLOPs per example, the same per top-level module group): 3 GEMMs (forward,
+    input gradient, weight gradient) of 2*rows*in*out FLOPs per Linear, divided by the batch."""
+    groups: dict[str, float] = {}
+    for name, rows, k, n in gemms:
+        group = name.split(".")[0]
+        groups[group] = groups.get(group, 0.0) + 3 * 2 * rows * k * n / batch_size
+    return sum(groups.values()), groups
+
+
+def gemm_seconds(gemms: list[tuple[str, int, int, int]], passes: int = 5, inner: int = 5) -> tuple[float, float]:
+    """(FLOPs, seconds) of one pass of the model's fp32 GEMMs on this thread count: for each
+    Linear, forward x @ W^T (rows x in x out), input gradient dY @ W and weight gradient dY^T @ x,
+    each timed as the fastest of ``passes`` runs of ``inner`` calls."""
+    import torch
+
+    flops = seconds = 0.0
+    for _, rows, k, n in gemms:
+        x, w, dy = torch.randn(rows, k), torch.randn(n, k), torch.randn(rows, n)
+        for a, b in ((x, w.t()), (dy, w), (dy.t(), x)):
+            out = torch.empty(a.shape[0], b.shape[1])
+            torch.mm(a, b, out=out)  # warm: MKL picks its kernel
+            best = math.inf
+            for _ in range(passes):
+                t0 = time.perf_counter()
+                for _ in range(inner):
+                    torch.mm(a, b, out=out)
+                best = min(best, (time.perf_counter() - t0) / inner)
+            flops += 2.0 * a.shape[0] * a.shape[1] * b.shape[1]
+            seconds += best
+    return flops, seconds
+
+
+def world_gemm_flops_per_s(gemms) -> float:
+    """Sum over ranks of this GEMM mix's FLOP/s, all ranks measuring at once."""
+    import torch
+    import torch.distributed as dist
+
+    dist.barrier()
+    flops, seconds = gemm_seconds(gemms)
+    rate = torch.tensor([flops / seconds], dtype=torch.float64)
+    dist.all_reduce(rate)
+    return float(rate)

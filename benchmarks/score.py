@@ -1,0 +1,104 @@
+"""``python -m benchmarks score``: batch scoring (``launch/score.py``) examples/s beside the
+trainer's examples/s of the same config, in the same ranks. Each of ``--world-size`` gloo ranks
+trains the config for ``--steps`` steps (``launch/train.py``) on the generated set of ``data``, then
+scores that whole set from the checkpoint in the same process group. Scoring examples/s: rows
+written / the slowest rank's scoring loop (read, forward, write Parquet; model build and
+checkpoint load excluded). Once at the seed's table sizes and, unless ``--no-big-tables``, with
+the large id tables grown so all tables hold ``--big-table-rows`` rows. Goal: scoring at least 3x
+the training rate.
+
+    python -m benchmarks score [--rows 400000] [--steps 60] [--no-big-tables]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+from benchmarks.common import (
+    REPO,
+    add_generated_set,
+    add_overrides,
+    add_ranks,
+    big_table_overrides,
+    generated_set,
+    launch_ranks,
+    table_rows,
+)
+
+HELP = "batch scoring examples/s beside training examples/s, same ranks"
+
+
+def add_arguments(c: argparse.ArgumentParser) -> None:
+    c.add_argument("--config", help="YAML config (default: the seed's)")
+    add_generated_set(c, 400_000, "rows of the generated data set (scored whole)")
+    c.add_argument("--steps", type=int, default=60, help="training steps before scoring")
+    add_ranks(c, big_tables_help="also with the large tables grown to --big-table-rows rows in all")
+    add_overrides(c)
+
+
+def _score_rank(config: str | None, overrides: list[str], score_args: list[str]) -> dict:
+    """One rank (a spawned process): ``launch/train.py``, then ``launch/score.py`` of the same
+    config and checkpoint, in one process group."""
+    import logging
+
+    from aitm_torchrec import dist as aitm_dist
+    from launch.score import main as score_main
+    from launch.train import main as train_main
+
+    logging.basicConfig(level=logging.WARNING)
+    aitm_dist.setup()
+    try:
+        config_args = ["--config", config] if config else []
+        summary = train_main([*config_args, "--no-resume", *overrides])
+        manifest = score_main([*config_args, *score_args, *overrides])
+    finally:
+        aitm_dist.teardown()
+    return {"train": summary["train"], "score": manifest}
+
+
+def cmd(args: argparse.Namespace) -> dict:
+    """Scoring examples/s beside training examples/s of the same config, in the same ranks."""
+    from aitm_torchrec.config import load_config
+
+    data = Path(args.data or REPO / "data" / f"bench_taobao_int64_{args.rows}")
+    train = generated_set(data, args.rows, False, args.row_group_size, args.files)
+    results = {}
+    for label, grow in (("small_tables", []), ("big_tables", None)):
+        if grow is None and not args.big_tables:
+            continue
+        work = Path(tempfile.mkdtemp(prefix="bench_score_"))
+        overrides = list(args.overrides) + [
+            f"train_input_path=[{train}]", "eval_input_path=[]", f"model_dir={work / 'run'}",
+            f"train_config.num_steps={args.steps}", f"train_config.log_step_count_steps={args.steps}"]
+        if grow is None:
+            overrides += big_table_overrides(load_config(args.config, overrides), args.big_table_rows)
+        cfg = load_config(args.config, overrides)
+        score_args = ["--input", str(train), "--output", str(work / "scores"), "--reserved_columns", "clk"]
+        try:
+            out = launch_ranks(_score_rank, (args.config, overrides, score_args), args.world_size,
+                                args.threads_per_rank)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        train_ex_s = out["train"]["examples_per_s"]
+        score_ex_s = out["score"]["rows_scored_this_run"] / out["score"]["scoring_seconds"]
+        results[label] = {
+            "table_rows_total": table_rows(cfg),
+            "train_batch_size": cfg.data_config.batch_size, "train_steps": out["train"]["steps_this_run"],
+            "train_examples_per_s": round(train_ex_s),
+            "score_rows": out["score"]["rows_scored_this_run"], "score_batch_size": 4 * cfg.data_config.batch_size,
+            "score_seconds": out["score"]["scoring_seconds"], "score_examples_per_s": round(score_ex_s),
+            "score_over_train": round(score_ex_s / train_ex_s, 2) if train_ex_s else None,
+        }
+    result = {"benchmark": "score", "config": str(args.config or "configs/aitm_taobao.yaml"), "data": str(train),
+              "world_size": args.world_size, "threads_per_rank": args.threads_per_rank, **results,
+              "goal_score_over_train": 3.0,
+              "measured": "scoring: rows written / the slowest rank's scoring loop (read, forward, write "
+                          "Parquet; model build and checkpoint load excluded); training: the trainer's "
+                          "examples/s in the same ranks just before"}
+    print(json.dumps(result, indent=2))
+    return result
+

@@ -1,0 +1,80 @@
+"""The ``python -m benchmarks`` command line: ``data`` and ``quality`` end to end at tiny sizes,
+``all``'s table and plots, and docs/benchmarks.md covering every subcommand and flag."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks import all as all_benchmarks
+from benchmarks import run
+
+
+def test_bench_data_smoke(tmp_path):
+    """``python -m benchmarks data`` runs and reports its numbers (no timing is asserted)."""
+    out = run.main(["data", "--rows", "3000", "--data", str(tmp_path / "bench"), "--row-group-size", "1000",
+                    "--files", "2", "--repeats", "1", "--train-steps", "0"])
+    assert out["rows"] == 3000 and out["rows_per_s"] > 0 and out["rows_per_s_per_core"] > 0
+
+
+@pytest.mark.slow
+def test_bench_quality_end_to_end_tiny(tmp_path, tiny_data):
+    small = ["data_config.batch_size=256", "model_config.backbone.mlp.hidden_units=[32]"] + [
+        f"feature_config.features.{i}.hash_bucket_size=500" for i in (1, 3, 4, 5, 6, 15, 16)]
+    out = tmp_path / "q"
+    result = run.main(["quality", "--rows", "3000", "--eval-rows", "1000", "--seeds", "1",
+                       "--models", "AITM,SharedBottom", "--sequential-dependence", "0.5",
+                       "--data-root", str(tmp_path / "data"), "--out", str(out), *small])
+    summary = {(e["model"], e["data"]): e for e in result["summary"]}
+    assert set(summary) == {("AITM", "2step"), ("SharedBottom", "2step"), ("AITM", "2step_seq"),
+                            ("SharedBottom", "2step_seq")}
+    for e in summary.values():
+        assert e["seeds"] == [1] and set(e["tasks"]) == {"ctr", "cvr"}
+        for v in e["tasks"].values():
+            assert 0 < v["auc"] < 1 and v["gap"] == pytest.approx(v["oracle"] - v["auc"], abs=1e-3)
+    saved = json.loads(Path(out).with_suffix(".json").read_text())
+    assert len(saved["runs"]) == 4
+    assert "| AITM |" in out.with_suffix(".md").read_text()
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_all_table_skips_missing_subcommands_and_renders(tmp_path):
+    calls = []
+
+    def fake_main(argv):
+        calls.append(argv)
+        return {"peer": {"speed": {k: {"table_rows_total": 10, "peer_examples_per_s": 100, "ours_examples_per_s": 500,
+                                       "ratio": 5.0} for k in ("seed_tables", "big_tables")}}}.get(argv[0], {"x": 1})
+
+    args = argparse.Namespace(out=str(tmp_path / "b"), only=None, quick=True, render_only=False)
+    results = all_benchmarks.cmd(args, available={"peer", "serve"}, run=fake_main)
+    assert [c[0] for c in calls] == ["peer", "serve"]  # train/data/quality/score/export absent here: skipped
+    assert set(results) == {"machine", "command", "peer", "serve"}
+    md = (tmp_path / "b" / "results.md").read_text()
+    assert "| seed_tables | 10 | 100 | 500 | 5.0 |" in md and "## serve" in md
+    assert (tmp_path / "b" / "speed.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((tmp_path / "b" / "serve.json").read_text()) == {"x": 1}
+
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
+
+
+def test_every_subcommand_and_flag_is_documented():
+    text = DOC.read_text()
+    sub = next(a for a in run.parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name, parser in sub.choices.items():
+        assert f"### `{name}`" in text, name
+        for action in parser._actions:
+            for flag in action.option_strings:
+                assert flag in ("-h", "--help") or f"`{flag}`" in text, (name, flag)
+
+
+def test_docs_relative_links_resolve():
+    import re
+
+    for target in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", DOC.read_text()):
+        if not target.startswith(("http://", "https://")):
+            assert (DOC.parent / target).exists(), target
