@@ -12,7 +12,7 @@ Parsing is schema-less: protobuf's own ``text_format.Tokenizer`` reads the file 
 EasyRec's ``EasyRecConfig`` (pipeline.proto). Every unsupported field, wrong value type or
 unsupported enum value is collected and reported in ONE ``ConfigError``, each with its line and
 field path. Fields that change nothing here are listed in ``IGNORED`` with the reason and logged.
-Then ``convert`` maps the tree to our keys (README "EasyRec configs" has the table). Two model
+Then ``convert`` maps the tree to our keys (docs/easyrec.md has the table). Two model
 forms are understood, both EasyRec ``MultiTaskModel``s:
 
 - towers with ``use_ait_module`` / ``relation_tower_names`` / ``ait_project_dim`` (the seed's),
@@ -314,8 +314,8 @@ def check(tree: Msg, where: str) -> list[str]:
     ignored: list[str] = []
     _check(tree, SCHEMA, problems, ignored)
     if problems:
-        raise _error(f"{where}: {len(problems)} EasyRec field(s) not supported here (see README, "
-                     "EasyRec configs):\n" + "\n".join(f"  {where}:{p}" for p in problems))
+        raise _error(f"{where}: {len(problems)} EasyRec field(s) not supported here (see "
+                     "docs/easyrec.md):\n" + "\n".join(f"  {where}:{p}" for p in problems))
     return ignored
 
 
@@ -685,7 +685,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     header = [f"# Converted from the EasyRec config {args.config} by `python -m aitm_torchrec.easyrec`.",
-              "# Keys and defaults: README.md (Config, EasyRec configs)."]
+              "# Keys and defaults: docs/config.md and docs/easyrec.md."]
     if ignored:
         header.append("# EasyRec fields ignored (they change nothing here):")
         header += [f"#   line {i}" for i in ignored]

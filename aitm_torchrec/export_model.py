@@ -58,7 +58,7 @@ ARTEFACT_VERSION = 1
 # --quant -> the table weight dtype of quantize_inference_model (None: fp32 tables, no swap).
 # TorchRec pads quantized rows to 16 bytes (GPU vector loads): a 16-dim int8 row (16 bytes + 4 of
 # fp16 scale and bias) would take 32 bytes, as much as fp16. fbgemm's CPU kernels take 4-byte
-# alignment: 20 bytes. Measured in the README's "Serving model" table.
+# alignment: 20 bytes. Measured in docs/serving.md.
 ROW_ALIGNMENT = 4
 
 QUANT_DTYPES = {"none": None, "int8": torch.qint8, "fp16": torch.float16, "int4": torch.quint4x2}

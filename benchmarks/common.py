@@ -41,14 +41,14 @@ def train_rank(config: str | None, overrides: list[str]) -> dict:
     from aitm_torchrec import dist as aitm_dist
     from aitm_torchrec.config import load_config
     from aitm_torchrec.dist import quiet_libraries
-    from aitm_torchrec.train import run
+    from aitm_torchrec.train import TrainOptions, run
 
     logging.basicConfig(level=logging.WARNING)
     quiet_libraries()
     cfg = load_config(config, overrides)
     env = aitm_dist.setup()
     try:
-        return run(cfg, env, resume=False).to_dict()
+        return run(cfg, env, TrainOptions(resume=False)).to_dict()
     finally:
         aitm_dist.teardown()
 

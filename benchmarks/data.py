@@ -32,7 +32,7 @@ def add_arguments(d: argparse.ArgumentParser) -> None:
     d.add_argument("--row-group-size", type=int, default=65536)
     d.add_argument("--files", type=int, default=4)
     d.add_argument("--shuffle", action=argparse.BooleanOptionalAction, default=True)
-    d.add_argument("--csv", action="store_true", help="read the same rows as EasyRec CSV (csv_input.py)")
+    d.add_argument("--csv", action="store_true", help="read the same rows as EasyRec CSV (data/csv_input.py)")
     d.add_argument("--repeats", type=int, default=2, help="timed epochs; the fastest is reported")
     d.add_argument("--train-steps", type=int, default=30, help="timed training steps; 0: skip training")
     add_overrides(d)
@@ -44,7 +44,7 @@ def _ensure_csv(train: Path, columns: list[str]):
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
-    from aitm_torchrec import csv_input
+    from aitm_torchrec.data import csv_input
 
     table = pq.read_table(train, columns=columns)
     names = {"int8": "INT32", "int32": "INT32", "int64": "INT64", "string": "STRING", "large_string": "STRING",

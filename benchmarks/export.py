@@ -47,7 +47,7 @@ def _proc_status_kib(field: str) -> int:
 
 
 def _export_rank(argv: list[str]) -> dict:
-    import aitm_torchrec.export_embeddings  # noqa: F401  (imports before the baseline)
+    import aitm_torchrec.table_export  # noqa: F401  (imports before the baseline)
     from launch.export import main as export_main
 
     before = _proc_status_kib("VmRSS")

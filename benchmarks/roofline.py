@@ -28,7 +28,7 @@ def linear_gemms(cfg, batch_size: int) -> list[tuple[str, int, int, int]]:
     import torch
     from torch import nn
 
-    from aitm_torchrec.task import build_model
+    from aitm_torchrec.registry import build_model
 
     model = build_model(cfg, device="meta", dense_device="cpu")
     found: list[tuple[str, int, int, int]] = []

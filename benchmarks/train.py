@@ -89,7 +89,7 @@ def _train_rank(config: str | None, overrides: list[str], bare_steps: int) -> di
     from aitm_torchrec import dist as aitm_dist
     from aitm_torchrec.config import load_config
     from aitm_torchrec.dist import quiet_libraries
-    from aitm_torchrec.train import run, train_reader
+    from aitm_torchrec.train import TrainOptions, run, train_reader
 
     logging.basicConfig(level=logging.WARNING)
     quiet_libraries()
@@ -100,7 +100,7 @@ def _train_rank(config: str | None, overrides: list[str], bare_steps: int) -> di
         before = world_gemm_flops_per_s(gemms)
         dist.barrier()
         cpu0, wall0 = cpu_seconds(), time.perf_counter()
-        summary = run(cfg, env, resume=False).to_dict()
+        summary = run(cfg, env, TrainOptions(resume=False)).to_dict()
         wall, cpu1 = time.perf_counter() - wall0, cpu_seconds()
         ranks_cpu = torch.tensor([cpu1["process"] - cpu0["process"]], dtype=torch.float64)
         dist.all_reduce(ranks_cpu)

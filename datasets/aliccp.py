@@ -1,6 +1,6 @@
 """Ali-CCP raw files -> Parquet for configs/aitm_aliccp.yaml, as in the official AITM preprocessing.
 
-Input (``--raw DIR``; format in ``../shared/docs/AITM.md``): header-less CSV files
+Input (``--raw DIR``; format in ``docs/data.md``): header-less CSV files
 
     sample_skeleton_{train,test}.csv : sample_id, click, buy, common_feature_index (md5),
                                        feature_num, feature_list

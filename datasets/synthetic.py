@@ -1,7 +1,7 @@
 """Synthetic conversion-chain data with the seed's Taobao schema and a known oracle.
 
 Input: nothing (a seed). Output: ``OUT/train/part-*.parquet`` and ``OUT/eval/part-*.parquet``
-with the columns of EasyRec's ``aitm_on_taobao`` sample (``../shared/fixtures/easyrec``):
+with the columns of EasyRec's ``aitm_on_taobao`` sample (``tests/fixtures/easyrec/``):
 
     labels   : one int8 column per step (default clk, buy), each 0/1
     ids      : pid, adgroup_id, cate_id, campaign_id, customer, brand, user_id, cms_segid,

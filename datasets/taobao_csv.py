@@ -1,7 +1,7 @@
 """EasyRec's Taobao CSV (the seed's ``aitm_on_taobao`` sample data) -> Parquet for configs/aitm_taobao.yaml.
 
 Input: header-less CSV files, one impression per line, columns in the order of
-``data_config.input_fields`` of ``../shared/fixtures/easyrec/aitm_seed_taobao.config``:
+``data_config.input_fields`` of ``tests/fixtures/easyrec/aitm_seed_taobao.config``:
 
     clk, buy, pid, adgroup_id, cate_id, campaign_id, customer, brand, user_id, cms_segid,
     cms_group_id, final_gender_code, age_level, pvalue_level, shopping_level, occupation,

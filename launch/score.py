@@ -2,7 +2,7 @@
 
 Scores Parquet with a trained checkpoint on any world size (one process, torchrun, or
 ``torchx run dist.ddp -j 1x2 launch/score.py --config F --output DIR``), exactly once per input
-row, resumable after a crash. See ``aitm_torchrec/score.py`` and the README's "Batch scoring".
+row, resumable after a crash. See ``aitm_torchrec/score.py`` and docs/scoring.md.
 """
 
 from __future__ import annotations

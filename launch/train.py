@@ -1,6 +1,6 @@
 """Train AITM: ``python launch/train.py [--config FILE] [key.path=value ...]``.
 
-Run it under torchrun or TorchX for several processes (see README), e.g.
+Run it under torchrun or TorchX for several processes (see docs/training.md), e.g.
 ``torchx run dist.ddp -j 1x2 launch/train.py`` from the repository root. Without ``--config`` it
 trains the seed's example, ``configs/aitm_taobao.yaml``.
 """

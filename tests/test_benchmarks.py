@@ -62,19 +62,9 @@ def test_bench_all_table_skips_missing_subcommands_and_renders(tmp_path):
 DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 
 
-def test_every_subcommand_and_flag_is_documented():
+def test_every_subcommand_has_its_section_in_the_benchmarks_page():
+    # (tests/test_docs.py checks every flag and link of docs/)
     text = DOC.read_text()
     sub = next(a for a in run.parser()._actions if isinstance(a, argparse._SubParsersAction))
-    for name, parser in sub.choices.items():
+    for name in sub.choices:
         assert f"### `{name}`" in text, name
-        for action in parser._actions:
-            for flag in action.option_strings:
-                assert flag in ("-h", "--help") or f"`{flag}`" in text, (name, flag)
-
-
-def test_docs_relative_links_resolve():
-    import re
-
-    for target in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", DOC.read_text()):
-        if not target.startswith(("http://", "https://")):
-            assert (DOC.parent / target).exists(), target

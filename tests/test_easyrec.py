@@ -1,7 +1,7 @@
 """EasyRec pipeline configs: every mapped field, the one message listing every unsupported field
 with its line, the YAML converter, and both fixture configs training on 2 ranks from CSV.
 
-The fixtures (tests/fixtures/easyrec/) are copies of shared/fixtures/easyrec/: the seed's form
+The fixtures (tests/fixtures/easyrec/) are EasyRec configs of the seed's example: the seed's form
 (task towers with use_ait_module) and EasyRec's newer backbone form (an AITMTower block).
 """
 

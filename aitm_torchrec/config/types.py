@@ -237,7 +237,7 @@ class LearningRateScaling:
 @dataclass(frozen=True)
 class TrainConfig:
     num_steps: int = 1000
-    # One-epoch quality on the synthetic Taobao set (README, "Why these defaults"): a lower table
+    # One-epoch quality on the synthetic Taobao set (docs/benchmarks.md, "Studies"): a lower table
     # rate and an eps near a rare row's gradient scale keep one noisy example from moving a row far.
     sparse_optimizer: Optimizer = Optimizer("rowwise_adagrad", 0.01, eps=1e-5)
     dense_optimizer: Optimizer = Optimizer("adam", 3e-3)
