@@ -21,8 +21,11 @@ def installed(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("wheel")
     # A copy of the sources, so the build's own directories never land in the checkout.
     source = root / "src"
-    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".*", "data", "runs", "build", "*.egg-info",
-                                                               "__pycache__"))
+    def skip(folder: str, names: list[str]) -> set[str]:
+        top = {"data", "runs", "build"} if Path(folder) == REPO else set()  # aitm_torchrec/data stays
+        return {n for n in names if n in top or n.startswith(".") or n.endswith(".egg-info") or n == "__pycache__"}
+
+    shutil.copytree(REPO, source, ignore=skip)
     pip = [sys.executable, "-m", "pip", "-q", "--disable-pip-version-check"]
     subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(root / "dist"), str(source)],
                    check=True, cwd=root, capture_output=True)
