@@ -213,6 +213,11 @@ def run(data: Path, optimizer: str = "newton", rate: float = 0.5, seed: int = 1,
     if meta.get("sequential_dependence", 0.0):
         raise ValueError(f"{data}: generated with --sequential-dependence {meta['sequential_dependence']}; "
                          "this model is the independent form only")
+    knobs = meta.get("knobs", {})
+    if knobs.get("interaction", "category") != "category" or knobs.get("latent_dim", LATENT) != LATENT:
+        raise ValueError(f"{data}: generated with interaction {knobs['interaction']!r}, latent_dim "
+                         f"{knobs['latent_dim']}; this model is the default world's user x category "
+                         f"interaction of dimension {LATENT} only")
     if optimizer not in ("newton", "adagrad"):
         raise ValueError(f"optimizer must be newton or adagrad, not {optimizer!r}")
     oracle = meta["oracle_eval_auc"]

@@ -44,3 +44,7 @@ def test_true_form_learns_every_step_of_a_three_step_chain_in_one_pass(tmp_path)
     synthetic.main(["--out", str(seq), "--rows", "100", "--eval-rows", "100", "--sequential-dependence", "0.5"])
     with pytest.raises(ValueError, match="sequential-dependence 0.5"):
         true_form.run(seq)
+    item = tmp_path / "i"  # a preset's user x item interaction is not this model's form
+    synthetic.main(["--out", str(item), "--rows", "100", "--eval-rows", "100", "--preset", "interaction"])
+    with pytest.raises(ValueError, match="interaction 'item'"):
+        true_form.run(item)
