@@ -14,6 +14,7 @@ One module per subject, each with ``HELP``, ``add_arguments(parser)`` and ``cmd(
 - ``peer``: a plain PyTorch AITM beside this trainer (``peer.py``);
 - ``all``: the benchmarks above into one folder, JSON, Markdown and PNG (``all.py``);
 - ``study``: named config settings x seeds, one epoch each (``study.py``);
+- ``family``: settings x the synthetic family's presets x seeds, and the worst-case choice (``family.py``);
 - ``true_form``: what one pass of the generator's own model reaches (``true_form.py``).
 
 Benchmarks, not tests: they print numbers and assert nothing.
@@ -24,7 +25,7 @@ from __future__ import annotations
 import argparse
 
 from benchmarks import all as all_benchmarks
-from benchmarks import data, export, peer, quality, score, serve, study, train, true_form, zch
+from benchmarks import data, export, family, peer, quality, score, serve, study, train, true_form, zch
 
 # The benchmarks ``all`` may run, in the order of ``--help``; another benchmark plugs in with one
 # line here (and one in ``all.PLAN``).
@@ -45,6 +46,9 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("study", help=study.HELP)
     study.add_arguments(s)
     s.set_defaults(fn=study.cmd)
+    f = sub.add_parser("family", help=family.HELP)
+    family.add_arguments(f)
+    f.set_defaults(fn=family.cmd)
     t = sub.add_parser("true_form", help=true_form.HELP, description=true_form.DESCRIPTION)
     true_form.add_arguments(t)
     t.set_defaults(fn=true_form.cmd)

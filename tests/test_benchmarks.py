@@ -68,3 +68,23 @@ def test_every_subcommand_has_its_section_in_the_benchmarks_page():
     sub = next(a for a in run.parser()._actions if isinstance(a, argparse._SubParsersAction))
     for name in sub.choices:
         assert f"### `{name}`" in text, name
+
+
+def test_family_report_regrets_and_the_worst_case_choice():
+    from benchmarks.family import PEER, report
+
+    def rec(preset, setting, seed, clk, buy):
+        return {"preset": preset, "setting": setting, "seed": seed, "auc": {"ctr": clk, "cvr": buy},
+                "oracle": {"ctr": 0.8, "cvr": 0.9}}
+
+    # "a" wins set x by a little and loses set y by a lot; "b" is never far from the best.
+    runs = [rec("x", "a", 1, 0.75, 0.80), rec("x", "a", 2, 0.77, 0.80), rec("x", "b", 1, 0.75, 0.79),
+            rec("y", "a", 1, 0.70, 0.70), rec("y", "b", 1, 0.74, 0.78), rec("y", PEER, 1, 0.76, 0.75)]
+    rep = report({str(i): r for i, r in enumerate(runs)})
+    x = rep["presets"]["x"]
+    assert x["ctr"]["auc"]["a"] == 0.76 and x["ctr"]["best"] == "a" and x["ctr"]["regret"]["b"] == 0.01
+    assert x["cvr"]["regret"] == {"a": 0.0, "b": 0.01} and x["cvr"]["to_oracle"]["a"] == 0.1
+    y = rep["presets"]["y"]
+    assert y["cvr"]["best"] == "b" and y["cvr"]["regret"]["a"] == 0.08 and y["ctr"]["auc"][PEER] == 0.76
+    assert PEER not in y["ctr"]["regret"]  # the peer is reported, never chosen
+    assert rep["worst_regret"] == {"a": 0.08, "b": 0.01} and rep["choice"] == "b"

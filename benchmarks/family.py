@@ -1,0 +1,162 @@
+"""``python -m benchmarks family``: settings judged over the family of synthetic data sets.
+
+Every preset of ``datasets.synthetic.PRESETS`` (or ``--presets``) is generated once under
+``--data-root`` (``family_<preset>_<labels>_<rows>``); each named setting (``--settings``, a JSON
+file ``{name: [key.path=value, ...]}``, default: the config as shipped) trains one epoch on it
+per seed (``quality.one_epoch``), and the research-style peer (``peer.one_epoch``) trains beside
+them. Runs are kept in ``--out`` as they finish (a rerun skips the runs already there).
+
+The report, per preset and task: the mean AUC of every setting over the seeds, its distance to
+the oracle, the best setting for that preset and task, and each setting's distance to it (its
+*regret*); and per setting its worst regret over every preset and task. A default that holds on
+data nobody tuned on is the setting whose worst regret is smallest (``choice``), not the one with
+the best mean on one set.
+
+    python -m benchmarks family --rows 2000000 --seeds 1,2,3 --settings benchmarks/studies/family.json \\
+        --out benchmarks/results/family.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+from benchmarks.common import REPO, add_overrides
+from benchmarks.quality import one_epoch, oracle
+
+HELP = "settings x presets of the synthetic family x seeds, one epoch each; worst-case choice"
+
+PEER = "peer"  # the name the research-style peer's runs carry in the results
+
+
+def ensure_preset(root: Path, preset: str, rows: int, eval_rows: int, labels: str) -> Path:
+    """The preset's generated set under ``root`` (made once; ``_SUCCESS`` marks it whole)."""
+    from datasets import synthetic
+
+    path = Path(root) / f"family_{preset}_{labels.replace(',', '_')}_{rows}"
+    if not (path / "_SUCCESS").exists():
+        synthetic.main(["--preset", preset, "--out", str(path), "--rows", str(rows), "--eval-rows", str(eval_rows),
+                        "--labels", labels, "--files", "4", "--row-group-size", "65536"])
+    return path
+
+
+def report(results: dict[str, dict]) -> dict:
+    """Per preset and task: mean AUC per setting, oracle, best setting, regrets; per setting its
+    worst regret over the family; the worst-case choice among the settings (the peer excluded)."""
+    runs: dict[tuple[str, str], list[dict]] = {}
+    for r in results.values():
+        runs.setdefault((r["preset"], r["setting"]), []).append(r)
+    presets = sorted({p for p, _ in runs})
+    settings = sorted({s for _, s in runs if s != PEER})
+    table: dict[str, dict] = {}
+    worst: dict[str, float] = {s: 0.0 for s in settings}
+    for preset in presets:
+        mine = {s: rs for (p, s), rs in runs.items() if p == preset}
+        tasks = list(next(iter(mine.values()))[0]["auc"])
+        truth = next(iter(mine.values()))[0]["oracle"]
+        per_task = {}
+        for task in tasks:
+            means = {s: statistics.fmean(r["auc"][task] for r in rs) for s, rs in mine.items()}
+            ours = {s: v for s, v in means.items() if s != PEER}
+            best = max(ours, key=ours.get) if ours else None
+            per_task[task] = {
+                "oracle": truth[task], "best": best,
+                "auc": {s: round(v, 4) for s, v in means.items()},
+                "to_oracle": {s: round(truth[task] - v, 4) for s, v in means.items()},
+                "regret": {s: round(ours[best] - v, 4) for s, v in ours.items()},
+                "seeds": {s: len(rs) for s, rs in mine.items()},
+            }
+            for s, v in ours.items():
+                if s in worst:
+                    worst[s] = max(worst[s], ours[best] - v)
+        table[preset] = per_task
+    complete = [s for s in settings if all((p, s) in runs for p in presets)]
+    choice = min(complete, key=lambda s: worst[s]) if complete else None
+    return {"presets": table, "worst_regret": {s: round(v, 4) for s, v in worst.items()}, "choice": choice}
+
+
+def markdown(rep: dict) -> str:
+    """The report as one Markdown table: preset x task rows, each setting's AUC (regret)."""
+    settings = sorted(rep["worst_regret"])
+    peer = any(PEER in t["auc"] for p in rep["presets"].values() for t in p.values())
+    head = ["preset", "task", "oracle", *settings, *([PEER] if peer else []), "best"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for preset, tasks in rep["presets"].items():
+        for task, t in tasks.items():
+            cells = [f"{t['auc'][s]:.4f} ({t['regret'][s]:+.4f})" if s in t["auc"] else "" for s in settings]
+            lines.append("| " + " | ".join([preset, task, f"{t['oracle']:.4f}", *cells,
+                                             *([f"{t['auc'].get(PEER, float('nan')):.4f}"] if peer else []),
+                                             str(t["best"])]) + " |")
+    lines.append("")
+    lines.append("worst regret over the family: " + ", ".join(f"{s} {v:.4f}" for s, v in rep["worst_regret"].items())
+                 + f"; choice: {rep['choice']}")
+    return "\n".join(lines) + "\n"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--presets", help="comma-separated presets (default: every one of datasets.synthetic.PRESETS)")
+    p.add_argument("--rows", type=int, default=2_000_000, help="training rows of each preset's set (one epoch)")
+    p.add_argument("--eval-rows", type=int, default=200_000)
+    p.add_argument("--labels", default="clk,buy", help="the chain; clk,cart,buy with --config configs/aitm_3step.yaml")
+    p.add_argument("--config", default=None, help="YAML config (default: the seed's configs/aitm_taobao.yaml)")
+    p.add_argument("--seeds", default="1,2,3", help="training seeds")
+    p.add_argument("--settings", help="JSON file {name: [key.path=value, ...]} (default: the config as shipped)")
+    p.add_argument("--batch-size", type=int, default=0, help="per rank; 0: the config's")
+    p.add_argument("--peer", action=argparse.BooleanOptionalAction, default=True,
+                   help="also train the research-style peer (benchmarks/peer.py) on every preset and seed")
+    p.add_argument("--data-root", default=str(REPO / "data"), help="where the generated sets live")
+    p.add_argument("--out", help="results JSON (kept: a rerun skips its runs); OUT.md gets the table")
+    add_overrides(p, "config overrides for every run")
+
+
+def cmd(args: argparse.Namespace) -> dict:
+    from datasets.synthetic import PRESETS
+
+    presets = [p for p in (args.presets.split(",") if args.presets else PRESETS) if p]
+    unknown = [p for p in presets if p not in PRESETS]
+    if unknown:
+        raise SystemExit(f"--presets: unknown {', '.join(unknown)}; presets: {', '.join(PRESETS)}")
+    settings = json.loads(Path(args.settings).read_text()) if args.settings else {"shipped": []}
+    seeds = [int(s) for s in args.seeds.split(",") if s]
+    out = Path(args.out) if args.out else None
+    results = json.loads(out.read_text()) if out and out.exists() else {}
+
+    def keep(key: str, record: dict) -> None:
+        results[key] = record
+        print(json.dumps({"key": key, "auc": record["auc"], "s": record.get("seconds")}), flush=True)
+        if out:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(results, indent=1))
+
+    for preset in presets:
+        data = ensure_preset(Path(args.data_root), preset, args.rows, args.eval_rows, args.labels)
+        for seed in seeds:
+            for name, overrides in settings.items():
+                key = f"{preset}@{name}@{seed}@{args.rows}"
+                if key not in results:
+                    r = one_epoch(args.config, data, [*args.overrides, *overrides, f"train_config.seed={seed}"],
+                                  batch_size=args.batch_size)
+                    keep(key, {**r, "preset": preset, "setting": name, "seed": seed, "overrides": overrides})
+            key = f"{preset}@{PEER}@{seed}@{args.rows}"
+            if args.peer and key not in results:
+                keep(key, {**_peer_epoch(args.config, data, seed), "preset": preset, "setting": PEER, "seed": seed})
+    rep = report(results)
+    if out:
+        out.with_suffix(".md").write_text(markdown(rep))
+    print(markdown(rep))
+    return rep
+
+
+def _peer_epoch(config: str | None, data: Path, seed: int) -> dict:
+    """One epoch of the research-style peer on ``data``, as a record like ``one_epoch``'s."""
+    from aitm_torchrec.config import load_config
+    from benchmarks import peer
+
+    cfg = load_config(config)
+    r = peer.one_epoch(cfg, data, seed=seed)
+    truth = oracle(data)
+    labels = {t.tower_name: t.label_name for t in cfg.schema.tasks}
+    return {"auc": r["auc"], "oracle": {t: truth[labels[t]] for t in labels},
+            "gap": {t: truth[labels[t]] - r["auc"][t] for t in labels}, "examples_per_s": r.get("examples_per_s")}
