@@ -1,0 +1,231 @@
+"""Adam on the tables on the CPU (TorchRec's dense kernel + torch Adam, aitm_torchrec/table_optim.py):
+what the pinned FBGEMM CPU build runs, training on 2 gloo ranks, exact stop-and-resume, resharding
+onto 1 rank, table export and scoring from such a checkpoint, the seed EasyRec config, config errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from aitm_torchrec.config import ConfigError, load_config
+from tests.conftest import REPO, tiny_config_dict
+from tests.multiprocess import run_ranks
+from tests.test_easyrec import easyrec_csv  # noqa: F401  (a module fixture)
+
+ADAM = ["train_config.sparse_optimizer.name=adam", "train_config.sparse_optimizer.learning_rate=0.003"]
+
+
+def test_fbgemm_cpu_build_has_no_adam_kernel():
+    """What the pinned fbgemm-gpu-cpu runs: exact (rowwise) Adagrad and exact SGD; no Adam-class."""
+    import torch
+    from fbgemm_gpu.split_embedding_configs import EmbOptimType
+    from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation
+    from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
+        ComputeDevice,
+        SplitTableBatchedEmbeddingBagsCodegen,
+    )
+
+    def runs(opt: EmbOptimType) -> bool:
+        try:
+            tbe = SplitTableBatchedEmbeddingBagsCodegen([(10, 4, EmbeddingLocation.HOST, ComputeDevice.CPU)],
+                                                        optimizer=opt, learning_rate=0.1, device="cpu")
+        except AssertionError:
+            return False
+        before = tbe.split_embedding_weights()[0].clone()
+        tbe(torch.tensor([1, 2]), torch.tensor([0, 1, 2])).sum().backward()
+        return not torch.equal(before, tbe.split_embedding_weights()[0])
+
+    assert all(runs(o) for o in (EmbOptimType.EXACT_ROWWISE_ADAGRAD, EmbOptimType.EXACT_ADAGRAD,
+                                 EmbOptimType.EXACT_SGD))
+    assert not any(runs(o) for o in (EmbOptimType.ADAM, EmbOptimType.PARTIAL_ROWWISE_ADAM, EmbOptimType.LAMB,
+                                     EmbOptimType.PARTIAL_ROWWISE_LAMB))
+
+
+def _runs(config_path: str, runs: list[list[str]]) -> list[dict]:
+    """Training jobs one after the other in the same ranks, each returning its summary and the
+    tables' local weights after it."""
+    from aitm_torchrec import dist as aitm_dist
+    from launch.train import main
+
+    aitm_dist.setup()
+    try:
+        return [main(["--config", config_path, *overrides]) for overrides in runs]
+    finally:
+        aitm_dist.teardown()
+
+
+def _tables_and_optimizer(config_path: str, overrides: list[str]) -> dict:
+    """Builds the job (no training): the plan's kernels, the optimizer's parts and their keys."""
+    from aitm_torchrec import dist as aitm_dist
+    from aitm_torchrec.config import load_config
+    from aitm_torchrec.train import build
+
+    env = aitm_dist.setup()
+    try:
+        dmp, optimizer, plan = build(load_config(config_path, overrides), env)
+        parts = {type(o).__name__: sorted(o.params) for _, o in optimizer.optimizers}
+        return {"plan": plan, "parts": parts, "state_keys": sorted(optimizer.state_dict()["state"])}
+    finally:
+        aitm_dist.teardown()
+
+
+@pytest.mark.slow
+def test_adam_tables_on_cpu_train_on_the_dense_kernel_once(tiny_config):
+    out = run_ranks(_tables_and_optimizer, str(tiny_config), ADAM)
+    for rank, r in out.items():
+        assert {t["compute_kernel"] for t in r["plan"].values()} == {"dense"}
+        assert {t["sharding_type"] for t in r["plan"].values()} <= {"table_wise", "column_wise",
+                                                                  "table_column_wise"}
+        tables, dense = r["parts"]["ShardedTableOptimizer"], r["parts"]["KeyedOptimizerWrapper"]
+        assert not set(tables) & set(dense), "no parameter is trained twice"
+        assert not any(".embedding_bags." in k for k in dense)
+        owned = [t for t, p in r["plan"].items() if rank in p["ranks"]]
+        assert sorted(k.split(".embedding_bags.")[1].removesuffix(".weight") for k in tables) == sorted(owned)
+
+
+@pytest.fixture(scope="module")
+def adam_run(tiny_data, tmp_path_factory) -> dict:
+    """2 ranks: 16 steps uninterrupted; 8 steps then resumed to 16 (each saving); then the 16-step
+    checkpoint loaded on 1 rank (nothing left to train: it evaluates the saved model)."""
+    root = tmp_path_factory.mktemp("adam")
+    raw = tiny_config_dict(tiny_data, root / "whole")
+    raw["train_config"]["sparse_optimizer"] = {"name": "adam", "learning_rate": 0.003}
+    raw["train_config"]["num_steps"] = 16
+    config = root / "adam.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    parts = str(root / "parts")
+    whole, first, second = run_ranks(_runs, str(config), [
+        [], [f"model_dir={parts}", "train_config.num_steps=8"], [f"model_dir={parts}"]])[0]
+    one = run_ranks(_runs, str(config), [[f"model_dir={parts}"]], nproc=1)[0][0]
+    return {"config": config, "root": root, "parts": parts, "whole": whole, "first": first, "second": second,
+            "one": one}
+
+
+@pytest.mark.slow
+def test_adam_tables_learn_and_resume_exactly(adam_run):
+    whole, first, second = (dict(adam_run[k]["train"]["loss"]) for k in ("whole", "first", "second"))
+    assert np.mean([whole[s] for s in range(13, 17)]) < np.mean([whole[s] for s in range(1, 5)])
+    assert adam_run["second"]["train"]["resumed_from_step"] == 8
+    for step in range(1, 9):
+        assert first[step] == pytest.approx(whole[step], rel=1e-6, abs=1e-7)
+    for step in range(9, 17):  # the tables' Adam moments and step count came back from the checkpoint
+        assert second[step] == pytest.approx(whole[step], rel=1e-5, abs=1e-6), f"step {step}"
+
+
+@pytest.mark.slow
+def test_adam_checkpoint_loads_on_one_rank_and_tables_moved(adam_run, tiny_data):
+    from aitm_torchrec.from_checkpoint import local_model, resolve_checkpoint
+
+    one, saved = adam_run["one"], adam_run["second"]
+    assert one["world_size"] == 1 and one["train"]["resumed_from_step"] == 16
+    for tower, m in saved["eval"].items():
+        assert one["eval"][tower]["auc"] == pytest.approx(m["auc"], abs=1e-6)
+    import torch
+
+    cfg = load_config(adam_run["config"], [f"model_dir={adam_run['parts']}"])
+    root = Path(adam_run["parts"]) / "checkpoints"
+    at8, at16 = (local_model(cfg, resolve_checkpoint(cfg, root / f"step_{n:08d}")) for n in (8, 16))
+    for f in cfg.schema.sparse:  # Adam trained every table between the two checkpoints
+        w8, w16 = (m.ebc.embedding_bags[f.name].weight.detach() for m in (at8, at16))
+        assert torch.isfinite(w16).all() and (w8 != w16).any(dim=1).sum() > 0, f.name
+    # the uninterrupted run and the resumed one end with the same tables
+    whole = local_model(cfg, resolve_checkpoint(load_config(adam_run["config"])))
+    for f in cfg.schema.sparse:
+        assert torch.allclose(whole.ebc.embedding_bags[f.name].weight, at16.ebc.embedding_bags[f.name].weight,
+                              atol=1e-5), f.name
+
+
+def _export(argv: list[str]) -> dict:
+    from launch.export import main
+
+    return main(["embeddings", *argv])
+
+
+def _score(argv: list[str]) -> dict:
+    from launch.score import main
+
+    return main(argv)
+
+
+@pytest.mark.slow
+def test_table_export_and_scoring_from_an_adam_checkpoint(adam_run, tiny_data, tmp_path):
+    from aitm_torchrec.from_checkpoint import local_model, resolve_checkpoint
+
+    config = str(adam_run["config"])
+    cfg = load_config(config)
+    model = local_model(cfg, resolve_checkpoint(cfg))
+    out = tmp_path / "tables"
+    run_ranks(_export, ["--config", config, "--output", str(out), "--chunk-rows", "128"])
+    for f in cfg.schema.sparse:
+        t = pq.read_table(out / f.name)
+        rows, emb = t.column("row").to_numpy(), np.stack(t.column("embedding").to_numpy(zero_copy_only=False))
+        assert np.array_equal(np.sort(rows), np.arange(f.num_embeddings))
+        assert np.array_equal(emb, model.ebc.embedding_bags[f.name].weight.detach().numpy()[rows]), f.name
+    inputs = tmp_path / "input"
+    inputs.mkdir()
+    pq.write_table(pq.read_table(tiny_data / "eval").slice(0, 600), inputs / "a.parquet")
+    scored = tmp_path / "scored"
+    run_ranks(_score, ["--config", config, "--input", str(inputs), "--output", str(scored), "--batch_size", "256"])
+    got = pa.concat_tables([pq.read_table(p) for p in sorted(scored.glob("part-*.parquet"))])
+    assert got.num_rows == 600
+    for name in got.column_names:
+        if name.startswith("probs"):
+            p = got.column(name).to_numpy()
+            assert np.isfinite(p).all() and ((p > 0) & (p < 1)).all()
+
+
+def test_seed_easyrec_config_builds_adam_tables_on_cpu():
+    cfg = load_config(REPO / "tests/fixtures/easyrec/aitm_seed_taobao.config")
+    opt = cfg.train_config.sparse_optimizer
+    assert (opt.name, opt.beta1, opt.beta2) == ("adam", 0.9, 0.999)
+    assert opt.learning_rate == pytest.approx(1e-4)  # EasyRec's rate as written (docs/easyrec.md)
+    from aitm_torchrec.sharding import constraints
+    from aitm_torchrec.table_optim import on_dense_kernel
+
+    assert on_dense_kernel(opt, "cpu") and not on_dense_kernel(opt, "cuda")
+    cons = constraints(cfg, "cpu")
+    assert cons and all(c.compute_kernels == ["fused"] and "row_wise" not in c.sharding_types
+                        for c in cons.values())  # planned fused, sharded on the dense kernel
+
+
+def test_config_errors_name_the_key(tiny_config):
+    with pytest.raises(ConfigError, match=r"train_config\.sparse_optimizer\.name.*'lamb'"):
+        load_config(tiny_config, ["train_config.sparse_optimizer.name=lamb"])
+    with pytest.raises(ConfigError, match=r"train_config\.sparse_optimizer\.beta2"):
+        load_config(tiny_config, ["train_config.sparse_optimizer.beta2=1.0"])
+    with pytest.raises(ConfigError, match=r"train_config\.sparse_optimizer.*betas"):
+        load_config(tiny_config, ["train_config.sparse_optimizer.betas=[0.9,0.99]"])
+    from aitm_torchrec.sharding import constraints, sparse_optimizer
+
+    cfg = load_config(tiny_config, [*ADAM, "sharding_config.compute_kernels=[fused]"])
+    with pytest.raises(ConfigError, match=r"sharding_config compute_kernels.*dense kernel"):
+        constraints(cfg, "cpu")
+    cfg = load_config(tiny_config, ["train_config.sparse_optimizer.name=partial_rowwise_adam"])
+    with pytest.raises(ConfigError, match=r"train_config\.sparse_optimizer\.name: partial_rowwise_adam.*CPU"):
+        sparse_optimizer(cfg.train_config.sparse_optimizer, "cpu")
+
+
+def _train(config: str, overrides: list[str]) -> dict:
+    from launch.train import main
+
+    return main(["--config", config, *overrides])
+
+
+@pytest.mark.slow
+def test_seed_easyrec_config_trains_on_cpu_with_its_own_adam(easyrec_csv, tmp_path):  # noqa: F811
+    """The seed's one adam_optimizer (1e-4, every variable) as written: tables on the dense kernel."""
+    from tests.test_easyrec import FIXTURES, shrink_overrides
+
+    name = "aitm_seed_taobao.config"
+    overrides = [o for o in shrink_overrides(name, easyrec_csv, tmp_path / "run")
+                 if not o.startswith(("train_config.sparse_optimizer", "train_config.dense_optimizer"))]
+    assert not any("optimizer" in o for o in overrides)
+    summary = run_ranks(_train, str(FIXTURES / name), overrides)[0]
+    assert {t["compute_kernel"] for t in summary["plan"].values()} == {"dense"}
+    losses = [loss for _, loss in summary["train"]["loss"]]
+    assert sum(losses[-5:]) < sum(losses[:5]), "loss did not fall"
