@@ -69,25 +69,26 @@ class ShardedTableOptimizer(KeyedOptimizer):
     state dict. ``tables``: key -> (the parameter ``named_parameters`` gives, the weight's
     ShardedTensor from ``state_dict``) for every such table, on every rank (a rank without rows
     of a table has an empty placeholder parameter and a ShardedTensor without local shards).
+    TorchRec's parameter of a table covers all of its shards on this rank (column-wise shards of
+    one table in one TBE are contiguous); each shard's state is the matching view of the
+    parameter's state.
 
     state_dict: {"state": {key: {<moment>: ShardedTensor like the weight, "step": scalar}}}.
     The step is this optimizer's own count (the same on every rank: every rank steps each
     training step), so the scalar DCP stores once is right for every table.
     """
 
+    MOMENTS = ("exp_avg", "exp_avg_sq")
+
     def __init__(self, tables: dict[str, tuple[nn.Parameter, ShardedTensor]],
                  make: Callable[[list[nn.Parameter]], torch.optim.Optimizer]) -> None:
         self._layout = {}
+        self._views: dict[str, list[tuple[int, torch.Size]]] = {}  # key -> (offset, shape) per local shard
         local: dict[str, nn.Parameter] = {}
         for key, (param, weight) in tables.items():
             shards = weight.local_shards()
             if shards:
-                if len(shards) != 1 or shards[0].tensor.data_ptr() != param.data_ptr() \
-                        or shards[0].tensor.shape != param.shape:
-                    raise ConfigError(
-                        f"sharding_config: table {key!r} has {len(shards)} shards on one rank; with "
-                        "train_config.sparse_optimizer.name: adam on CPU (dense kernel) a rank holds at "
-                        "most one shard of a table: use table_wise, or fewer column_wise shards")
+                self._views[key] = [_view_in(key, param, s.tensor) for s in shards]
                 local[key] = param
             self._layout[key] = (weight.metadata(), [s.metadata for s in shards], weight._process_group)
         self._optimizer = make(list(local.values())) if local else None
@@ -117,21 +118,25 @@ class ShardedTableOptimizer(KeyedOptimizer):
             self._optimizer.step()
             self._optimizer.zero_grad(set_to_none=True)
 
-    def _moments(self, key: str) -> dict[str, torch.Tensor]:
-        """This rank's state tensors of one table (zeros before the first step)."""
+    def _shard_moments(self, key: str) -> dict[str, list[torch.Tensor]]:
+        """This rank's state of one table, one view per local shard (zeros before the first step)."""
         param = self.params.get(key)
         if param is None:
-            return {}
+            return {name: [] for name in self.MOMENTS}
         state = self._optimizer.state.get(param) or {}
-        return {name: state.get(name, torch.zeros_like(param)) for name in ("exp_avg", "exp_avg_sq")}
+        out = {}
+        for name in self.MOMENTS:
+            flat = (state[name] if name in state else torch.zeros_like(param)).view(-1)
+            out[name] = [flat[off:off + shape.numel()].view(shape) for off, shape in self._views[key]]
+        return out
 
     def state_dict(self) -> dict[str, Any]:
         state = {}
         for key, (meta, shard_metas, pg) in self._layout.items():
-            moments = self._moments(key)
+            moments = self._shard_moments(key)
             entry: dict[str, Any] = {}
-            for name in ("exp_avg", "exp_avg_sq"):
-                shards = [Shard(moments[name], m) for m in shard_metas]
+            for name in self.MOMENTS:
+                shards = [Shard(t, m) for t, m in zip(moments[name], shard_metas)]
                 entry[name] = ShardedTensor._init_from_local_shards_and_global_metadata(
                     shards, sharded_tensor_metadata=meta, process_group=pg)
             entry["step"] = torch.tensor(float(self._steps))
@@ -139,6 +144,8 @@ class ShardedTableOptimizer(KeyedOptimizer):
         return {"state": state}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Loads a state dict of this layout (DCP reshards a checkpoint into ``state_dict()``'s
+        ShardedTensors, which are views of the live state: the copies below are then no-ops)."""
         state = state_dict["state"]
         missing = sorted(set(self._layout) - set(state))
         if missing:
@@ -148,12 +155,23 @@ class ShardedTableOptimizer(KeyedOptimizer):
             raise ValueError(f"table optimizer state has different step counts {sorted(steps)}")
         self._steps = steps.pop() if steps else 0
         for key, param in self.params.items():
-            own = self._optimizer.state[param]
-            for name in ("exp_avg", "exp_avg_sq"):
-                loaded = state[key][name].local_shards()[0].tensor
-                if loaded.data_ptr() != own[name].data_ptr():
-                    own[name].copy_(loaded)
-            own["step"] = torch.tensor(float(self._steps), dtype=torch.float32, device=param.device)
+            own = self._shard_moments(key)
+            for name in self.MOMENTS:
+                for mine, loaded in zip(own[name], state[key][name].local_shards()):
+                    if mine.data_ptr() != loaded.tensor.data_ptr():
+                        mine.copy_(loaded.tensor)
+            self._optimizer.state[param]["step"] = torch.tensor(float(self._steps), dtype=torch.float32,
+                                                                device=param.device)
+
+
+def _view_in(key: str, param: torch.Tensor, shard: torch.Tensor) -> tuple[int, torch.Size]:
+    """Where a local shard's rows lie in the table's parameter (both views of one TBE buffer)."""
+    off, rem = divmod(shard.data_ptr() - param.data_ptr(), param.element_size())
+    if rem or off < 0 or off + shard.numel() > param.numel() or not shard.is_contiguous():
+        raise ConfigError(f"sharding_config: a shard of table {key!r} is not inside the parameter TorchRec's "
+                          "dense kernel trains; train_config.sparse_optimizer.name: adam on CPU supports "
+                          "table_wise and column_wise tables")
+    return off, shard.shape
 
 
 class JobOptimizer(CombinedOptimizer):
