@@ -179,6 +179,8 @@ class JobOptimizer(CombinedOptimizer):
     reads every part's raw per-parameter state, which would drop ShardedTableOptimizer's sharded
     layout). Keys and values are otherwise the same as CombinedOptimizer's."""
 
+    rank_local_grads = True  # its tables' gradients differ per rank (faults.StepGuard agrees on them)
+
     def state_dict(self) -> dict[str, Any]:
         state = {}
         for opt_key, opt in self._optims:

@@ -282,3 +282,22 @@ def test_column_wise_adam_state_reshards_onto_one_rank(tiny_config, tmp_path):
         assert np.array_equal(saved["optim"]["state"][k]["exp_avg_sq"].numpy(), whole.numpy()), k
     more = run_ranks(_runs, str(tiny_config), [[*common, "train_config.num_steps=5"]], nproc=1)[0][0]
     assert more["train"]["resumed_from_step"] == 3 and more["train"]["steps_this_run"] == 2
+
+
+@pytest.mark.slow
+def test_nonfinite_skip_leaves_adam_tables_and_moments_untouched(tiny_config, tmp_path):
+    """A NaN loss at step 7 under nonfinite_policy skip: the step-7 checkpoint's tables, moments
+    and Adam step equal the step-6 ones (the table update rides the skipped optimizer step)."""
+    from tests.test_faults import COMMON, _model_tensors, _runs_with_nan_labels
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    common = [*COMMON, *ADAM, "train_config.nonfinite_policy=skip"]
+    out = run_ranks(_runs_with_nan_labels, str(tiny_config), [
+        [*common, f"model_dir={a}", "train_config.num_steps=6"],
+        [*common, f"model_dir={b}", "train_config.num_steps=7"],
+    ], 7, 0)[0]
+    assert out[1]["train"]["skipped_batches"] == 1
+    six, seven = (_model_tensors(p) for p in (a / "checkpoints" / "step_00000006", b / "checkpoints" / "step_00000007"))
+    assert six.keys() == seven.keys() and any(k.endswith(".exp_avg_sq") for k in six)
+    for key in six:
+        assert np.array_equal(six[key].numpy(), seven[key].numpy()), key
