@@ -41,7 +41,7 @@ def on_dense_kernel(opt: Optimizer, compute_device: str) -> bool:
 
 
 def torch_optimizer(opt: Optimizer) -> Callable[[list[nn.Parameter]], torch.optim.Optimizer]:
-    """The torch optimizer for dense-kernel tables: Adam (L2 weight decay, as FBGEMM's Adam)."""
+    """The torch optimizer for dense-kernel tables: torch Adam (weight decay as L2 added to the gradient)."""
     if opt.name != "adam":
         raise ConfigError(f"train_config.sparse_optimizer.name: {opt.name!r} has no dense-kernel form")
     kwargs = {"lr": opt.learning_rate, "betas": (opt.beta1, opt.beta2), "eps": opt.eps,

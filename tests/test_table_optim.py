@@ -168,15 +168,25 @@ def test_table_export_and_scoring_from_an_adam_checkpoint(adam_run, tiny_data, t
         assert np.array_equal(emb, model.ebc.embedding_bags[f.name].weight.detach().numpy()[rows]), f.name
     inputs = tmp_path / "input"
     inputs.mkdir()
-    pq.write_table(pq.read_table(tiny_data / "eval").slice(0, 600), inputs / "a.parquet")
-    scored = tmp_path / "scored"
-    run_ranks(_score, ["--config", config, "--input", str(inputs), "--output", str(scored), "--batch_size", "256"])
-    got = pa.concat_tables([pq.read_table(p) for p in sorted(scored.glob("part-*.parquet"))])
-    assert got.num_rows == 600
-    for name in got.column_names:
-        if name.startswith("probs"):
-            p = got.column(name).to_numpy()
-            assert np.isfinite(p).all() and ((p > 0) & (p < 1)).all()
+    table = pq.read_table(tiny_data / "eval").slice(0, 600)
+    pq.write_table(table.append_column("rid", pa.array(np.arange(600, dtype=np.int64))), inputs / "a.parquet")
+
+    def args(out: str, *more: str) -> list[str]:
+        return ["--config", config, "--input", str(inputs), "--output", str(tmp_path / out), "--batch_size", "256",
+                "--reserved_columns", "rid", *more]
+
+    run_ranks(_score, args("scored"))  # the checkpoint, sharded for 2 ranks
+    from launch.export import main as export_main
+
+    export_main(["model", "--config", config, "--output", str(tmp_path / "artefact"), "--quant", "none"])
+    _score(args("served", "--model", str(tmp_path / "artefact"), "--threads", "1"))  # the serving artefact
+    got, served = (pa.concat_tables([pq.read_table(p) for p in sorted((tmp_path / d).glob("part-*.parquet"))])
+                   .sort_by("rid") for d in ("scored", "served"))
+    assert got.num_rows == served.num_rows == 600
+    for tower in ("ctr", "cvr"):
+        p = got.column(f"probs_{tower}").to_numpy()
+        assert np.isfinite(p).all() and ((p > 0) & (p < 1)).all()
+        np.testing.assert_allclose(served.column(f"probs_{tower}").to_numpy(), p, atol=1e-5)
 
 
 def test_seed_easyrec_config_builds_adam_tables_on_cpu():
