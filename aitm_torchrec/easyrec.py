@@ -262,8 +262,7 @@ SCHEMA: dict[str, Spec] = {
     }),
     "train_config": _msg({
         "optimizer_config": _msg({
-            "adam_optimizer": _msg({**OPT_SPEC, "beta1": Spec(float, allowed=(0.9,)),
-                                    "beta2": Spec(float, allowed=(0.999,))}),
+            "adam_optimizer": _msg({**OPT_SPEC, "beta1": Spec(float), "beta2": Spec(float)}),
             "adagrad_optimizer": _msg(OPT_SPEC),
             "sgd_optimizer": _msg(OPT_SPEC),
             "use_moving_average": Spec(bool, allowed=(False,)),
@@ -435,12 +434,16 @@ class _Converter:
             rate = const.get("learning_rate", 0.002) if const else None  # EasyRec's default
             if rate is None:
                 raise self.fail(opt, "learning_rate", "needs constant_learning_rate { learning_rate: ... }")
-            out.append((kinds[0].name.removesuffix("_optimizer"), rate, cfg.get("embedding_learning_rate_multiplier")))
+            # EasyRec's (TF's) Adam: betas 0.9 / 0.999 unless set, epsilon 1e-8 (our eps default)
+            betas = {b: opt.get(b) for b in ("beta1", "beta2") if opt.get(b) is not None}
+            out.append((kinds[0].name.removesuffix("_optimizer"), rate, cfg.get("embedding_learning_rate_multiplier"),
+                        betas))
         if not out:
             return {}
-        (s_name, s_lr, mult), (d_name, d_lr, _) = out[0], out[-1]
-        return {"sparse_optimizer": {"name": s_name, "learning_rate": s_lr * (mult or 1.0)},
-                "dense_optimizer": {"name": d_name, "learning_rate": d_lr}}
+        (s_name, s_lr, mult, s_betas), (d_name, d_lr, _, d_betas) = out[0], out[-1]
+        # sparse adam: FBGEMM's fused Adam on CUDA, torch Adam on the dense kernel on CPU (docs/easyrec.md)
+        return {"sparse_optimizer": {"name": s_name, "learning_rate": s_lr * (mult or 1.0), **s_betas},
+                "dense_optimizer": {"name": d_name, "learning_rate": d_lr, **d_betas}}
 
     def towers(self, mp: Msg, backbone: Msg | None) -> tuple[list[dict], dict]:
         """Task towers -> our task_towers and model_params extras (ait_attention, ...)."""

@@ -14,7 +14,9 @@
 - A finite loss whose dense gradients are non-finite (overflow in backward) can only skip the
   dense optimizer step: the fused table update of that batch already happened in backward and
   cannot be undone. Dense gradients are all-reduced by DDP, so every rank sees the same ones and
-  decides the same way without another collective.
+  decides the same way without another collective. Tables trained in the optimizer step instead
+  (``adam`` on the CPU, ``table_optim``) have per-rank gradients, are skipped with the dense
+  step, and the ranks agree on it with one more MAX all_reduce per step.
 - SIGTERM (torchrun forwards it to its workers) only sets a flag: every rank finishes the step
   in flight, all stop at the same step, the caller saves a checkpoint and raises ``Preempted``,
   which exits with status 143 (128 + SIGTERM).
@@ -106,6 +108,12 @@ class StepGuard:
         """After backward: are the gradients the dense optimizer will apply finite?"""
         grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         self.bad_grad = bool(grads) and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+        if getattr(optimizer, "rank_local_grads", False) and dist.is_initialized():
+            # Tables trained in the optimizer step (adam on the CPU, table_optim.JobOptimizer) have
+            # per-rank gradients: agree, so every rank skips or steps alike (and the step counts match).
+            flag = torch.tensor([int(self.bad_grad)], dtype=torch.int64, device=grads[0].device if grads else None)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            self.bad_grad = bool(flag[0])
         return not self.bad_grad
 
     def after_step(self, step: int, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor,

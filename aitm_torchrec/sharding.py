@@ -18,11 +18,13 @@ from torchrec.distributed.planner.types import ParameterConstraints
 from torchrec.distributed.types import CacheParams, ShardingPlan
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.modules.mc_embedding_modules import ManagedCollisionEmbeddingBagCollection
+from torchrec.optim import optimizers as trec_optim
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
 from aitm_torchrec.config import SHARDING_TYPES_CPU, Config, ConfigError, Optimizer
 from aitm_torchrec.dist import DistEnv
+from aitm_torchrec.table_optim import DENSE_KERNEL_SHARDING_TYPES, dense_kernel_plan, on_dense_kernel
 from aitm_torchrec.zch import ZchSharder, zch_plan
 
 GB = 1024**3
@@ -63,12 +65,27 @@ def constraints(cfg: Config, compute_device: str) -> dict[str, ParameterConstrai
                 raise ConfigError(f"sharding_config for table {f.name!r}: {', '.join(bad)} needs CUDA; "
                                   f"on CPU use sharding types {', '.join(SHARDING_TYPES_CPU)} and "
                                   f"kernels {', '.join(CPU_KERNELS)}")
+        if on_dense_kernel(cfg.train_config.sparse_optimizer, compute_device):
+            types, kernels = _dense_kernel_constraint(f.name, types, kernels)
         caching = compute_device == "cuda" and (not kernels or "fused_uvm_caching" in kernels)
         if types or kernels or caching:
             out[f.name] = ParameterConstraints(
                 sharding_types=types or None, compute_kernels=kernels or None,
                 cache_params=CacheParams(load_factor=sc.cache_load_factor) if caching else None)
     return out
+
+
+def _dense_kernel_constraint(table: str, types: list[str], kernels: list[str]) -> tuple[list[str], list[str]]:
+    """Planner constraint of a table that will run on the dense kernel (adam on CPU): planned as
+    ``fused`` (TorchRec 1.8's planner allows ``dense`` only data-parallel; ``shard`` rewrites the
+    kernel), model-parallel unless data_parallel is asked for by name."""
+    if [k for k in kernels if k != "dense"]:
+        raise ConfigError(f"sharding_config compute_kernels for table {table!r}: {', '.join(kernels)}; with "
+                          "train_config.sparse_optimizer.name: adam on CPU the tables run on the dense kernel "
+                          "(FBGEMM's CPU build has no fused Adam): leave compute_kernels empty or [dense]")
+    types = types or list(DENSE_KERNEL_SHARDING_TYPES)
+    kernels = ["fused"] + (["dense"] if "data_parallel" in types else [])
+    return types, kernels
 
 
 def planner(cfg: Config, world_size: int, local_world_size: int, compute_device: str) -> EmbeddingShardingPlanner:
@@ -83,17 +100,20 @@ def planner(cfg: Config, world_size: int, local_world_size: int, compute_device:
 def sparse_optimizer(opt: Optimizer, compute_device: str) -> tuple[type, dict]:
     """The fused (in-backward) optimizer class and arguments for the tables."""
     kwargs = {"lr": opt.learning_rate}
+    if opt.name in ("adam", "partial_rowwise_adam") and compute_device != "cuda":
+        raise ConfigError(f"train_config.sparse_optimizer.name: {opt.name} has no fused CPU kernel in FBGEMM"
+                          + ("; on CPU adam trains the tables on the dense kernel (shard does it)"
+                             if opt.name == "adam" else "; on CPU use adam (dense kernel, torch Adam)"))
+    if opt.name in ("adam", "partial_rowwise_adam"):
+        cls = trec_optim.Adam if opt.name == "adam" else trec_optim.PartialRowWiseAdam
+        return cls, {**kwargs, "eps": opt.eps, "beta1": opt.beta1, "beta2": opt.beta2,
+                     "weight_decay": opt.weight_decay}
     if opt.name == "rowwise_adagrad":
         return RowWiseAdagrad, {**kwargs, "eps": opt.eps, "weight_decay": opt.weight_decay}
     if opt.name == "adagrad":
         return torch.optim.Adagrad, {**kwargs, "eps": opt.eps, "weight_decay": opt.weight_decay}
     if opt.name == "sgd":
         return torch.optim.SGD, {**kwargs, "weight_decay": opt.weight_decay}
-    if opt.name == "adam":
-        if compute_device != "cuda":
-            raise ConfigError("train_config.sparse_optimizer.name: adam needs CUDA; on CPU use "
-                              "rowwise_adagrad, adagrad or sgd")
-        return torch.optim.Adam, {**kwargs, "eps": opt.eps, "weight_decay": opt.weight_decay}
     raise ConfigError(f"train_config.sparse_optimizer.name: unknown {opt.name!r}")
 
 
@@ -122,12 +142,24 @@ def _with_zch_plan(plan: ShardingPlan, cfg: Config, module: nn.Module, world_siz
 
 def shard(cfg: Config, train_module: nn.Module, env: DistEnv) -> tuple[DistributedModelParallel, ShardingPlan]:
     """Applies the fused table optimizer (to every table, zch ones included), plans collectively,
-    and returns (DMP, plan)."""
+    and returns (DMP, plan). Adam on CPU: no fused optimizer; model-parallel tables go on the dense
+    kernel (trained by ``table_optim.ShardedTableOptimizer``, which ``train.build`` adds)."""
     compute_device = env.device.type
-    opt_cls, opt_kwargs = sparse_optimizer(cfg.train_config.sparse_optimizer, compute_device)
-    tables = [p for m in train_module.modules() if isinstance(m, EmbeddingBagCollection) for p in m.parameters()]
-    apply_optimizer_in_backward(opt_cls, tables, opt_kwargs)
-    plan = plan_model(cfg, train_module, env.world_size, env.local_world_size, compute_device)
+    opt = cfg.train_config.sparse_optimizer
+    if on_dense_kernel(opt, compute_device):
+        # No fused kernel: the tables' weights become ordinary parameters (dense kernel), trained
+        # by the torch optimizer train.build adds (aitm_torchrec/table_optim.py).
+        if cfg.schema.zch:
+            raise ConfigError(f"train_config.sparse_optimizer.name: {opt.name} on CPU runs the tables on the "
+                              f"dense kernel, which zch tables ({', '.join(f.name for f in cfg.schema.zch)}) "
+                              "do not support: use rowwise_adagrad, adagrad or sgd")
+        plan = plan_model(cfg, train_module, env.world_size, env.local_world_size, compute_device)
+        dense_kernel_plan(plan)
+    else:
+        opt_cls, opt_kwargs = sparse_optimizer(opt, compute_device)
+        tables = [p for m in train_module.modules() if isinstance(m, EmbeddingBagCollection) for p in m.parameters()]
+        apply_optimizer_in_backward(opt_cls, tables, opt_kwargs)
+        plan = plan_model(cfg, train_module, env.world_size, env.local_world_size, compute_device)
     dmp = DistributedModelParallel(module=train_module, device=env.device, plan=plan, sharders=sharders())
     return dmp, plan
 
@@ -156,6 +188,8 @@ def plan_for_topology(cfg: Config, hosts: int, procs_per_host: int, compute_devi
     p = planner(cfg, world, procs_per_host, compute_device)
     plan = _with_zch_plan(p.plan(module, [EmbeddingBagCollectionSharder()]), cfg, module, world,
                           procs_per_host, compute_device)
+    if on_dense_kernel(cfg.train_config.sparse_optimizer, compute_device):
+        dense_kernel_plan(plan)  # as shard does (the estimates below are the fused kernel's)
     per_rank = [{"rank": r, "hbm_gb": 0.0, "ddr_gb": 0.0, "tables": []} for r in range(world)]
     tables: dict[str, dict] = describe(plan)
     for f in cfg.schema.zch:  # row-wise, evenly: no planner estimate

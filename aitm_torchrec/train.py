@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.utils.tensorboard import SummaryWriter
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
@@ -32,20 +33,34 @@ from aitm_torchrec.dist import DistEnv
 from aitm_torchrec.files import write_json_atomic
 from aitm_torchrec.metrics import TaskMetrics
 from aitm_torchrec.sharding import describe, shard
+from aitm_torchrec.table_optim import JobOptimizer, ShardedTableOptimizer, on_dense_kernel, torch_optimizer
 from aitm_torchrec.task import build_train_module
 
 logger = logging.getLogger(__name__)
 
 
-def dense_optimizer(dmp: DistributedModelParallel, opt: Optimizer) -> KeyedOptimizerWrapper:
-    """The dense side's optimizer over every parameter not handled in backward by a fused one."""
+def dense_optimizer(dmp: DistributedModelParallel, opt: Optimizer,
+                    exclude: frozenset[str] = frozenset()) -> KeyedOptimizerWrapper:
+    """The dense side's optimizer over every parameter not handled in backward by a fused one
+    (nor, ``exclude``, by the tables' own torch optimizer)."""
     cls = {"adam": torch.optim.Adam, "adagrad": torch.optim.Adagrad, "sgd": torch.optim.SGD}[opt.name]
     # fused: one kernel per step for all parameters (CPU and CUDA); ~3x less optimizer time here.
     kwargs = {"lr": opt.learning_rate, "weight_decay": opt.weight_decay, "fused": True}
     if opt.name != "sgd":
         kwargs["eps"] = opt.eps
-    return KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(dmp.named_parameters())),
-                                 lambda params: cls(params, **kwargs))
+    if opt.name == "adam":
+        kwargs["betas"] = (opt.beta1, opt.beta2)
+    params = {k: p for k, p in in_backward_optimizer_filter(dmp.named_parameters()) if k not in exclude}
+    return KeyedOptimizerWrapper(params, lambda params: cls(params, **kwargs))
+
+
+def table_optimizer(dmp: DistributedModelParallel, opt: Optimizer) -> ShardedTableOptimizer:
+    """The torch optimizer of the tables on the dense kernel (adam on CPU): every model-parallel
+    table weight (``...embedding_bags.<t>.weight``, a ShardedTensor in the state dict)."""
+    state = dmp.state_dict()
+    tables = {k: (p, state[k]) for k, p in dmp.named_parameters()
+              if ".embedding_bags." in k and isinstance(state.get(k), ShardedTensor)}
+    return ShardedTableOptimizer(tables, torch_optimizer(opt))
 
 
 def build(cfg: Config, env: DistEnv) -> tuple[DistributedModelParallel, CombinedOptimizer, dict]:
@@ -56,7 +71,13 @@ def build(cfg: Config, env: DistEnv) -> tuple[DistributedModelParallel, Combined
     cfg = scaled_learning_rates(cfg, env.world_size)  # train_config.learning_rate_scaling
     module = build_train_module(cfg, device="meta", dense_device=env.device)
     dmp, plan = shard(cfg, module, env)
-    optimizer = CombinedOptimizer([dmp.fused_optimizer, dense_optimizer(dmp, cfg.train_config.dense_optimizer)])
+    tc = cfg.train_config
+    if on_dense_kernel(tc.sparse_optimizer, env.device.type):
+        tables = table_optimizer(dmp, tc.sparse_optimizer)
+        optimizer: CombinedOptimizer = JobOptimizer(
+            [dmp.fused_optimizer, tables, dense_optimizer(dmp, tc.dense_optimizer, tables.table_keys)])
+    else:
+        optimizer = CombinedOptimizer([dmp.fused_optimizer, dense_optimizer(dmp, tc.dense_optimizer)])
     return dmp, optimizer, describe(plan)
 
 

@@ -152,6 +152,11 @@ MAPPINGS = [
     ("optimizer_config.one", dict(train=ADAM.format(name="adam", lr=1e-4, extra="use_moving_average: false")),
      lambda c: (c.train_config.sparse_optimizer.name, c.train_config.sparse_optimizer.learning_rate,
                 c.train_config.dense_optimizer.name, c.train_config.dense_optimizer.learning_rate), ("adam", 1e-4, "adam", 1e-4)),
+    ("optimizer_config.adam_betas",
+     dict(train="optimizer_config { adam_optimizer { learning_rate { constant_learning_rate { learning_rate: 0.001 } } "
+                "beta1: 0.8 beta2: 0.99 } }"),
+     lambda c: tuple((o.name, o.beta1, o.beta2) for o in (c.train_config.sparse_optimizer, c.train_config.dense_optimizer)),
+     (("adam", 0.8, 0.99), ("adam", 0.8, 0.99))),
     ("optimizer_config.two", dict(train=ADAM.format(name="adagrad", lr=0.05, extra="") + ADAM.format(name="sgd", lr=0.01, extra="")),
      lambda c: (c.train_config.sparse_optimizer.name, c.train_config.dense_optimizer.name), ("adagrad", "sgd")),
     ("optimizer_config.embedding_learning_rate_multiplier",

@@ -25,7 +25,8 @@ LOSS_TYPES = ("CLASSIFICATION", "ORDER_CALIBRATE_LOSS")
 SHARDING_TYPES_CPU = ("data_parallel", "table_wise", "column_wise", "table_column_wise")
 SHARDING_TYPES_CUDA = SHARDING_TYPES_CPU + ("row_wise", "table_row_wise")
 COMPUTE_KERNELS = ("dense", "fused", "fused_uvm", "fused_uvm_caching", "key_value")
-SPARSE_OPTIMIZERS = ("rowwise_adagrad", "adagrad", "sgd", "adam")
+# adam: FBGEMM fused on CUDA, TorchRec dense kernel + torch Adam on CPU; partial_rowwise_adam: CUDA only
+SPARSE_OPTIMIZERS = ("rowwise_adagrad", "adagrad", "sgd", "adam", "partial_rowwise_adam")
 DENSE_OPTIMIZERS = ("adam", "adagrad", "sgd")
 # The model_config.model_class names, here so that validating a config needs no torch;
 # registry.MODELS (torch) must have exactly these keys, in this order, and checks so at import.
@@ -207,6 +208,8 @@ class Optimizer:
     learning_rate: float
     weight_decay: float = 0.0
     eps: float = 1e-8
+    beta1: float = 0.9  # adam, partial_rowwise_adam
+    beta2: float = 0.999
 
 
 @dataclass(frozen=True)

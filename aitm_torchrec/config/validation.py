@@ -227,6 +227,11 @@ def check_train(cfg: Config, where: str) -> None:
             fail(f"train_config.{side}.name", f"is {opt.name!r}; allowed: {', '.join(allowed)}")
         if opt.learning_rate <= 0:
             fail(f"train_config.{side}.learning_rate", "must be > 0")
+        for beta in ("beta1", "beta2"):
+            if not 0 <= getattr(opt, beta) < 1:
+                fail(f"train_config.{side}.{beta}", f"is {getattr(opt, beta)}; must be in [0, 1)")
+        if opt.eps <= 0 or opt.weight_decay < 0:
+            fail(f"train_config.{side}", "eps must be > 0 and weight_decay >= 0")
     if tc.keep_checkpoint_max < 0 or tc.save_checkpoints_steps < 0 or tc.log_step_count_steps < 0:
         fail("train_config", "keep_checkpoint_max, save_checkpoints_steps and log_step_count_steps must be >= 0")
     lr = tc.learning_rate_schedule
