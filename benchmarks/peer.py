@@ -31,9 +31,9 @@ What the peer takes from MTReclib (file:line at that commit):
 
 Where the peer differs, and why:
 
-- features: the Taobao schema of ``configs/aitm_taobao.yaml`` (17 id and 2 tag fields, table sizes
+- features: the Taobao schema of ``configs/aitm_taobao.yaml`` (16 id and 2 tag fields, table sizes
   from the config; ids reach rows by ``id % rows``), not MTReclib's AliExpress set (16 id fields
-  and 63 numeric ones through one Linear, ``models/aitm.py:17,37``, ``datasets/aliexpress.py:16-17``).
+  and its numeric columns through one Linear, ``models/aitm.py:17,37``, ``datasets/aliexpress.py:16-17``).
   The schema has no numeric features, so there is no numeric Linear; the two tag fields (lists,
   which AliExpress lacks) take rows of the same shared table and are summed per field;
 - epochs: one, the benchmark's comparison of one pass. MTReclib trains up to 50 epochs and stops
