@@ -1,12 +1,49 @@
-"""``python -m benchmarks peer``: this trainer beside a plain PyTorch AITM, written the way
-research code usually is (a benchmark peer, not library code).
+"""``python -m benchmarks peer``: this trainer beside a plain PyTorch AITM that follows MTReclib,
+the public multi-task research library (https://github.com/easezyc/Multitask-Recommendation-Library,
+read at commit 8c6529c), in its AITM model and its training script (a benchmark peer, not library
+code).
 
-The peer: one process; one ``nn.Embedding`` per field (tags: padded lists summed); a per-row
-``Dataset`` and ``DataLoader``; the paper's model (shared bottom, towers, a transfer "info" layer,
-AIT self attention, order calibration); dense Adam over every parameter, tables included;
-PyTorch's default initialisation (embeddings N(0, 1)). Same data (the synthetic Parquet set),
-same table sizes as ``configs/aitm_taobao.yaml`` (ids reach rows by ``id % rows``; the synthetic
-ids are below every table's size, so no two ids share a row), same layer sizes.
+What the peer takes from MTReclib (file:line at that commit):
+
+- embeddings: one ``nn.Embedding`` of ``sum(field sizes)`` rows shared by all fields, each field's
+  ids shifted by the sizes of the fields before it (``models/layers.py:8-9,16``), initialised
+  xavier-uniform (``models/layers.py:10``): for a (rows, dim) table the bound is
+  ``sqrt(6 / (rows + dim))`` with rows the total over all fields; width 128
+  (``main.py:201``, ``--embed_dim``);
+- MLP block: ``Linear -> BatchNorm1d -> ReLU -> Dropout(0.2)`` per layer (``models/layers.py:24-29``,
+  dropout ``main.py:46``); Linear layers keep PyTorch's default initialisation (MTReclib sets none);
+- one bottom MLP per task, not a shared one, over all field embeddings concatenated, sizes
+  (512, 256) with no output layer (``models/aitm.py:27``, ``main.py:46``);
+- AIT on the bottom outputs (width 256): for task i >= 1, ``p = g[i-1](fea[i-1])`` (a plain
+  Linear with bias, no activation, one per transfer; ``models/aitm.py:22,42``) and
+  ``q = fea[i]`` stacked as [p, q]; V, K, Q from three Linear layers with bias shared by every
+  transfer (``h1, h2, h3``, ``models/aitm.py:23-25,45-47``); weights
+  ``softmax_over_{p,q}(sum(K * Q) / sqrt(256))``; ``fea[i] = sum(weights * V)``
+  (``models/aitm.py:48``). ``fea[i-1]`` is the previous task's AIT output, so the chain runs
+  click -> buy (-> ...);
+- one tower MLP per task after the AIT, sizes (128, 64) then a Linear to one logit
+  (``models/aitm.py:28,50``, ``models/layers.py:30-31``, ``main.py:46``);
+- loss: binary cross-entropy per task, averaged over the tasks (``main.py:80-84``; ``BCELoss`` on
+  the sigmoid, ``main.py:160``, ``models/aitm.py:50``); no calibration term and no label masking:
+  every task is fitted on every row, labels in their column order (click, then buy);
+- Adam over every parameter (tables and BatchNorm included), lr 1e-3, weight_decay 1e-6
+  (``main.py:161,199,202``); batch 2048, shuffled (``main.py:154,200``).
+
+Where the peer differs, and why:
+
+- features: the Taobao schema of ``configs/aitm_taobao.yaml`` (16 id and 2 tag fields, table sizes
+  from the config; ids reach rows by ``id % rows``), not MTReclib's AliExpress set (16 id fields
+  and its numeric columns through one Linear, ``models/aitm.py:17,37``, ``datasets/aliexpress.py:16-17``).
+  The schema has no numeric features, so there is no numeric Linear; the two tag fields (lists,
+  which AliExpress lacks) take rows of the same shared table and are summed per field;
+- epochs: one, the benchmark's comparison of one pass. MTReclib trains up to 50 epochs and stops
+  after two without a better mean AUC on the test set, keeping the best (``main.py:163-177,196``);
+- the loss is computed from logits (``binary_cross_entropy_with_logits``): the same value as
+  ``BCELoss`` on the sigmoid, minus that loss's clamp of log at -100;
+- ``--peer-calibration A`` adds the AITM paper's order-calibration term
+  ``A * mean(relu(p_buy - p_click))`` (off by default; MTReclib has none);
+- the speed runs build the peer at the config's embedding width (16) rather than 128, so both
+  trainers hold the same table bytes and the 14M-row peer (with its Adam state) fits in memory.
 
 Speed, measured in the same invocation one after the other (so both see the same machine): the
 peer's training examples/s (one process, all cores, DataLoader included) and this trainer's (2
@@ -38,9 +75,16 @@ from torch.utils.data import DataLoader, Dataset
 from benchmarks import quality
 from benchmarks.common import REPO, big_table_overrides, cpu_seconds, train_rank
 
-HELP = "a plain PyTorch AITM (research-code style) beside this trainer"
+HELP = "a plain PyTorch AITM following MTReclib (research code) beside this trainer"
 
 MAX_TAGS = 8
+EMBED_DIM = 128          # MTReclib main.py:201
+BOTTOM = (512, 256)      # main.py:46
+TOWER = (128, 64)        # main.py:46
+DROPOUT = 0.2            # main.py:46
+LR = 1e-3                # main.py:199
+WEIGHT_DECAY = 1e-6      # main.py:202
+BATCH = 2048             # main.py:200
 
 
 class RowDataset(Dataset):
@@ -68,46 +112,70 @@ class RowDataset(Dataset):
         return torch.from_numpy(self.ids[i]), torch.from_numpy(self.tags[i]), torch.from_numpy(self.labels[i])
 
 
-def mlp(sizes: list[int]) -> nn.Sequential:
+def mlp(sizes: list[int], dropout: float, output_layer: bool) -> nn.Sequential:
+    """MTReclib's MLP block: per layer Linear, BatchNorm1d, ReLU, Dropout; then Linear to 1 if
+    ``output_layer``."""
     layers: list[nn.Module] = []
     for a, b in zip(sizes, sizes[1:]):
-        layers += [nn.Linear(a, b), nn.ReLU()]
+        layers += [nn.Linear(a, b), nn.BatchNorm1d(b), nn.ReLU(), nn.Dropout(dropout)]
+    if output_layer:
+        layers.append(nn.Linear(sizes[-1], 1))
     return nn.Sequential(*layers)
 
 
-class PeerAITM(nn.Module):
-    def __init__(self, id_sizes: list[int], tag_sizes: list[int], tasks: int, dim: int = 16,
-                 bottom: tuple[int, ...] = (512, 256), tower: tuple[int, ...] = (256, 128)) -> None:
+class AIT(nn.Module):
+    """Self attention over two items, the transferred one and the task's own: V, K, Q from
+    ``h1``, ``h2``, ``h3`` (Linear with bias), weights softmax(sum(K * Q) / sqrt(width)) over the
+    two items, output the weighted sum of V."""
+
+    def __init__(self, width: int) -> None:
         super().__init__()
-        self.ids = nn.ModuleList(nn.Embedding(n, dim) for n in id_sizes)
-        self.tags = nn.ModuleList(nn.Embedding(n + 1, dim, padding_idx=n) for n in tag_sizes)
-        self.tag_pad = tag_sizes
-        width = dim * (len(id_sizes) + len(tag_sizes))
-        self.bottom = mlp([width, *bottom])
-        self.towers = nn.ModuleList(mlp([bottom[-1], *tower]) for _ in range(tasks))
-        k = tower[-1]
-        self.info = nn.ModuleList(nn.Sequential(nn.Linear(k, k), nn.ReLU()) for _ in range(tasks - 1))
-        self.h1, self.h2, self.h3 = (nn.ModuleList(nn.Linear(k, k, bias=False) for _ in range(tasks - 1))
-                                     for _ in range(3))
-        self.heads = nn.ModuleList(nn.Linear(k, 1) for _ in range(tasks))
-        self.k = k
+        self.h1, self.h2, self.h3 = (nn.Linear(width, width) for _ in range(3))
+        self.width = width
+
+    def forward(self, transferred: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+        x = torch.stack([transferred, own], 1)                       # (B, 2, width)
+        v, k, q = self.h1(x), self.h2(x), self.h3(x)
+        w = torch.softmax((k * q).sum(2, keepdim=True) / math.sqrt(self.width), 1)
+        return (w * v).sum(1)
+
+
+class PeerAITM(nn.Module):
+    """MTReclib's AITM on the Taobao schema: one shared table with per-field offsets (xavier
+    uniform), a bottom MLP per task, AIT between consecutive tasks, a tower MLP per task; returns
+    one logit per task, (B, tasks)."""
+
+    def __init__(self, id_sizes: list[int], tag_sizes: list[int], tasks: int, dim: int = EMBED_DIM,
+                 bottom: tuple[int, ...] = BOTTOM, tower: tuple[int, ...] = TOWER,
+                 dropout: float = DROPOUT) -> None:
+        super().__init__()
+        sizes = list(id_sizes) + list(tag_sizes)
+        self.embedding = nn.Embedding(sum(sizes), dim)
+        nn.init.xavier_uniform_(self.embedding.weight)
+        offsets = torch.tensor([0, *np.cumsum(sizes)[:-1].tolist()], dtype=torch.int64)
+        self.register_buffer("offsets", offsets, persistent=False)
+        self.n_ids = len(id_sizes)
+        width = dim * len(sizes)
+        self.bottom = nn.ModuleList(mlp([width, *bottom], dropout, False) for _ in range(tasks))
+        self.g = nn.ModuleList(nn.Linear(bottom[-1], bottom[-1]) for _ in range(tasks - 1))
+        self.ait = AIT(bottom[-1])
+        self.tower = nn.ModuleList(mlp([bottom[-1], *tower], dropout, True) for _ in range(tasks))
+
+    def embed(self, ids: torch.Tensor, tags: torch.Tensor) -> torch.Tensor:
+        """(B, fields * dim): id rows, and per tag field the sum of its tags' rows (-1: none)."""
+        f = self.n_ids
+        id_emb = self.embedding(ids + self.offsets[:f])                             # (B, F, dim)
+        keep = (tags >= 0).unsqueeze(-1)
+        rows = torch.where(tags >= 0, tags, 0) + self.offsets[f:].view(1, -1, 1)
+        tag_emb = (self.embedding(rows) * keep).sum(2)                              # (B, G, dim)
+        return torch.cat([id_emb, tag_emb], 1).flatten(1)
 
     def forward(self, ids: torch.Tensor, tags: torch.Tensor) -> torch.Tensor:
-        parts = [e(ids[:, f]) for f, e in enumerate(self.ids)]
-        for g, e in enumerate(self.tags):
-            t = tags[:, g]
-            parts.append(e(torch.where(t < 0, self.tag_pad[g], t)).sum(1))
-        b = self.bottom(torch.cat(parts, 1))
-        z, logits = None, []
-        for t, tower in enumerate(self.towers):
-            q = tower(b)
-            if t:  # AIT over own tower output and the transferred previous step
-                c = torch.stack([q, self.info[t - 1](z)], 1)
-                s = (self.h2[t - 1](c) * self.h3[t - 1](c)).sum(-1) / math.sqrt(self.k)
-                q = (torch.softmax(s, 1).unsqueeze(-1) * self.h1[t - 1](c)).sum(1)
-            z = q
-            logits.append(self.heads[t](q))
-        return torch.cat(logits, 1)
+        emb = self.embed(ids, tags)
+        fea = [b(emb) for b in self.bottom]
+        for i in range(1, len(fea)):
+            fea[i] = self.ait(self.g[i - 1](fea[i - 1]), fea[i])
+        return torch.cat([t(x) for t, x in zip(self.tower, fea)], 1)
 
 
 def seed_layout(cfg) -> tuple[list[str], list[str], dict[str, int]]:
@@ -118,18 +186,25 @@ def seed_layout(cfg) -> tuple[list[str], list[str], dict[str, int]]:
     return ids, tags, {f.column: f.num_embeddings for f in feats}
 
 
-def loss_fn(logits: torch.Tensor, labels: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
-    loss = nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="none").mean(0).sum()
-    p = torch.sigmoid(logits)
-    return loss + alpha * torch.relu(p[:, 1:] - p[:, :-1]).sum(1).mean()
+def loss_fn(logits: torch.Tensor, labels: torch.Tensor, calibration: float = 0.0) -> torch.Tensor:
+    """Binary cross-entropy per task averaged over the tasks; ``calibration`` > 0 adds the AITM
+    paper's order term ``calibration * mean(sum over steps of relu(p_next - p_prev))``."""
+    loss = nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="none").mean(0).mean()
+    if calibration:
+        p = torch.sigmoid(logits)
+        loss = loss + calibration * torch.relu(p[:, 1:] - p[:, :-1]).sum(1).mean()
+    return loss
 
 
-def build(cfg, sizes_override: dict[str, int] | None = None, seed: int = 0):
+def build(cfg, sizes_override: dict[str, int] | None = None, seed: int = 0, dim: int = EMBED_DIM):
+    """(model, Adam over every parameter at lr 1e-3 and weight_decay 1e-6, id columns, tag
+    columns, column -> table rows)."""
     ids, tags, sizes = seed_layout(cfg)
     sizes = {**sizes, **(sizes_override or {})}
     torch.manual_seed(seed)
-    model = PeerAITM([sizes[c] for c in ids], [sizes[c] for c in tags], len(cfg.towers))
-    return model, torch.optim.Adam(model.parameters(), lr=1e-3), ids, tags, sizes
+    model = PeerAITM([sizes[c] for c in ids], [sizes[c] for c in tags], len(cfg.towers), dim=dim)
+    opt = torch.optim.Adam(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+    return model, opt, ids, tags, sizes
 
 
 def loader(ds: Dataset, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
@@ -138,9 +213,9 @@ def loader(ds: Dataset, batch_size: int, shuffle: bool, seed: int = 0) -> DataLo
 
 
 def examples_per_s(cfg, data: Path, batch_size: int, steps: int, sizes_override: dict[str, int] | None = None,
-                   warmup: int = 3) -> dict:
+                   warmup: int = 3, dim: int = EMBED_DIM, calibration: float = 0.0) -> dict:
     """Training examples/s over ``steps`` steps (after ``warmup``), DataLoader included."""
-    model, opt, ids, tags, sizes = build(cfg, sizes_override)
+    model, opt, ids, tags, sizes = build(cfg, sizes_override, dim=dim)
     labels = cfg.schema.label_names
     files = sorted((data / "train").glob("*.parquet"))[:1]
     ds = RowDataset(files, ids, tags, labels, sizes)
@@ -151,26 +226,30 @@ def examples_per_s(cfg, data: Path, batch_size: int, steps: int, sizes_override:
             t0 = time.perf_counter()
         x, g, y = next(it)
         opt.zero_grad()
-        loss_fn(model(x, g), y).backward()
+        loss_fn(model(x, g), y, calibration).backward()
         opt.step()
         n += len(y) if step >= warmup else 0
     dt = time.perf_counter() - t0
     return {"examples_per_s": n / dt, "steps": steps, "batch_size": batch_size,
-            "table_rows_total": sum(sizes.values()), "threads": torch.get_num_threads()}
+            "table_rows_total": sum(sizes.values()), "embedding_dim": dim, "threads": torch.get_num_threads()}
 
 
-def one_epoch(cfg, data: Path, batch_size: int = 2048, seed: int = 0) -> dict:
-    """Trains one epoch over ``data/train``; per-task AUC on ``data/eval``."""
+def one_epoch(cfg, data: Path, batch_size: int = BATCH, seed: int = 0, dim: int = EMBED_DIM,
+              calibration: float = 0.0) -> dict:
+    """Trains one epoch over ``data/train``; per-task AUC on ``data/eval`` (eval mode: no
+    dropout, BatchNorm's running statistics)."""
     from torchmetrics.functional.classification import binary_auroc
 
-    model, opt, ids, tags, sizes = build(cfg, seed=seed)
+    model, opt, ids, tags, sizes = build(cfg, seed=seed, dim=dim)
     labels = cfg.schema.label_names
     train = RowDataset(sorted((data / "train").glob("*.parquet")), ids, tags, labels, sizes)
     t0, n = time.perf_counter(), 0
     model.train()
     for x, g, y in loader(train, batch_size, True, seed):
+        if len(y) < 2:  # BatchNorm1d cannot train on a one-row remainder batch
+            continue
         opt.zero_grad()
-        loss_fn(model(x, g), y).backward()
+        loss_fn(model(x, g), y, calibration).backward()
         opt.step()
         n += len(y)
     seconds = time.perf_counter() - t0
@@ -184,7 +263,7 @@ def one_epoch(cfg, data: Path, batch_size: int = 2048, seed: int = 0) -> dict:
     p, y = torch.cat(preds), torch.cat(ys)
     auc = {t.tower_name: float(binary_auroc(p[:, i], y[:, i].long())) for i, t in enumerate(cfg.towers)}
     return {"auc": auc, "examples": n, "seconds": round(seconds, 1), "examples_per_s": n / seconds,
-            "batch_size": batch_size}
+            "batch_size": batch_size, "embedding_dim": dim, "calibration": calibration}
 
 
 # ---- the benchmark: the peer beside this trainer ----------------------------------------------
@@ -196,7 +275,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="an existing generated set (DIR with train/, eval/, _SUCCESS) instead of --rows")
     p.add_argument("--ours-batches", default="4096,1024",
                    help="this trainer's batches per rank for the one-epoch comparison; empty: peer only")
-    p.add_argument("--peer-batch", type=int, default=2048)
+    p.add_argument("--peer-batch", type=int, default=BATCH, help="the peer's batch (MTReclib: 2048)")
+    p.add_argument("--peer-embed-dim", type=int, default=EMBED_DIM,
+                   help="the peer's embedding width in the one-epoch run (MTReclib: 128); speed runs use the config's")
+    p.add_argument("--peer-calibration", type=float, default=0.0,
+                   help="weight of the AITM paper's order-calibration term in the peer's loss (MTReclib: none, 0)")
     p.add_argument("--speed-steps", type=int, default=20, help="timed peer steps (this trainer: 5x as many)")
     p.add_argument("--big-table-rows", type=int, default=14_000_000)
     p.add_argument("--no-epoch", dest="epoch", action="store_false", help="speed only")
@@ -222,12 +305,15 @@ def ours_examples_per_s(data: Path, steps: int, extra: list[str]) -> float:
 
 
 def speed(args, cfg, data: Path, big: list[str], big_sizes: dict[str, int]) -> dict:
-    """Peer and this trainer, one after the other in this invocation, at both table sizes."""
+    """Peer and this trainer, one after the other in this invocation, at both table sizes; the peer
+    at the config's embedding width, so both hold the same table bytes."""
+    dim = max(f.embedding_dim for f in cfg.feature_config.features)
+    kw = {"dim": dim, "calibration": args.peer_calibration}
     cpu0 = cpu_seconds()
     t0 = time.perf_counter()
-    sp = {"peer_small": examples_per_s(cfg, data, args.peer_batch, args.speed_steps),
+    sp = {"peer_small": examples_per_s(cfg, data, args.peer_batch, args.speed_steps, **kw),
           "ours_small": ours_examples_per_s(data, 5 * args.speed_steps, []),
-          "peer_big": examples_per_s(cfg, data, args.peer_batch, max(args.speed_steps // 4, 3), big_sizes),
+          "peer_big": examples_per_s(cfg, data, args.peer_batch, max(args.speed_steps // 4, 3), big_sizes, **kw),
           "ours_big": ours_examples_per_s(data, 5 * args.speed_steps, big)}
     wall, cpu1 = time.perf_counter() - t0, cpu_seconds()
     out = {}
@@ -236,6 +322,7 @@ def speed(args, cfg, data: Path, big: list[str], big_sizes: dict[str, int]) -> d
                      "ours_examples_per_s": round(o), "ratio": round(o / p["examples_per_s"], 1)}
     out["machine_cpu_s_other_processes"] = round(cpu1["machine_busy"] - cpu0["machine_busy"] -
                                                  (cpu1["process"] - cpu0["process"]), 1)
+    out["peer_embedding_dim"] = dim
     out["wall_s"] = round(wall, 1)
     return out
 
@@ -252,8 +339,9 @@ def cmd(args: argparse.Namespace) -> dict:
     big = big_table_overrides(cfg, args.big_table_rows)
     big_sizes = {cfg.feature_config.features[int(o.split(".")[2])].column: int(o.split("=")[1]) for o in big}
     result = {"benchmark": "peer",
-              "peer": "benchmarks/peer.py: nn.Embedding per field, dense Adam over all parameters (lr 1e-3), per-row "
-                      "Dataset + DataLoader, one process, 2 threads",
+              "peer": "benchmarks/peer.py: MTReclib's AITM (one shared xavier-uniform table, per-task bottoms "
+                      "512-256, AIT, towers 128-64, BatchNorm, dropout 0.2), mean BCE over tasks, Adam over all "
+                      "parameters (lr 1e-3, weight_decay 1e-6), per-row Dataset + DataLoader, one process, 2 threads",
               "ours": "launch/train.py path: 2 gloo ranks x 1 thread, sharded tables, fused table optimizer, "
                       "Parquet reader"}
     if args.speed:
@@ -262,7 +350,8 @@ def cmd(args: argparse.Namespace) -> dict:
     if args.epoch:
         ours = {f"ours_batch_{b}": quality.one_epoch(None, data, [f"train_config.seed={args.seed}"], batch_size=b)
                 for b in [int(b) for b in args.ours_batches.split(",") if b]}
-        p = one_epoch(cfg, data, args.peer_batch, seed=args.seed)
+        p = one_epoch(cfg, data, args.peer_batch, seed=args.seed, dim=args.peer_embed_dim,
+                      calibration=args.peer_calibration)
         truth = quality.oracle(data)
         labels = {t.tower_name: t.label_name for t in cfg.schema.tasks}
         result["quality"] = {
@@ -271,6 +360,7 @@ def cmd(args: argparse.Namespace) -> dict:
             f"peer_batch_{args.peer_batch}": {t: round(v, 4) for t, v in p["auc"].items()},
             **{k: {t: round(v, 4) for t, v in r["auc"].items()} for k, r in ours.items()},
             "peer_epoch_examples_per_s": round(p["examples_per_s"]),
+            "peer_embedding_dim": args.peer_embed_dim, "peer_calibration": args.peer_calibration,
         }
     print(json.dumps(result, indent=1))
     return result

@@ -25,3 +25,78 @@ def test_peer_model_trains_on_the_seed_layout(tiny_data):
     opt.step()
     assert model(x, g).shape == (256, 2) and torch.isfinite(loss)
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def _small_model(tasks: int = 2, dim: int = 8):
+    return peer.PeerAITM([10, 20], [30], tasks, dim=dim, bottom=(16, 8), tower=(8, 4))
+
+
+def test_embeddings_are_one_xavier_uniform_table_with_field_offsets():
+    torch.manual_seed(0)
+    model = peer.PeerAITM([1000, 2000], [3000], 2, dim=128)
+    w = model.embedding.weight.detach()
+    assert w.shape == (6000, 128) and model.offsets.tolist() == [0, 1000, 3000]
+    bound = (6 / (6000 + 128)) ** 0.5  # xavier uniform on a (rows, dim) table: sqrt(6 / (fan_in + fan_out))
+    assert w.abs().max() <= bound and w.abs().max() > 0.99 * bound
+    assert abs(float(w.std()) - bound / 3 ** 0.5) < 0.01 * bound  # U(-b, b) has std b / sqrt(3)
+    # field 1's id 5 is row 1005; a tag field sums its tags' rows, -1 adds nothing
+    ids, tags = torch.tensor([[0, 5]]), torch.tensor([[[2, 7, -1]]])
+    emb = model.embed(ids, tags).view(3, 128)
+    assert torch.equal(emb[1], w[1005]) and torch.allclose(emb[2], w[3002] + w[3007])
+
+
+def test_dropout_acts_in_train_mode_only():
+    model = _small_model()
+    drops = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert len(drops) == 8 and all(m.p == 0.2 for m in drops)  # 2 bottom + 2 tower layers, per task
+    ids, tags = torch.randint(0, 10, (64, 2)), torch.randint(-1, 30, (64, 1, 4))
+    model.train()
+    assert not torch.equal(model(ids, tags), model(ids, tags))
+    model.eval()
+    assert torch.equal(model(ids, tags), model(ids, tags))
+
+
+def test_adam_decays_every_parameter():
+    cfg = load_config(None)
+    model, opt, *_ = peer.build(cfg, {c: 16 for c in peer.seed_layout(cfg)[2]}, dim=8)
+    in_groups = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert isinstance(opt, torch.optim.Adam) and in_groups == {id(p) for p in model.parameters()}
+    assert all(g["weight_decay"] == 1e-6 and g["lr"] == 1e-3 for g in opt.param_groups)
+    assert id(model.embedding.weight) in in_groups
+
+
+def test_ait_on_a_hand_made_input():
+    ait = peer.AIT(2)
+    with torch.no_grad():
+        for h in (ait.h1, ait.h2, ait.h3):
+            h.bias.zero_()
+        ait.h1.weight.copy_(torch.tensor([[0.0, 1.0], [1.0, 0.0]]))  # V swaps the two coordinates
+        ait.h2.weight.copy_(torch.eye(2))                              # K = x
+        ait.h3.weight.copy_(torch.eye(2))                              # Q = x
+    transferred, own = torch.tensor([[2.0, 0.0]]), torch.tensor([[0.0, 1.0]])
+    # scores K.Q / sqrt(2): 4 / 1.41421 = 2.82843 and 1 / 1.41421 = 0.70711;
+    # softmax: w_transferred = 1 / (1 + e^-(2.82843 - 0.70711)) = 1 / (1 + e^-2.12132)
+    #        = 1 / (1 + 0.11987) = 0.89296, w_own = 0.10704;
+    # V: transferred (0, 2), own (1, 0); output = (0.10704 * 1, 0.89296 * 2) = (0.10704, 1.78591)
+    out = ait(transferred, own)
+    assert torch.allclose(out, torch.tensor([[0.10704, 1.78591]]), atol=1e-4)
+
+
+def test_towers_follow_the_label_chain():
+    """Task 0's output depends on its own bottom only; task 1's AIT sees task 0's bottom through g."""
+    model = _small_model().eval()
+    ids, tags = torch.randint(0, 10, (4, 2)), torch.randint(-1, 30, (4, 1, 3))
+    before = model(ids, tags)
+    with torch.no_grad():
+        model.g[0].bias.add_(1.0)
+    after = model(ids, tags)
+    assert torch.equal(before[:, 0], after[:, 0]) and not torch.allclose(before[:, 1], after[:, 1])
+
+
+def test_loss_is_the_mean_task_bce_plus_an_optional_calibration_term():
+    logits = torch.tensor([[0.0, 2.0], [0.0, -2.0]])
+    labels = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
+    bce = torch.nn.functional.binary_cross_entropy(torch.sigmoid(logits), labels)  # mean over rows and tasks
+    assert torch.allclose(peer.loss_fn(logits, labels), bce)
+    # p_buy - p_click: row 0 sigmoid(2) - 0.5 = 0.38080, row 1 negative -> 0; mean 0.19040
+    assert torch.allclose(peer.loss_fn(logits, labels, 1.0), bce + 0.19040, atol=1e-4)
