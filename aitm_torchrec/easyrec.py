@@ -196,7 +196,7 @@ FEATURE_SPEC = {
 LR_SPEC = {"constant_learning_rate": _msg({"learning_rate": Spec(float)})}
 OPT_SPEC = {"learning_rate": _msg(LR_SPEC)}
 LOSS_SPEC = {"loss_type": Spec(("CLASSIFICATION", "ORDER_CALIBRATE_LOSS")), "weight": Spec(float)}
-METRICS_SPEC = {"auc": _msg({"num_thresholds": _ignored("AUC is exact here (torchmetrics, all thresholds)", int)})}
+METRICS_SPEC = {"auc": _msg({"num_thresholds": _ignored("eval_config.auc chooses the AUC (exact, or binned with 65536 logit bins)", int)})}
 TOWER_SPEC = {
     "tower_name": Spec(str),
     "label_name": Spec(str),

@@ -272,7 +272,7 @@ def run(cfg: Config, env: DistEnv, opts: ScoreOptions, on_part_written: Callable
     # Every rank's parts exist now; rank 0 writes the manifest, then _SUCCESS.
     files = [{"file": p.name, "rank": p.rank, "rows": p.hi - p.lo, "first_row": p.lo, "sha256": sha256_file(out / p.name)}
              for p in mine]
-    metrics = _metrics(out, mine, schema.label_names, schema.tower_names, env) if opts.metrics else None
+    metrics = _metrics(out, mine, schema.label_names, schema.tower_names, env, cfg.eval_config.auc) if opts.metrics else None
     all_files = sorted((f for fs in aitm_dist.all_gather(files) for f in fs), key=lambda f: f["file"])
     total_scored = sum(aitm_dist.all_gather(rows_scored))
     slowest = max(aitm_dist.all_gather(loop_seconds))
@@ -300,9 +300,11 @@ def run(cfg: Config, env: DistEnv, opts: ScoreOptions, on_part_written: Callable
     return manifest
 
 
-def _metrics(out: Path, parts: list[Part], labels: list[str], towers: list[str], env: DistEnv) -> dict:
-    """Per-task metrics over every row of every part (this rank's parts, gathered across ranks)."""
-    m = TaskMetrics(towers, env.device)
+def _metrics(out: Path, parts: list[Part], labels: list[str], towers: list[str], env: DistEnv,
+             auc: str = "auto") -> dict:
+    """Per-task metrics over every row of every part (this rank's parts, reduced across ranks;
+    ``auc``: the config's eval_config.auc)."""
+    m = TaskMetrics(towers, env.device, auc)
     for p in parts:
         t = pq.read_table(out / p.name, columns=labels + [f"probs_{x}" for x in towers])
         y = torch.from_numpy(np.stack([t.column(c).to_numpy().astype(np.float32) for c in labels], axis=1))

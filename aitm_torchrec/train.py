@@ -161,11 +161,11 @@ class Position:
 
 @torch.no_grad()
 def evaluate(dmp: torch.nn.Module, reader: ParquetReader, tower_names: list[str], env: DistEnv,
-             max_steps: int = 0) -> dict[str, dict[str, float]]:
-    """Whole-eval per-task metrics, identical on every rank."""
+             max_steps: int = 0, auc: str = "auto") -> dict[str, dict[str, float]]:
+    """Whole-eval per-task metrics, identical on every rank (``auc``: eval_config.auc)."""
     was_training = dmp.training
     dmp.eval()
-    metrics = TaskMetrics(tower_names, env.device)
+    metrics = TaskMetrics(tower_names, env.device, auc)
     steps = min(max_steps, reader.steps_per_epoch) if max_steps else reader.steps_per_epoch
     with contextlib.closing(reader.epoch(0)) as batches:
         for batch in tqdm(itertools.islice(batches, steps), total=steps, desc="eval",
@@ -287,7 +287,7 @@ class _Loop:
         if step % max(tc.log_step_count_steps, 1) and step != tc.num_steps:
             return
         self.losses.append((step, float(loss)))
-        self.window_metrics = _window_metrics(self.towers, self.window, self.env)
+        self.window_metrics = _window_metrics(self.towers, self.window, self.env, self.cfg.eval_config.auc)
         self.window = []
         rate = self.rate()
         bar.set_postfix(loss=f"{float(loss):.4f}", ex_s=f"{rate:,.0f}")
@@ -303,8 +303,9 @@ class _Loop:
         if not (self.evaluator and every and step % every == 0 and step < self.cfg.train_config.num_steps):
             return
         pipeline.detach()  # eval calls the model directly; in-flight batches stay queued
+        ec = self.cfg.eval_config
         self.history.append({"step": step, **evaluate(self.dmp, self.evaluator, self.towers, self.env,
-                                                      self.cfg.eval_config.num_steps)})
+                                                      ec.num_steps, ec.auc)})
         if self.writer:
             _scalars(self.writer, "eval", self.history[-1], step)
 
@@ -382,7 +383,8 @@ def run(cfg: Config, env: DistEnv, opts: TrainOptions = TrainOptions(),
         loop.save()
     guard.finish(pos.step)  # SIGTERM: raises Preempted (exit status 143) after this save
 
-    eval_metrics = evaluate(dmp, evaluator, loop.towers, env, cfg.eval_config.num_steps) if evaluator else {}
+    ec = cfg.eval_config
+    eval_metrics = evaluate(dmp, evaluator, loop.towers, env, ec.num_steps, ec.auc) if evaluator else {}
     result = TrainResult(
         steps=tc.num_steps, steps_this_run=trained, resumed_from_step=loop.start, examples=int(total_examples),
         examples_per_s=timed_examples / elapsed if trained > 1 and elapsed > 0 else 0.0, seconds=elapsed,
@@ -396,10 +398,11 @@ def run(cfg: Config, env: DistEnv, opts: TrainOptions = TrainOptions(),
     return result
 
 
-def _window_metrics(towers: list[str], window: list[tuple[torch.Tensor, ...]], env: DistEnv) -> dict:
-    """Metrics of one log interval's training batches, gathered across ranks (one update per
-    interval, not per step: cheaper than updating torchmetrics every step)."""
-    metrics = TaskMetrics(towers, env.device)
+def _window_metrics(towers: list[str], window: list[tuple[torch.Tensor, ...]], env: DistEnv,
+                    auc: str = "auto") -> dict:
+    """Metrics of one log interval's training batches over all ranks (one update per interval,
+    not per step)."""
+    metrics = TaskMetrics(towers, env.device, auc)
     metrics.update(*(torch.cat(parts) for parts in zip(*window)))
     return metrics.compute()
 

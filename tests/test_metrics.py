@@ -1,4 +1,6 @@
-"""Metrics are exact across ranks; training logs window metrics and periodic evals."""
+"""Metrics are the same over ranks as over all rows; the binned AUC stays within 1e-4 of the
+exact one (ties, one class, weights, skewed scores); training logs window metrics and periodic
+evals."""
 
 from __future__ import annotations
 
@@ -8,6 +10,8 @@ import pytest
 import torch
 from torchmetrics.functional.classification import binary_auroc
 
+from aitm_torchrec.config import ConfigError, load_config
+from aitm_torchrec.metrics import LogitHistogram, TaskMetrics, binned_auc, binned_auc_error_bound
 from tests.multiprocess import run_ranks
 
 
@@ -72,3 +76,165 @@ def test_periodic_eval_window_metrics_and_bf16(tiny_config):
     assert [step for step, _ in s0["train"]["loss"]] == [10, 20, 30]
     on_disk = json.loads((tiny_config.parent / "run" / "summary.json").read_text())
     assert on_disk["eval_history"] == s0["eval_history"]
+
+
+# --- the binned AUC against the exact one ---------------------------------------------------
+
+
+def _exact(logits: torch.Tensor, positive: torch.Tensor) -> float:
+    return float(binary_auroc(torch.sigmoid(logits.double()), positive.long()))
+
+
+def _rank_sum(scores: torch.Tensor, positive: torch.Tensor) -> float:
+    """The exact AUC in float64 by the rank-sum (Mann-Whitney) formula, tied scores given their
+    average rank (torchmetrics computes in float32)."""
+    values, inverse, counts = torch.unique(scores.double(), return_inverse=True, return_counts=True)
+    counts = counts.double()
+    average_rank = torch.cumsum(counts, 0) - counts + (counts + 1) / 2  # 1-based
+    p, n = int(positive.sum()), int((~positive).sum())
+    return float((average_rank[inverse][positive].sum() - p * (p + 1) / 2) / (p * n))
+
+
+def _binned(logits: torch.Tensor, positive: torch.Tensor, weights: torch.Tensor | None = None) -> tuple[float, float]:
+    h = LogitHistogram(1)
+    h.update(logits[:, None], positive[:, None], weights)
+    return float(binned_auc(h.counts)), float(binned_auc_error_bound(h.counts))
+
+
+def _skewed(n: int, seed: int = 0, mu: float = -3.0, sd: float = 1.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """CTR-like scores: logits ~ N(mu, sd), labels drawn from sigmoid(logit) (~8 % positive)."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, generator=g) * sd + mu
+    return logits, torch.rand(n, generator=g) < torch.sigmoid(logits)
+
+
+def test_binned_auc_counts_ties_half_as_the_exact_auc_does():
+    positive = torch.tensor([1, 0, 1, 0, 0, 1, 0, 0], dtype=torch.bool)
+    same = torch.full((8,), -2.5)
+    assert _exact(same, positive) == pytest.approx(0.5) and _rank_sum(same, positive) == 0.5
+    assert _binned(same, positive) == (0.5, 0.5)  # every pair shares the one bin: the bound says so
+    # few distinct scores, many ties, all in different bins: exactly the exact AUC, bound 0 beyond ties
+    g = torch.Generator().manual_seed(1)
+    logits = torch.tensor([-6.0, -3.0, -1.0, 0.0, 2.5])[torch.randint(0, 5, (5000,), generator=g)]
+    positive = torch.rand(5000, generator=g) < torch.sigmoid(logits)
+    assert _binned(logits, positive)[0] == pytest.approx(_rank_sum(logits, positive), abs=1e-12)
+    assert _rank_sum(logits, positive) == pytest.approx(_exact(logits, positive), abs=1e-6)
+
+
+def test_binned_auc_orders_distinct_bins_exactly():
+    positive = torch.tensor([0, 0, 0, 1, 1], dtype=torch.bool)
+    logits = torch.tensor([-9.0, -4.0, -1.0, 0.5, 20.0])  # 20: past the range, in the top bin
+    assert _binned(logits, positive) == (1.0, 0.0)
+    assert _binned(-logits, positive) == (0.0, 0.0)
+    logits = torch.tensor([-5.0, 1.0, -1.0, 0.5, -3.0])  # 3 of the 6 (positive, negative) pairs ordered
+    assert _binned(logits, positive) == (0.5, 0.0) and _rank_sum(logits, positive) == 0.5
+
+
+@pytest.mark.filterwarnings("ignore:No (positive|negative) samples in targets")
+def test_one_class_gives_zero_in_both_forms_as_torchmetrics_does():
+    logits = torch.randn(50, 1)
+    for labels in (torch.zeros(50, 1), torch.ones(50, 1)):
+        for form in ("exact", "binned"):
+            m = TaskMetrics(["a"], auc=form)
+            m.update(logits, labels, torch.ones(50))
+            assert m.compute()["a"]["auc"] == 0.0, (form, labels[0])
+
+
+def test_weights_count_rows_as_often_as_their_weight_and_zero_drops_them():
+    logits, positive = _skewed(20000, seed=2)
+    g = torch.Generator().manual_seed(3)
+    w = torch.randint(0, 4, (20000,), generator=g)  # 0 to 3; a quarter of the rows weigh 0
+    dup_logits, dup_pos = logits.repeat_interleave(w), positive.repeat_interleave(w)
+    weighted = _binned(logits, positive, w.double())
+    assert weighted == _binned(dup_logits, dup_pos)  # the same histogram, so the same numbers
+    assert weighted[0] == pytest.approx(_rank_sum(dup_logits, dup_pos), abs=1e-4)
+    # TaskMetrics: weight 0 marks padding, whatever its scores and labels
+    keep = w > 0
+    for form in ("exact", "binned"):
+        m = TaskMetrics(["a"], auc=form)
+        m.update(logits[:, None], positive[:, None].float(), w.float())
+        got = m.compute()["a"]["auc"]
+        assert got == pytest.approx(_exact(logits[keep], positive[keep]), abs=1e-4 if form == "binned" else 1e-6)
+
+
+@pytest.mark.parametrize("mu,sd", [(-3.0, 1.5), (-5.0, 1.0), (0.0, 3.0)])
+def test_binned_auc_within_1e4_of_exact_on_a_million_skewed_scores(mu, sd):
+    logits, positive = _skewed(1_000_000, mu=mu, sd=sd)
+    binned, bound = _binned(logits, positive)
+    exact = _rank_sum(logits, positive)
+    assert exact == pytest.approx(_exact(logits, positive), abs=1e-6)
+    assert bound < 1e-4
+    assert abs(binned - exact) <= bound
+    assert abs(binned - exact) < 1e-5  # the measured error sits far below the bound
+
+
+def test_task_metrics_forms_agree_and_auto_switches_on_the_total_rows():
+    logits, labels, weights = _data(n=3000)
+    forms = {}
+    for form in ("exact", "binned", "auto"):
+        m = TaskMetrics(["a", "b"], auc=form, exact_max_rows=2000)
+        for chunk in range(3):  # 1000 rows a chunk: auto passes its limit on the third
+            s = slice(1000 * chunk, 1000 * (chunk + 1))
+            m.update(logits[s], labels[s], weights[s])
+        forms[form] = m.compute()
+        assert m.form == ("binned" if form == "auto" else form)
+        assert (m.exact is None) == (form != "exact")  # auto dropped the kept scores past the limit
+    for name in ("a", "b"):
+        e, b = forms["exact"][name], forms["binned"][name]
+        assert forms["auto"][name] == b
+        assert b["auc"] == pytest.approx(e["auc"], abs=1e-4)
+        assert b["logloss"] == pytest.approx(e["logloss"], rel=1e-12)
+        assert b["calibration"] == pytest.approx(e["calibration"], rel=1e-12)
+    small = TaskMetrics(["a", "b"], auc="auto", exact_max_rows=3000)
+    small.update(logits, labels, weights)
+    got = small.compute()
+    assert small.form == "exact"
+    for name in ("a", "b"):  # one update of 3000 rows against three of 1000: sums grouped differently
+        assert got[name] == pytest.approx(forms["exact"][name], rel=1e-9)
+
+
+def test_eval_config_auc_is_validated():
+    assert load_config(None, []).eval_config.auc == "auto"
+    assert load_config(None, ["eval_config.auc=binned"]).eval_config.auc == "binned"
+    with pytest.raises(ConfigError, match="eval_config.auc"):
+        load_config(None, ["eval_config.auc=approx"])
+    with pytest.raises(ValueError, match="auc must be one of"):
+        TaskMetrics(["a"], auc="approx")
+
+
+def _rank_binned(form: str, limit: int) -> dict:
+    from aitm_torchrec import dist as aitm_dist
+
+    env = aitm_dist.setup()
+    logits, labels, weights = _data(n=4000)
+    logits[:, 0] = logits[:, 0] - 3.0  # a skewed task beside the balanced one
+    mine = slice(0, 1500) if env.rank == 0 else slice(1500, None)  # uneven shares
+    m = TaskMetrics(["a", "b"], auc=form, exact_max_rows=limit)
+    m.update(logits[mine], labels[mine], weights[mine])
+    out = {"metrics": m.compute(), "form": m.form, "bound": m.error_bound, "kept_exact": m.exact is not None}
+    aitm_dist.teardown()
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("form,limit", [("binned", 0), ("auto", 2000)])
+def test_binned_metrics_over_two_ranks_equal_one_process_over_all_rows(form, limit):
+    """Two gloo ranks, one all_reduce of the histograms and sums: the same result as one process
+    over the union. auto with a 2000-row limit: rank 0 holds 1500 rows (and keeps its scores),
+    rank 1 2500 (and drops them); the total, 4000, is past the limit, so both choose binned."""
+    results = run_ranks(_rank_binned, form, limit)
+    assert all(results[0][k] == results[1][k] for k in ("metrics", "form", "bound"))
+    assert results[0]["form"] == "binned"
+    assert [r["kept_exact"] for r in (results[0], results[1])] == ([False, False] if form == "binned" else [True, False])
+    logits, labels, weights = _data(n=4000)
+    logits[:, 0] = logits[:, 0] - 3.0
+    one = TaskMetrics(["a", "b"], auc="binned")
+    one.update(logits, labels, weights)
+    expected = one.compute()
+    for name in ("a", "b"):
+        got = results[0]["metrics"][name]
+        assert got["auc"] == expected[name]["auc"]  # integer counts: the same histogram exactly
+        # float32 sigmoid and BCE of the same row can differ by an ulp with the batch's length
+        assert got["logloss"] == pytest.approx(expected[name]["logloss"], rel=1e-9)
+        assert got["calibration"] == pytest.approx(expected[name]["calibration"], rel=1e-9)
+        assert results[0]["bound"][name] == one.error_bound[name]

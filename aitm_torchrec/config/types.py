@@ -258,6 +258,9 @@ class TrainConfig:
 class EvalConfig:
     num_steps: int = 0  # 0 -> the whole eval input
     every_steps: int = 0  # also evaluate every N training steps; 0 -> only at the end
+    # AUC: exact (every score kept and gathered), binned (a fixed-size logit histogram per rank,
+    # summed across ranks), or auto: exact up to metrics.EXACT_MAX_ROWS rows over all ranks
+    auc: Literal["auto", "exact", "binned"] = "auto"
 
 
 @dataclass(frozen=True)
