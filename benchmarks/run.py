@@ -15,6 +15,7 @@ One module per subject, each with ``HELP``, ``add_arguments(parser)`` and ``cmd(
 - ``all``: the benchmarks above into one folder, JSON, Markdown and PNG (``all.py``);
 - ``study``: named config settings x seeds, one epoch each (``study.py``);
 - ``family``: settings x the synthetic family's presets x seeds, and the worst-case choice (``family.py``);
+- ``eval_memory``: the eval metrics' peak RSS per rank, binned AUC beside exact (``eval_memory.py``);
 - ``true_form``: what one pass of the generator's own model reaches (``true_form.py``).
 
 Benchmarks, not tests: they print numbers and assert nothing.
@@ -25,7 +26,7 @@ from __future__ import annotations
 import argparse
 
 from benchmarks import all as all_benchmarks
-from benchmarks import data, export, family, peer, quality, score, serve, study, train, true_form, zch
+from benchmarks import data, eval_memory, export, family, peer, quality, score, serve, study, train, true_form, zch
 
 # The benchmarks ``all`` may run, in the order of ``--help``; another benchmark plugs in with one
 # line here (and one in ``all.PLAN``).
@@ -49,6 +50,9 @@ def parser() -> argparse.ArgumentParser:
     f = sub.add_parser("family", help=family.HELP)
     family.add_arguments(f)
     f.set_defaults(fn=family.cmd)
+    e = sub.add_parser("eval_memory", help=eval_memory.HELP)
+    eval_memory.add_arguments(e)
+    e.set_defaults(fn=eval_memory.cmd)
     t = sub.add_parser("true_form", help=true_form.HELP, description=true_form.DESCRIPTION)
     true_form.add_arguments(t)
     t.set_defaults(fn=true_form.cmd)

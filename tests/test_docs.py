@@ -27,7 +27,7 @@ COMMANDS = [
     ("aitm_torchrec.easyrec", []),
     ("aitm_torchrec.checkpoint", ["verify"]),
 ]
-BENCHMARKS = ["data", "train", "export", "score", "serve", "zch", "quality", "peer", "all", "study", "family", "true_form"]
+BENCHMARKS = ["data", "train", "export", "score", "serve", "zch", "quality", "peer", "all", "study", "family", "eval_memory", "true_form"]
 
 _LINK = re.compile(r"(?<!!)\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)|!\[[^\]]*\]\(([^)\s]+)\)")
 _FENCE = re.compile(r"^(```|~~~).*?^\1", re.S | re.M)
