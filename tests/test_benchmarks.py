@@ -21,6 +21,16 @@ def test_bench_data_smoke(tmp_path):
 
 
 @pytest.mark.slow
+def test_bench_eval_memory_smoke():
+    """``python -m benchmarks eval_memory`` on 2 ranks: both forms' figures, their AUCs close."""
+    out = run.main(["eval_memory", "--rows", "20000", "--chunk-rows", "4096", "--world-size", "2"])
+    assert set(out["ranks"]) == {0, 1} and all(set(r) == {"rows", "binned", "exact"} for r in out["ranks"].values())
+    assert sum(r["rows"] for r in out["ranks"].values()) == 20000
+    for t, diff in out["auc"]["binned_minus_exact"].items():
+        assert abs(diff) <= out["auc"]["binned_error_bound"][t] + 1e-6
+
+
+@pytest.mark.slow
 def test_bench_quality_end_to_end_tiny(tmp_path, tiny_data):
     small = ["data_config.batch_size=256", "model_config.backbone.mlp.hidden_units=[32]"] + [
         f"feature_config.features.{i}.hash_bucket_size=500" for i in (1, 3, 4, 5, 6, 15, 16)]
