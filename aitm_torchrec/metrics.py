@@ -19,8 +19,11 @@ AUC has two forms (``eval_config.auc``):
   ``0.5 * sum_b pos_b * neg_b / (P * N)`` (:func:`binned_auc_error_bound`, computed from the
   histogram itself; logged when above ``1e-4``). With ``BINS = 65536`` (width 4.9e-4 in logit)
   that bound is 3.2e-5 for scores spread like a CTR model's (1e6 rows, logits ~ N(-3, 1.5),
-  labels drawn from them), and the measured error is far below it (2e-7) (tests/test_metrics.py, ``python -m benchmarks eval_memory``).
-  It is larger only for a model whose scores sit within a few bin widths of each other.
+  labels drawn from them), and the measured error is far below it, 2e-7 (tests/test_metrics.py,
+  ``python -m benchmarks eval_memory``). The error is about ``2 * bound * (AUC within a bin -
+  0.5)``: it nears the bound only when the model ranks rows by logit differences finer than a
+  bin (4.9e-4, a 0.05 % change of the probability), as a barely trained model with near-constant
+  scores does.
 - **auto** (the default): exact when the eval holds at most ``EXACT_MAX_ROWS`` (1e6) real rows
   over all ranks, binned above. Both states are kept until a rank's own rows pass the limit;
   then that rank drops the exact one (so it holds at most 12 MB per task of it).
