@@ -91,12 +91,13 @@ def resolve(requested: str, device: torch.device | str, cpuinfo: str | Path = CP
     return Precision("auto", "none", f"{kind} device")
 
 
-def resolve_for_job(requested: str, device: torch.device | str) -> Precision:
-    """``resolve`` on every rank, agreed: bf16 only when every rank resolved bf16 (ranks on
-    different hardware run the same precision). Collective when ``requested`` is auto."""
+def resolve_for_job(requested: str, device: torch.device | str, cpuinfo: str | Path = CPUINFO) -> Precision:
+    """``resolve`` on every rank (``cpuinfo`` as there), agreed: bf16 only when every rank
+    resolved bf16 (ranks on different hardware run the same precision). Collective when
+    ``requested`` is auto."""
     from aitm_torchrec import dist as aitm_dist
 
-    mine = resolve(requested, device)
+    mine = resolve(requested, device, cpuinfo)
     if requested != "auto":
         return mine
     every = aitm_dist.all_gather(mine)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -104,10 +105,33 @@ def _train(config: str, overrides: list[str]) -> dict:
         aitm_dist.teardown()
 
 
-def test_summary_records_what_auto_resolved_to(tiny_config, tmp_path):
+def _agree(cpuinfos: list[str]) -> dict:
+    from aitm_torchrec import dist as aitm_dist
+    from aitm_torchrec.precision import resolve_for_job
+
+    env = aitm_dist.setup()
+    try:
+        return dataclasses.asdict(resolve_for_job("auto", env.device, cpuinfos[env.rank]))
+    finally:
+        aitm_dist.teardown()
+
+
+def test_ranks_agree_on_bf16_only_when_every_rank_has_it():
+    from tests.multiprocess import run_ranks
+
+    same = run_ranks(_agree, [AMX_CPUINFO, AMX_CPUINFO])
+    assert same[0] == same[1] == {"requested": "auto", "resolved": "bf16", "reason": "CPU with AMX"}
+    mixed = run_ranks(_agree, [AMX_CPUINFO, NO_AMX_CPUINFO])
+    assert mixed[0] == mixed[1] == {"requested": "auto", "resolved": "none",
+                                    "reason": "ranks differ, rank 1: CPU without AMX"}
+
+
+def test_summary_records_what_auto_resolved_to(tiny_config, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="aitm_torchrec.train")
     model_dir = tmp_path / "auto"
     summary = _train(str(tiny_config), ["train_config.mixed_precision=auto", "train_config.num_steps=3",
                                         "eval_config.num_steps=1", f"model_dir={model_dir}"])
     want = dataclasses.asdict(resolve("auto", "cpu"))
     assert summary["mixed_precision"] == want
     assert json.loads(Path(model_dir / "summary.json").read_text())["mixed_precision"] == want
+    assert f"mixed precision: auto -> {want['resolved']} ({want['reason']})" in caplog.text
