@@ -208,7 +208,8 @@ class TrainResult:
     eval: whole-eval metrics per tower ({} without eval input); eval_history: periodic evals
     ({"step", tower: metrics}); loss: (step, loss) at every log step; window: the last log
     interval's training metrics; examples_per_s: real rows of all ranks per second, the first
-    step (start-up) excluded.
+    step (start-up) excluded; mixed_precision: what train_config.mixed_precision resolved to on
+    these ranks (requested, resolved, reason).
     """
 
     steps: int
@@ -226,7 +227,7 @@ class TrainResult:
     device: str
     towers: list[dict[str, str]]
     plan: dict
-    mixed_precision: dict  # Precision.to_dict(): requested, resolved, reason
+    mixed_precision: dict  # Precision.to_dict()
 
     def to_dict(self) -> dict:
         train_keys = ("steps", "steps_this_run", "resumed_from_step", "examples", "examples_per_s", "seconds",
