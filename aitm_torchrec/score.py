@@ -16,6 +16,12 @@ Re-running the same command keeps the complete parts and scores only the rest; a
 config, checkpoint, inputs, world size or columns differ stops with a message naming what
 differs, unless ``overwrite`` (which removes the old output first).
 
+Precision: from a checkpoint, the model's dense layers run under the autocast of
+``train_config.mixed_precision`` resolved for this job's device and ranks (``precision``; auto:
+bf16 on CUDA with bf16 and on CPUs with AMX, else fp32), as in training; a serving artefact
+scores in fp32 (what it holds). The resolved value is part of the job's identity (``job.json``,
+so a resumed job's parts all come from one precision) and of ``manifest.json``.
+
 ``metrics``: the label columns are also passed through, and per-task AUC, logloss and
 calibration are computed over every output row (from the part files, so a resumed job's
 metrics cover all rows), exact across ranks.
@@ -50,6 +56,7 @@ from aitm_torchrec.dist import DistEnv
 from aitm_torchrec.files import atomic_write, sha256_file
 from aitm_torchrec.metrics import TaskMetrics
 from aitm_torchrec.outputs import JobOutput, describe_difference
+from aitm_torchrec.precision import Precision, autocast, resolve_for_job
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +112,7 @@ def _identity(path: Path, meta: str, step: int) -> dict:
 
 
 def _job(cfg: Config, opts: ScoreOptions, model: dict, reader: ParquetReader, columns: list[str],
-         env: DistEnv, rows_per_part: int) -> dict:
+         env: DistEnv, rows_per_part: int, precision: Precision) -> dict:
     """What this output is for; a re-run must match it to resume (as JSON data: tuples are lists)."""
     return json.loads(json.dumps({
         "config": to_dict(cfg),
@@ -117,14 +124,16 @@ def _job(cfg: Config, opts: ScoreOptions, model: dict, reader: ParquetReader, co
         "reserved_columns": columns,
         "output_columns": list(opts.output_kinds),
         "metrics": opts.metrics,
+        "mixed_precision": precision.resolved,
     }))
 
 
 _JOB_NAMES = {"config": "the config", "checkpoint": "the checkpoint", "inputs": "the input files or their rows",
               "rows": "the input rows", "world_size": "the world size", "rows_per_part": "rows_per_part",
               "reserved_columns": "the reserved columns", "output_columns": "the output columns",
-              "metrics": "--metrics"}
-_JOB_SHOWN = {"checkpoint": lambda c: f"step {c['step']} at {c['path']}" if c else "none", "world_size": str}
+              "metrics": "--metrics", "mixed_precision": "the mixed precision"}
+_JOB_SHOWN = {"checkpoint": lambda c: f"step {c['step']} at {c['path']}" if c else "none", "world_size": str,
+              "mixed_precision": str}
 
 
 def _job_output(out: Path) -> JobOutput:
@@ -197,6 +206,7 @@ def run(cfg: Config, env: DistEnv, opts: ScoreOptions, on_part_written: Callable
         if "logits" in opts.output_kinds:
             raise ScoreError("--output_columns logits needs a checkpoint: a serving artefact outputs probabilities")
         predictor = Predictor(opts.model, threads=opts.threads or None)
+        precision = Precision(cfg.train_config.mixed_precision, "none", "a serving artefact is fp32")
         schema, model = predictor.schema, _identity(Path(opts.model), "meta.json", int(predictor.meta.get("step", -1)))
         source_text = f"serving model {opts.model}"
     else:
@@ -204,6 +214,9 @@ def run(cfg: Config, env: DistEnv, opts: ScoreOptions, on_part_written: Callable
         schema = cfg.schema
         model = _identity(ckpt, "meta.json", int(from_checkpoint.checkpoint_meta(ckpt).get("step", -1)))
         source_text = f"{ckpt} (step {model['step']})"
+        precision = resolve_for_job(cfg.train_config.mixed_precision, env.device)
+        if precision.resolved == "fp16" and env.device.type != "cuda":
+            raise ScoreError("train_config.mixed_precision: fp16 needs CUDA; use bf16 or none on the CPU")
     columns = list(opts.reserved_columns)
     csv = csv_format(cfg.data_config)
     if columns == ["ALL"]:
@@ -215,7 +228,7 @@ def run(cfg: Config, env: DistEnv, opts: ScoreOptions, on_part_written: Callable
                            label_chain_policy="keep", passthrough=passthrough, csv=csv)
     out = Path(opts.output)
     output = _job_output(out)
-    job = _job(cfg, opts, model, reader, columns, env, opts.rows_per_part)
+    job = _job(cfg, opts, model, reader, columns, env, opts.rows_per_part, precision)
     already_done = output.prepare(job, opts.overwrite, env.is_main)
     parts = plan_parts(reader.num_rows, env.world_size, opts.rows_per_part)
     mine = [p for p in parts if p.rank == env.rank]
@@ -227,8 +240,9 @@ def run(cfg: Config, env: DistEnv, opts: ScoreOptions, on_part_written: Callable
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         steps = int(t)
     if env.is_main:
-        logger.info("scoring %d rows of %d files with %s on %d ranks: %d of %d parts to do on rank 0",
-                    reader.num_rows, len(reader.files), source_text, env.world_size, len(todo), len(mine))
+        logger.info("scoring %d rows of %d files with %s on %d ranks: %d of %d parts to do on rank 0; %s",
+                    reader.num_rows, len(reader.files), source_text, env.world_size, len(todo), len(mine),
+                    precision.describe())
 
     rows_scored, loop_seconds = 0, 0.0
     if steps:
@@ -241,7 +255,8 @@ def run(cfg: Config, env: DistEnv, opts: ScoreOptions, on_part_written: Callable
             dmp, _ = from_checkpoint.sharded_model(cfg, env, ckpt)
 
             def forward(batch: Batch) -> torch.Tensor:
-                return dmp(batch.dense.to(env.device), batch.sparse.to(env.device))
+                with autocast(env.device.type, precision):
+                    return dmp(batch.dense.to(env.device), batch.sparse.to(env.device)).float()
         towers = schema.tower_names
         pieces: list[pa.Table] = []
         bar = tqdm(total=sum(p.hi - p.lo for p in todo), desc="score (rank 0 rows)", unit="row",
@@ -285,6 +300,7 @@ def run(cfg: Config, env: DistEnv, opts: ScoreOptions, on_part_written: Callable
         # the scoring loop of the slowest rank (read, forward, write; not model build and load)
         "scoring_seconds": round(slowest, 3),
         "world_size": env.world_size,
+        "mixed_precision": precision.to_dict(),
         "columns": passthrough + [f"{k}_{t}" for k in opts.output_kinds for t in schema.tower_names],
         "towers": [{"tower_name": t.tower_name, "label_name": t.label_name} for t in schema.tasks],
         "parts": all_files,

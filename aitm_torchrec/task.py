@@ -22,6 +22,7 @@ from torch import nn
 from aitm_torchrec.config import Config
 from aitm_torchrec.data import Batch
 from aitm_torchrec.model import MultiTaskModel
+from aitm_torchrec.precision import AUTOCAST_DTYPES, resolve
 from aitm_torchrec.registry import build_model
 
 
@@ -50,15 +51,16 @@ class MultiTaskTrain(nn.Module):
     def __init__(self, model: MultiTaskModel, loss: MultiTaskLoss, l2_regularization: float = 0.0,
                  embedding_regularization: float = 0.0, mixed_precision: str = "none",
                  device_type: str = "cpu") -> None:
-        """``mixed_precision``: "none", "bf16" or "fp16": autocast dtype of the dense layers
-        (tables, loss and optimizer states stay fp32); ``device_type`` of the dense layers."""
+        """``mixed_precision``: "none", "bf16" or "fp16" (resolved: ``precision.resolve``): autocast
+        dtype of the dense layers (tables, loss and optimizer states stay fp32); ``device_type``
+        of the dense layers."""
         super().__init__()
         self.model = model
         self.loss_fn = loss
         self.l2 = l2_regularization
         self.emb_reg = embedding_regularization
         self.kernels = [m.weight for m in model.modules() if isinstance(m, nn.Linear)]
-        self.autocast_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[mixed_precision]
+        self.autocast_dtype = AUTOCAST_DTYPES[mixed_precision]
         self.device_type = device_type
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
@@ -78,12 +80,15 @@ class MultiTaskTrain(nn.Module):
 
 def build_train_module(cfg: Config, device: torch.device | str = "meta",
                        dense_device: torch.device | str | None = None) -> MultiTaskTrain:
+    """The train wrapper; ``train_config.mixed_precision`` auto is resolved for ``dense_device``
+    here (``train.run`` passes the value its ranks agreed on)."""
     mp = cfg.model_config.model_params
+    dense_type = torch.device(dense_device or "cpu").type
     return MultiTaskTrain(
         build_model(cfg, device, dense_device),
         MultiTaskLoss([t.classification_weight for t in cfg.schema.tasks], cfg.schema.calibration_pairs),
         l2_regularization=mp.l2_regularization,
         embedding_regularization=cfg.model_config.embedding_regularization,
-        mixed_precision=cfg.train_config.mixed_precision,
-        device_type=torch.device(dense_device or "cpu").type,
+        mixed_precision=resolve(cfg.train_config.mixed_precision, dense_type).resolved,
+        device_type=dense_type,
     )

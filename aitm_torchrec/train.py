@@ -7,6 +7,7 @@ One function, ``run(cfg, env)``, used by ``launch/train.py`` and the tests. Outp
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import logging
 import math
@@ -32,6 +33,7 @@ from aitm_torchrec.data.csv_input import csv_format
 from aitm_torchrec.dist import DistEnv
 from aitm_torchrec.files import write_json_atomic
 from aitm_torchrec.metrics import TaskMetrics
+from aitm_torchrec.precision import Precision, resolve_for_job
 from aitm_torchrec.sharding import describe, shard
 from aitm_torchrec.table_optim import JobOptimizer, ShardedTableOptimizer, on_dense_kernel, torch_optimizer
 from aitm_torchrec.task import build_train_module
@@ -64,7 +66,9 @@ def table_optimizer(dmp: DistributedModelParallel, opt: Optimizer) -> ShardedTab
 
 
 def build(cfg: Config, env: DistEnv) -> tuple[DistributedModelParallel, CombinedOptimizer, dict]:
-    """Model on meta -> planned, sharded DMP with fused table optimizer + dense optimizer."""
+    """Model on meta -> planned, sharded DMP with fused table optimizer + dense optimizer.
+    ``train_config.mixed_precision`` auto is resolved for ``env.device`` by ``build_train_module``
+    (``run`` passes the value its ranks agreed on)."""
     if cfg.train_config.mixed_precision == "fp16" and env.device.type != "cuda":
         raise ConfigError("train_config.mixed_precision: fp16 needs CUDA; use bf16 or none on the CPU")
     torch.manual_seed(cfg.train_config.seed)
@@ -204,7 +208,8 @@ class TrainResult:
     eval: whole-eval metrics per tower ({} without eval input); eval_history: periodic evals
     ({"step", tower: metrics}); loss: (step, loss) at every log step; window: the last log
     interval's training metrics; examples_per_s: real rows of all ranks per second, the first
-    step (start-up) excluded.
+    step (start-up) excluded; mixed_precision: what train_config.mixed_precision resolved to on
+    these ranks (requested, resolved, reason).
     """
 
     steps: int
@@ -222,6 +227,7 @@ class TrainResult:
     device: str
     towers: list[dict[str, str]]
     plan: dict
+    mixed_precision: dict  # Precision.to_dict()
 
     def to_dict(self) -> dict:
         train_keys = ("steps", "steps_this_run", "resumed_from_step", "examples", "examples_per_s", "seconds",
@@ -232,6 +238,7 @@ class TrainResult:
             "train": {k: getattr(self, k) for k in train_keys},
             "world_size": self.world_size,
             "device": self.device,
+            "mixed_precision": self.mixed_precision,
             "towers": self.towers,
             "plan": self.plan,
         }
@@ -346,7 +353,10 @@ def run(cfg: Config, env: DistEnv, opts: TrainOptions = TrainOptions(),
     # Readers first: bad paths or schemas fail on every rank before any collective starts.
     reader = train_reader(cfg, env)
     evaluator = eval_reader(cfg, env) if cfg.eval_input_path else None
-    dmp, optimizer, plan = build(cfg, env)
+    precision = resolve_for_job(tc.mixed_precision, env.device)
+    if env.is_main:
+        logger.info("%s", precision.describe())
+    dmp, optimizer, plan = build(with_precision(cfg, precision), env)
     if env.is_main:
         logger.info("sharding plan: %s", plan)
     pos = Position()
@@ -390,12 +400,19 @@ def run(cfg: Config, env: DistEnv, opts: TrainOptions = TrainOptions(),
         examples_per_s=timed_examples / elapsed if trained > 1 and elapsed > 0 else 0.0, seconds=elapsed,
         loss=loop.losses, window=loop.window_metrics, skipped_batches=guard.skipped, eval=eval_metrics,
         eval_history=loop.history, world_size=env.world_size, device=env.device.type,
-        towers=[{"tower_name": t.tower_name, "label_name": t.label_name} for t in cfg.schema.tasks], plan=plan)
+        towers=[{"tower_name": t.tower_name, "label_name": t.label_name} for t in cfg.schema.tasks], plan=plan,
+        mixed_precision=precision.to_dict())
     if env.is_main:
         _scalars(loop.writer, "eval", eval_metrics, tc.num_steps)
         write_json_atomic(Path(cfg.model_dir) / "summary.json", result.to_dict())
         loop.writer.close()
     return result
+
+
+def with_precision(cfg: Config, precision: Precision) -> Config:
+    """``cfg`` with ``train_config.mixed_precision`` set to the resolved value."""
+    return dataclasses.replace(cfg, train_config=dataclasses.replace(cfg.train_config,
+                                                                     mixed_precision=precision.resolved))
 
 
 def _window_metrics(towers: list[str], window: list[tuple[torch.Tensor, ...]], env: DistEnv,

@@ -8,9 +8,10 @@ machine runs them (used by ``train``).
   (input and weight gradients; every layer needs both, since gradients flow to the embeddings).
   Not counted: biases, activations, batch norm, dropout, AIT scores and softmax, the loss,
   embedding lookups and their fused update, the dense optimizer.
-- ``gemm_seconds``: fp32 ``torch.mm`` on exactly those shapes (forward x @ W^T, backward dY @ W
-  and dY^T @ x), the fastest of several passes; ``world_gemm_flops_per_s`` sums it over ranks
-  measuring at once.
+- ``gemm_seconds``: ``torch.mm`` on exactly those shapes (forward x @ W^T, backward dY @ W
+  and dY^T @ x) in fp32 or another dtype (bf16: what autocast runs under
+  ``train_config.mixed_precision`` bf16), the fastest of several passes;
+  ``world_gemm_flops_per_s`` sums it over ranks measuring at once.
 """
 
 from __future__ import annotations
@@ -53,17 +54,19 @@ def training_flops(gemms: list[tuple[str, int, int, int]], batch_size: int) -> t
     return sum(groups.values()), groups
 
 
-def gemm_seconds(gemms: list[tuple[str, int, int, int]], passes: int = 5, inner: int = 5) -> tuple[float, float]:
-    """(FLOPs, seconds) of one pass of the model's fp32 GEMMs on this thread count: for each
-    Linear, forward x @ W^T (rows x in x out), input gradient dY @ W and weight gradient dY^T @ x,
-    each timed as the fastest of ``passes`` runs of ``inner`` calls."""
+def gemm_seconds(gemms: list[tuple[str, int, int, int]], passes: int = 5, inner: int = 5,
+                 dtype=None) -> tuple[float, float]:
+    """(FLOPs, seconds) of one pass of the model's GEMMs in ``dtype`` (None: fp32) on this thread
+    count: for each Linear, forward x @ W^T (rows x in x out), input gradient dY @ W and weight
+    gradient dY^T @ x, each timed as the fastest of ``passes`` runs of ``inner`` calls."""
     import torch
 
+    dtype = dtype or torch.float32
     flops = seconds = 0.0
     for _, rows, k, n in gemms:
-        x, w, dy = torch.randn(rows, k), torch.randn(n, k), torch.randn(rows, n)
+        x, w, dy = (torch.randn(*shape).to(dtype) for shape in ((rows, k), (n, k), (rows, n)))
         for a, b in ((x, w.t()), (dy, w), (dy.t(), x)):
-            out = torch.empty(a.shape[0], b.shape[1])
+            out = torch.empty(a.shape[0], b.shape[1], dtype=dtype)
             torch.mm(a, b, out=out)  # warm: MKL picks its kernel
             best = math.inf
             for _ in range(passes):
@@ -76,13 +79,14 @@ def gemm_seconds(gemms: list[tuple[str, int, int, int]], passes: int = 5, inner:
     return flops, seconds
 
 
-def world_gemm_flops_per_s(gemms) -> float:
-    """Sum over ranks of this GEMM mix's FLOP/s, all ranks measuring at once."""
+def world_gemm_flops_per_s(gemms, dtype=None) -> float:
+    """Sum over ranks of this GEMM mix's FLOP/s in ``dtype`` (None: fp32), all ranks measuring
+    at once."""
     import torch
     import torch.distributed as dist
 
     dist.barrier()
-    flops, seconds = gemm_seconds(gemms)
+    flops, seconds = gemm_seconds(gemms, dtype=dtype)
     rate = torch.tensor([flops / seconds], dtype=torch.float64)
     dist.all_reduce(rate)
     return float(rate)

@@ -23,6 +23,12 @@ missing). Figures:
   the real batch size): sum over ranks of FLOPs / seconds of the fastest of several passes.
 - ``roofline_examples_per_s`` = gemm_flops_per_s / flops_per_example: the examples/s if the ranks
   did nothing but the model's GEMMs. ``ratio_to_roofline`` = examples_per_s / roofline (goal 0.6).
+- ``mixed_precision``: what ``train_config.mixed_precision`` resolved to in the ranks
+  (``requested``, ``resolved``, ``reason``; the default auto is bf16 on CPUs with AMX).
+  ``roofline_in_use``: the same roofline for the precision the run trained in: ``precision``
+  (fp32, bf16), its ``gemm_flops_per_s`` (``torch.mm`` in that dtype on the same shapes, measured
+  the same way; for fp32 the figures above), ``roofline_examples_per_s`` and
+  ``ratio_to_roofline``.
 - ``cpu_during_run``: wall and CPU seconds of ``run()`` (model build and final checkpoint
   included): the ranks' own (all threads), everything else on the machine (the launcher, other
   users; near 0 means nothing competed for the cores), and VM steal. A low ratio with large
@@ -89,6 +95,7 @@ def _train_rank(config: str | None, overrides: list[str], bare_steps: int) -> di
     from aitm_torchrec import dist as aitm_dist
     from aitm_torchrec.config import load_config
     from aitm_torchrec.dist import quiet_libraries
+    from aitm_torchrec.precision import resolve_for_job
     from aitm_torchrec.train import TrainOptions, run, train_reader
 
     logging.basicConfig(level=logging.WARNING)
@@ -97,7 +104,10 @@ def _train_rank(config: str | None, overrides: list[str], bare_steps: int) -> di
     env = aitm_dist.setup()
     try:
         gemms = linear_gemms(cfg, cfg.data_config.batch_size)
+        # the precision run() resolves to, measured as the trainer will run it
+        dtype = resolve_for_job(cfg.train_config.mixed_precision, env.device).dtype
         before = world_gemm_flops_per_s(gemms)
+        before_in_use = world_gemm_flops_per_s(gemms, dtype) if dtype else before
         dist.barrier()
         cpu0, wall0 = cpu_seconds(), time.perf_counter()
         summary = run(cfg, env, TrainOptions(resume=False)).to_dict()
@@ -105,6 +115,7 @@ def _train_rank(config: str | None, overrides: list[str], bare_steps: int) -> di
         ranks_cpu = torch.tensor([cpu1["process"] - cpu0["process"]], dtype=torch.float64)
         dist.all_reduce(ranks_cpu)
         after = world_gemm_flops_per_s(gemms)
+        after_in_use = world_gemm_flops_per_s(gemms, dtype) if dtype else after
         bare = None
         if bare_steps:
             reader = train_reader(cfg, env)
@@ -118,6 +129,8 @@ def _train_rank(config: str | None, overrides: list[str], bare_steps: int) -> di
     return {"train": {k: summary["train"][k] for k in ("steps_this_run", "examples", "examples_per_s", "seconds")},
             "memory": rank_memory(cfg, summary["plan"], rss),
             "threads": torch.get_num_threads(), "gemm_before": before, "gemm_after": after, "bare": bare,
+            "mixed_precision": summary["mixed_precision"],
+            "gemm_in_use_before": before_in_use, "gemm_in_use_after": after_in_use,
             "cpu": {"wall_s": round(wall, 2), "ranks_cpu_s": round(float(ranks_cpu), 2),
                     "other_processes_cpu_s": round(busy - float(ranks_cpu), 2),
                     "steal_s": round(cpu1["machine_steal"] - cpu0["machine_steal"], 2),
@@ -143,6 +156,16 @@ def rank_memory(cfg, plan: dict, rss: list[float]) -> list[dict]:
         for r in ranks:
             out[r]["shards_gib"] = round(out[r]["shards_gib"] + share, 3)
     return out
+
+
+def _roofline_in_use(run: dict, flops: float, ex_s: float) -> dict:
+    """The roofline of the precision the run trained in (``mixed_precision.resolved``)."""
+    gemm = max(run["gemm_in_use_before"], run["gemm_in_use_after"])
+    return {"precision": {"none": "fp32"}.get(run["mixed_precision"]["resolved"], run["mixed_precision"]["resolved"]),
+            "gemm_flops_per_s": round(gemm),
+            "gemm_flops_per_s_before_after": [round(run["gemm_in_use_before"]), round(run["gemm_in_use_after"])],
+            "roofline_examples_per_s": round(gemm / flops),
+            "ratio_to_roofline": round(ex_s / (gemm / flops), 3)}
 
 
 def cmd(args: argparse.Namespace) -> dict:
@@ -199,6 +222,8 @@ def cmd(args: argparse.Namespace) -> dict:
         "roofline_examples_per_s": round(roofline),
         "ratio_to_roofline": round(ex_s / roofline, 3),
         "goal_ratio_to_roofline": 0.6,
+        "mixed_precision": small["mixed_precision"],
+        "roofline_in_use": _roofline_in_use(small, flops, ex_s),
         "cpu_during_run": small["cpu"],
         "memory": small["memory"],
     }
@@ -223,6 +248,7 @@ def cmd(args: argparse.Namespace) -> dict:
             "seconds": round(big["train"]["seconds"], 2),
             "ratio_to_roofline": round(big_ex_s / roofline, 3),
             "ratio_to_small_tables": round(big_ex_s / ex_s, 3),
+            "ratio_to_roofline_in_use": round(big_ex_s / result["roofline_in_use"]["roofline_examples_per_s"], 3),
             "gemm_flops_per_s_before_after": [round(big["gemm_before"]), round(big["gemm_after"])],
             "cpu_during_run": big["cpu"],
             "memory": big["memory"],

@@ -98,3 +98,17 @@ def test_family_report_regrets_and_the_worst_case_choice():
     assert y["cvr"]["best"] == "b" and y["cvr"]["regret"]["a"] == 0.08 and y["ctr"]["auc"][PEER] == 0.76
     assert PEER not in y["ctr"]["regret"]  # the peer is reported, never chosen
     assert rep["worst_regret"] == {"a": 0.08, "b": 0.01} and rep["choice"] == "b"
+
+
+def test_gemm_roofline_measures_the_model_shapes_in_fp32_and_bf16(tiny_config):
+    import torch
+
+    from aitm_torchrec.config import load_config
+    from benchmarks.roofline import gemm_seconds, linear_gemms
+
+    gemms = linear_gemms(load_config(tiny_config), 64)
+    flops32, s32 = gemm_seconds(gemms, passes=1, inner=1)
+    flops16, s16 = gemm_seconds(gemms, passes=1, inner=1, dtype=torch.bfloat16)
+    # the same GEMMs (3 per Linear), whatever the dtype
+    assert flops16 == flops32 == sum(3 * 2.0 * rows * k * n for _, rows, k, n in gemms)
+    assert s32 > 0 and s16 > 0

@@ -194,3 +194,18 @@ def test_a_damaged_checkpoint_stops_scoring_naming_the_file(trained, tmp_path):
     with pytest.raises(CheckpointError, match=rf"{damaged}.*{shard.name}"):
         _score(_args(trained, tmp_path / "o", "--checkpoint", str(damaged)))
     assert not (tmp_path / "o").exists()  # nothing written
+
+
+def test_scoring_runs_the_dense_layers_in_the_resolved_precision_and_records_it(trained, tmp_path):
+    fp32 = _score(_args(trained, tmp_path / "fp32"))
+    bf16 = _score(_args(trained, tmp_path / "bf16", "train_config.mixed_precision=bf16"))
+    assert fp32["mixed_precision"] == {"requested": "none", "resolved": "none", "reason": "set in the config"}
+    assert bf16["mixed_precision"]["resolved"] == "bf16"
+    assert json.loads((tmp_path / "bf16" / "job.json").read_text())["mixed_precision"] == "bf16"
+    a, b = _read(tmp_path / "fp32"), _read(tmp_path / "bf16")
+    for tower in ("ctr", "cvr"):
+        x, y = a.column(f"probs_{tower}").to_numpy(), b.column(f"probs_{tower}").to_numpy()
+        assert not np.array_equal(x, y)  # bf16 GEMMs round differently
+        np.testing.assert_allclose(y, x, atol=2e-2)
+    with pytest.raises(Exception, match=r"the mixed precision \(was bf16, now none\)"):
+        _score(_args(trained, tmp_path / "bf16", "train_config.mixed_precision=none"))

@@ -249,7 +249,9 @@ class TrainConfig:
     log_step_count_steps: int = 50
     save_checkpoints_steps: int = 0  # 0 -> only at the end
     keep_checkpoint_max: int = 5  # 0 -> keep all
-    mixed_precision: Literal["none", "bf16", "fp16"] = "none"  # autocast dtype for the dense layers
+    # autocast dtype of the dense layers; auto: bf16 on CUDA with bf16 and on CPUs with AMX, else
+    # none (aitm_torchrec/precision.py)
+    mixed_precision: Literal["auto", "none", "bf16", "fp16"] = "auto"
     nonfinite_policy: Literal["stop", "skip"] = "stop"  # a non-finite loss/gradient: stop, or skip the batch
     seed: int = 2021
 
