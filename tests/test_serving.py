@@ -318,3 +318,59 @@ def test_int8_dense_artefact_against_checkpoint_model(dense_artefacts, artefacts
     assert 0 < p.meta["self_check"]["max_abs_diff_vs_checkpoint_model"] <= DENSE_INT8_ATOL
     assert (np.abs(np.array(auc[1]) - np.array(auc[0])) <= 0.01).all()
     assert (dense_artefacts[quant] / "scripted_model.pt").stat().st_size < (artefacts[quant] / "scripted_model.pt").stat().st_size
+
+
+# ---- the Arrow -> inputs conversion -------------------------------------------------------------
+
+
+def _per_column_inputs(p: Predictor, table) -> dict[str, torch.Tensor]:
+    """The reference conversion: every feature through ``features.bag_column`` / ``raw_column``,
+    one column at a time (what ``Predictor.inputs_from_arrow`` must equal)."""
+    from aitm_torchrec.features import Source, bag_column, raw_column
+    from aitm_torchrec.serving import _tensor, _typed
+
+    src, out = Source("input rows"), {}
+    for f in p.schema.sparse:
+        lengths, rows = bag_column(f, _typed(table.column(f.column)), src)
+        out[f"{f.name}.values"], out[f"{f.name}.lengths"] = _tensor(rows), _tensor(lengths)
+    parts = [raw_column(f, _typed(table.column(f.column)), src) for f in p.schema.dense]
+    out["dense"] = _tensor(np.concatenate(parts, axis=1))
+    return out
+
+
+def test_arrow_conversion_equals_the_per_column_functions(untrained, tiny_data):
+    p = Predictor(untrained / "export")
+    eval_rows = pa.concat_tables(pq.read_table(f) for f in sorted((tiny_data / "eval").glob("*.parquet")))
+    raw = _raw_rows(eval_rows, 300)
+    for r in raw[::13]:
+        r["adgroup_id"] = None  # nulls in a column of the grouped (integer id) path
+    typed = eval_rows.slice(0, 300)
+    for col, t in (("pid", pa.int32()), ("cms_segid", pa.uint8()), ("price", pa.int16())):
+        typed = typed.set_column(typed.schema.get_field_index(col), col, typed.column(col).cast(t))
+    typed = typed.set_column(typed.schema.get_field_index("user_id"), "user_id",  # ids past int64 max wrap
+                             pa.array(np.arange(300, dtype=np.uint64) + np.uint64(2**63 + 5)))
+    nulls = typed.set_column(typed.schema.get_field_index("brand"), "brand", pa.nulls(300))
+    cases = {
+        "eval rows": eval_rows,
+        "one row": eval_rows.slice(17, 1),
+        "offset slice": eval_rows.slice(1234, 77),
+        "two chunks": pa.concat_tables([eval_rows.slice(5, 40), eval_rows.slice(900, 60)]),
+        "raw dicts (string ids, tag strings, nulls)": p.table_from_rows(raw),
+        "narrow and unsigned integer types": typed,
+        "an all-null column": nulls,
+        "record batch": eval_rows.slice(0, 64).to_batches()[0],
+        "dictionary-encoded ids": eval_rows.slice(0, 50).set_column(
+            eval_rows.schema.get_field_index("cate_id"), "cate_id",
+            eval_rows.slice(0, 50).column("cate_id").dictionary_encode()),
+    }
+    for name, table in cases.items():
+        got, expected = p.inputs_from_arrow(table), _per_column_inputs(p, table)
+        assert list(got) == list(expected), name
+        for k in expected:
+            assert got[k].dtype == expected[k].dtype and torch.equal(got[k], expected[k]), f"{name}: {k}"
+    assert int(p.inputs_from_arrow(cases["raw dicts (string ids, tag strings, nulls)"])["adgroup_id.lengths"].sum()) \
+        == 300 - len(raw[::13])
+    bad = eval_rows.slice(0, 8).to_pylist()
+    bad[5]["price"] = 50
+    with pytest.raises(DataError, match=r"column 'price' has 1 ids outside \[0, num_buckets=50\), e.g. 50"):
+        p.inputs_from_arrow(pa.Table.from_pylist(bad))
