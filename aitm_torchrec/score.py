@@ -16,6 +16,12 @@ Re-running the same command keeps the complete parts and scores only the rest; a
 config, checkpoint, inputs, world size or columns differ stops with a message naming what
 differs, unless ``overwrite`` (which removes the old output first).
 
+``dense_quant="int8"`` (checkpoint only): the sharded model's ``nn.Linear`` layers (the unsharded
+MLPs inside DistributedModelParallel) are swapped for dynamically quantized int8 ones
+(``export_model.quantize_dense``, FBGEMM, CPU) after the checkpoint's weights are loaded; the
+tables stay as trained. It is part of the job's identity: a re-run with another value is another
+job. A serving artefact (``model``) runs as it was exported.
+
 ``metrics``: the label columns are also passed through, and per-task AUC, logloss and
 calibration are computed over every output row (from the part files, so a resumed job's
 metrics cover all rows), exact across ranks.
@@ -47,6 +53,7 @@ from aitm_torchrec.data import Batch, ParquetReader
 from aitm_torchrec.data.csv_input import csv_format
 from aitm_torchrec.data.source import input_columns
 from aitm_torchrec.dist import DistEnv
+from aitm_torchrec.export_model import DENSE_QUANTS, quantize_dense
 from aitm_torchrec.files import atomic_write, sha256_file
 from aitm_torchrec.metrics import TaskMetrics
 from aitm_torchrec.outputs import JobOutput, describe_difference
@@ -67,6 +74,7 @@ class ScoreOptions:
     checkpoint: str | None = None  # default: the newest complete checkpoint under model_dir
     model: str | None = None  # a serving artefact (launch/export.py model) instead of a checkpoint
     threads: int = 0  # with ``model``: torch threads per process (0: torch's default)
+    dense_quant: str = "none"  # checkpoint only: "int8" quantizes the Linear layers (export_model.DENSE_QUANTS)
     reserved_columns: tuple[str, ...] = ()  # ("ALL",): every column of the input
     output_kinds: tuple[str, ...] = ("probs",)
     batch_size: int = 0  # 0 -> 4 x data_config.batch_size
@@ -117,14 +125,16 @@ def _job(cfg: Config, opts: ScoreOptions, model: dict, reader: ParquetReader, co
         "reserved_columns": columns,
         "output_columns": list(opts.output_kinds),
         "metrics": opts.metrics,
+        "dense_quant": opts.dense_quant,
     }))
 
 
 _JOB_NAMES = {"config": "the config", "checkpoint": "the checkpoint", "inputs": "the input files or their rows",
               "rows": "the input rows", "world_size": "the world size", "rows_per_part": "rows_per_part",
               "reserved_columns": "the reserved columns", "output_columns": "the output columns",
-              "metrics": "--metrics"}
-_JOB_SHOWN = {"checkpoint": lambda c: f"step {c['step']} at {c['path']}" if c else "none", "world_size": str}
+              "metrics": "--metrics", "dense_quant": "--dense-quant"}
+_JOB_SHOWN = {"checkpoint": lambda c: f"step {c['step']} at {c['path']}" if c else "none", "world_size": str,
+              "dense_quant": str}
 
 
 def _job_output(out: Path) -> JobOutput:
@@ -186,6 +196,10 @@ def run(cfg: Config, env: DistEnv, opts: ScoreOptions, on_part_written: Callable
     for kind in opts.output_kinds:
         if kind not in OUTPUT_KINDS:
             raise ScoreError(f"--output_columns: {kind!r} is not one of {', '.join(OUTPUT_KINDS)}")
+    if opts.dense_quant not in DENSE_QUANTS:
+        raise ScoreError(f"--dense-quant: {opts.dense_quant!r} is not one of {', '.join(DENSE_QUANTS)}")
+    if opts.dense_quant != "none" and env.device.type != "cpu":
+        raise ScoreError(f"--dense-quant {opts.dense_quant} runs on the CPU; this job's device is {env.device}")
     inputs = tuple(opts.inputs) or cfg.eval_input_path
     if not inputs:
         raise ScoreError("no input: pass --input PATH, or set eval_input_path in the config")
@@ -196,6 +210,9 @@ def run(cfg: Config, env: DistEnv, opts: ScoreOptions, on_part_written: Callable
             raise ScoreError("--model and --checkpoint exclude each other: score with one model")
         if "logits" in opts.output_kinds:
             raise ScoreError("--output_columns logits needs a checkpoint: a serving artefact outputs probabilities")
+        if opts.dense_quant != "none":
+            raise ScoreError("--dense-quant applies to a checkpoint: a serving artefact runs as exported "
+                             "(launch/export.py model --dense-quant)")
         predictor = Predictor(opts.model, threads=opts.threads or None)
         schema, model = predictor.schema, _identity(Path(opts.model), "meta.json", int(predictor.meta.get("step", -1)))
         source_text = f"serving model {opts.model}"
@@ -239,6 +256,7 @@ def run(cfg: Config, env: DistEnv, opts: ScoreOptions, on_part_written: Callable
                 return torch.logit(p).float()
         else:
             dmp, _ = from_checkpoint.sharded_model(cfg, env, ckpt)
+            quantize_dense(dmp, opts.dense_quant)  # in place, after the weights are loaded
 
             def forward(batch: Batch) -> torch.Tensor:
                 return dmp(batch.dense.to(env.device), batch.sparse.to(env.device))
@@ -285,6 +303,7 @@ def run(cfg: Config, env: DistEnv, opts: ScoreOptions, on_part_written: Callable
         # the scoring loop of the slowest rank (read, forward, write; not model build and load)
         "scoring_seconds": round(slowest, 3),
         "world_size": env.world_size,
+        "dense_quant": (predictor.meta.get("dense_quantization", "none") if opts.model else opts.dense_quant),
         "columns": passthrough + [f"{k}_{t}" for k in opts.output_kinds for t in schema.tower_names],
         "towers": [{"tower_name": t.tower_name, "label_name": t.label_name} for t in schema.tasks],
         "parts": all_files,
