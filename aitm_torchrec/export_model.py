@@ -306,6 +306,9 @@ class ModelExportOptions:
 
 def run(cfg: Config, opts: ModelExportOptions) -> dict:
     """Exports the checkpoint's model; returns meta.json's contents plus ``output``."""
+    if opts.quant not in QUANT_DTYPES or opts.dense_quant not in DENSE_QUANTS:
+        raise ValueError(f"quantization {opts.quant!r} / dense quantization {opts.dense_quant!r}: tables take "
+                         f"{', '.join(QUANT_DTYPES)}; Linear layers {', '.join(DENSE_QUANTS)}")
     path = resolve_checkpoint(cfg, opts.checkpoint)
     ckpt = checkpoint_meta(path)
     model = local_model(cfg, path)
