@@ -374,3 +374,18 @@ def test_arrow_conversion_equals_the_per_column_functions(untrained, tiny_data):
     bad[5]["price"] = 50
     with pytest.raises(DataError, match=r"column 'price' has 1 ids outside \[0, num_buckets=50\), e.g. 50"):
         p.inputs_from_arrow(pa.Table.from_pylist(bad))
+
+
+@pytest.mark.slow
+def test_fresh_process_serves_an_int8_dense_artefact_with_its_default_engine(dense_artefacts, reference):
+    """The export set the fbgemm engine in its process; a fresh one loads with torch's default."""
+    rows = _raw_rows(reference["table"], 20)
+    res = subprocess.run([sys.executable, "-c", FRESH, str(dense_artefacts["int8"]), json.dumps(rows)],
+                         capture_output=True, text=True, cwd=REPO, timeout=300, check=False)
+    assert res.returncode == 0, res.stderr
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert got["modules"] == ["aitm_torchrec", "aitm_torchrec.features", "aitm_torchrec.schema",
+                              "aitm_torchrec.serving"]
+    expected = Predictor(dense_artefacts["int8"]).predict_rows(rows)
+    for t, v in expected.items():
+        np.testing.assert_allclose(got["probs"][t], v, rtol=0, atol=1e-6)
