@@ -221,3 +221,18 @@ def test_dense_int8_scoring_on_two_ranks_close_to_fp32_and_its_own_job(trained, 
         _score(_args(trained, tmp_path / "int8", "--output_columns", "probs,logits"))
     with pytest.raises(Exception, match="--dense-quant applies to a checkpoint"):
         _score(_args(trained, tmp_path / "m", "--model", str(tmp_path), "--dense-quant", "int8"))
+
+
+def test_scoring_with_an_int8_dense_artefact(trained, tmp_path):
+    from launch.export import main as export_main
+
+    export_main(["model", "--config", trained["config"], "--output", str(tmp_path / "artefact"), "--quant", "none",
+                 "--dense-quant", "int8"])
+    from_checkpoint = _score(_args(trained, tmp_path / "ckpt"))
+    from_model = _score(_args(trained, tmp_path / "model", "--model", str(tmp_path / "artefact"), "--threads", "1"))
+    assert from_model["dense_quant"] == "int8" and from_checkpoint["dense_quant"] == "none"
+    a, b = _read(tmp_path / "ckpt"), _read(tmp_path / "model")
+    assert b.column("rid").to_pylist() == list(range(ROWS))
+    for tower in ("ctr", "cvr"):
+        diff = np.abs(b.column(f"probs_{tower}").to_numpy() - a.column(f"probs_{tower}").to_numpy())
+        assert 0 < float(diff.max()) <= DENSE_INT8_ATOL
