@@ -78,8 +78,8 @@ def quantize_dense(model: nn.Module, dense_quant: str = "int8") -> nn.Module:
     engine); ``"none"`` leaves ``model`` as it is. Nothing else is touched: tables (plain,
     quantized or sharded by DistributedModelParallel), BatchNorm and activations stay as they
     are, so a DMP-wrapped model's unsharded MLPs are quantized where they sit. Sets the
-    process's quantized engine to ``fbgemm`` (x86 CPUs; the kernels use AVX2 / AVX-512 VNNI).
-    CPU only: the quantized Linear has no CUDA kernel."""
+    process's quantized engine to ``fbgemm`` (x86 CPUs; FBGEMM picks its kernels for the CPU's
+    instruction set). CPU only: the quantized Linear has no CUDA kernel."""
     if dense_quant not in DENSE_QUANTS:
         raise ValueError(f"dense quantization {dense_quant!r} is not one of {', '.join(DENSE_QUANTS)}")
     if dense_quant == "none":
@@ -99,6 +99,7 @@ def quantize_dense(model: nn.Module, dense_quant: str = "int8") -> nn.Module:
                 child.qconfig = per_channel_dynamic_qconfig
                 setattr(parent, name, DynamicLinear.from_float(child))
     return model
+
 
 @torch.fx.wrap
 def zch_remap(features: KeyedJaggedTensor, names: list[str], sorted_keys: list[torch.Tensor],

@@ -7,7 +7,8 @@ checkpoint load excluded). Once at the seed's table sizes and, unless ``--no-big
 the large id tables grown so all tables hold ``--big-table-rows`` rows. Goal: scoring at least 3x
 the training rate. ``--dense-quant int8`` scores with int8 Linear layers (``launch/score.py
 --dense-quant``); ``both`` scores the set twice from the same checkpoint, fp32 then int8 Linears
-(``*_dense_int8`` entries beside the fp32 ones, and the int8 / fp32 examples/s ratio).
+(``*_dense_int8`` entries beside the fp32 ones, the int8 / fp32 examples/s ratio, and each run's
+per-task AUC over the scored set, ``--metrics``, computed after the timed loop).
 
     python -m benchmarks score [--rows 400000] [--steps 60] [--no-big-tables] [--dense-quant none|int8|both]
 """
@@ -83,7 +84,7 @@ def cmd(args: argparse.Namespace) -> dict:
         cfg = load_config(args.config, overrides)
         dense = {"none": ["none"], "int8": ["int8"], "both": ["none", "int8"]}[args.dense_quant]
         score_args = [["--input", str(train), "--output", str(work / f"scores_{d}"), "--reserved_columns", "clk",
-                       "--dense-quant", d] for d in dense]
+                       "--dense-quant", d, *(["--metrics"] if len(dense) == 2 else [])] for d in dense]
         try:
             out = launch_ranks(_score_rank, (args.config, overrides, score_args), args.world_size,
                                 args.threads_per_rank)
@@ -104,6 +105,8 @@ def cmd(args: argparse.Namespace) -> dict:
                 f"score_examples_per_s{tail}": round(score_ex_s),
                 f"score_over_train{tail}": round(score_ex_s / train_ex_s, 2) if train_ex_s else None,
             })
+            if manifest.get("metrics"):
+                results[label][f"auc{tail}"] = {t: round(m["auc"], 5) for t, m in manifest["metrics"].items()}
         if len(dense) == 2:
             r = results[label]
             r["dense_int8_over_fp32"] = round(r["score_examples_per_s_dense_int8"] / r["score_examples_per_s"], 3)
