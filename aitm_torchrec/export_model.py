@@ -1,7 +1,8 @@
 """Serving export: a trained checkpoint -> a self-contained TorchScript model with quantized tables.
 
     python launch/export.py model --output DIR [--config FILE] [--checkpoint DIR]
-                                  [--quant none|int8|fp16|int4] [key.path=value ...]
+                                  [--quant none|int8|fp16|int4] [--dense-quant none|int8]
+                                  [key.path=value ...]
 
 ``run(cfg, ModelExportOptions)``. Input: a training checkpoint of any world size
 (``from_checkpoint.resolve_checkpoint``; read whole into this one process by
@@ -10,7 +11,9 @@ beside ``DIR`` and renamed into place (``outputs.publish_dir``), so ``DIR`` is n
 
 - ``DIR/scripted_model.pt``: ``ServingModel`` around the model, its EmbeddingBagCollection
   swapped for TorchRec's quantized one (``quantize_inference_model``; ``none`` keeps fp32
-  tables), fx-traced (``torchrec.fx.symbolic_trace``) and TorchScripted.
+  tables), its ``nn.Linear`` layers dynamically quantized to int8 with ``dense_quant="int8"``
+  (``quantize_dense``; ``none`` keeps them fp32), fx-traced (``torchrec.fx.symbolic_trace``) and
+  TorchScripted.
   forward(inputs: Dict[str, Tensor]) -> Dict[str, Tensor]:
     inputs  ``<feature>.values`` (int64 table rows, after the schema's id rule; zch features:
             the ids' zch keys, ``features.zch_keys``) and
@@ -24,9 +27,10 @@ beside ``DIR`` and renamed into place (``outputs.publish_dir``), so ``DIR`` is n
   Loading it needs fbgemm_gpu's operators registered (``import fbgemm_gpu``), nothing else of
   TorchRec or this project; ``aitm_torchrec.serving.Predictor`` does that and the id rules.
 - ``DIR/schema.json``: the schema (features, id rules, dense layout, towers; ``Schema.save``).
-- ``DIR/meta.json``: checkpoint path and step, quantization, sizes in bytes, versions, input
-  and output names, and a self-check: the loaded artefact against the checkpoint's eager model
-  on a random batch (max absolute difference of the probabilities).
+- ``DIR/meta.json``: checkpoint path and step, quantization (tables) and dense_quantization
+  (Linear layers), sizes in bytes, versions, input and output names, and a self-check: the
+  loaded artefact against the checkpoint's eager fp32 model on a random batch (max absolute
+  difference of the probabilities).
 
 A TorchScript file is code: load only artefacts you trust (ones this project wrote).
 """
@@ -62,6 +66,40 @@ ARTEFACT_VERSION = 1
 ROW_ALIGNMENT = 4
 
 QUANT_DTYPES = {"none": None, "int8": torch.qint8, "fp16": torch.float16, "int4": torch.quint4x2}
+
+# --dense-quant: the Linear layers' weights. int8: PyTorch dynamic quantization (weights int8 per
+# output channel, activations quantized per batch at run time, FBGEMM kernels, fp32 out).
+DENSE_QUANTS = ("none", "int8")
+
+
+def quantize_dense(model: nn.Module, dense_quant: str = "int8") -> nn.Module:
+    """Swaps every ``nn.Linear`` under ``model`` (in place; returned) for a dynamically quantized
+    one (``torch.ao.nn.quantized.dynamic.Linear``, qint8 weights per output channel, FBGEMM
+    engine); ``"none"`` leaves ``model`` as it is. Nothing else is touched: tables (plain,
+    quantized or sharded by DistributedModelParallel), BatchNorm and activations stay as they
+    are, so a DMP-wrapped model's unsharded MLPs are quantized where they sit. Sets the
+    process's quantized engine to ``fbgemm`` (x86 CPUs; FBGEMM picks its kernels for the CPU's
+    instruction set). CPU only: the quantized Linear has no CUDA kernel."""
+    if dense_quant not in DENSE_QUANTS:
+        raise ValueError(f"dense quantization {dense_quant!r} is not one of {', '.join(DENSE_QUANTS)}")
+    if dense_quant == "none":
+        return model
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+    from torch.ao.quantization import per_channel_dynamic_qconfig
+
+    if "fbgemm" not in torch.backends.quantized.supported_engines:
+        raise RuntimeError("int8 dense layers need PyTorch's fbgemm quantized engine (x86 CPUs); this "
+                           f"build has {torch.backends.quantized.supported_engines}")
+    torch.backends.quantized.engine = "fbgemm"
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear:
+                if child.weight.device.type != "cpu":
+                    raise ValueError(f"int8 dense layers run on the CPU; {name} is on {child.weight.device}")
+                child.qconfig = per_channel_dynamic_qconfig
+                setattr(parent, name, DynamicLinear.from_float(child))
+    return model
+
 
 @torch.fx.wrap
 def zch_remap(features: KeyedJaggedTensor, names: list[str], sorted_keys: list[torch.Tensor],
@@ -143,13 +181,19 @@ class ServingModel(nn.Module):
 
 
 def script_model(model: nn.Module, schema: Schema, quant: str = "int8",
-                 row_alignment: int = ROW_ALIGNMENT, zch_world_size: int = 1) -> torch.jit.ScriptModule:
+                 row_alignment: int = ROW_ALIGNMENT, zch_world_size: int = 1,
+                 dense_quant: str = "none") -> torch.jit.ScriptModule:
     """An eval-mode ``MultiTaskModel`` -> the scripted ``ServingModel`` (``model`` is not changed).
     ``row_alignment``: bytes each quantized table row is padded to. ``zch_world_size``: ranks of
-    the training run (where unheld zch keys' default rows are; see ``ZchLookup``)."""
+    the training run (where unheld zch keys' default rows are; see ``ZchLookup``).
+    ``dense_quant``: the Linear layers (``quantize_dense``), quantized on the eager copy before
+    tracing (the dynamic quantized Linear is a leaf of the trace and scripts as it is)."""
     if quant not in QUANT_DTYPES:
         raise ValueError(f"quantization {quant!r} is not one of {', '.join(QUANT_DTYPES)}")
+    if dense_quant not in DENSE_QUANTS:
+        raise ValueError(f"dense quantization {dense_quant!r} is not one of {', '.join(DENSE_QUANTS)}")
     model = copy.deepcopy(model).eval()
+    quantize_dense(model, dense_quant)
     if getattr(model, "mc_ebc", None) is not None:
         model.mc_ebc = ZchLookup(model.mc_ebc, zch_world_size)
     dtype = QUANT_DTYPES[quant]
@@ -192,11 +236,13 @@ def eager_probs(model: nn.Module, schema: Schema, inputs: dict[str, torch.Tensor
         return torch.sigmoid(model(dense, kjt))
 
 
-def export(model: nn.Module, schema: Schema, output: Path, quant: str = "int8", meta: dict | None = None) -> dict:
+def export(model: nn.Module, schema: Schema, output: Path, quant: str = "int8", meta: dict | None = None,
+           dense_quant: str = "none") -> dict:
     """Writes the artefact of an eval-mode ``MultiTaskModel`` to ``output`` atomically; returns
     meta.json's contents. ``meta``: extra entries (checkpoint path and step)."""
     def build(tmp: Path) -> dict:
-        scripted = script_model(model, schema, quant, zch_world_size=int((meta or {}).get("trained_world_size") or 1))
+        scripted = script_model(model, schema, quant, zch_world_size=int((meta or {}).get("trained_world_size") or 1),
+                                dense_quant=dense_quant)
         torch.jit.save(scripted, str(tmp / MODEL_FILE))
         schema.save(tmp / SCHEMA_FILE)
         check = _self_check(model, schema, tmp / MODEL_FILE)
@@ -204,6 +250,7 @@ def export(model: nn.Module, schema: Schema, output: Path, quant: str = "int8", 
             "artefact_version": ARTEFACT_VERSION,
             **(meta or {}),
             "quantization": quant,
+            "dense_quantization": dense_quant,
             "inputs": input_names(schema),
             "outputs": output_names(schema),
             "sizes_bytes": {
@@ -223,7 +270,7 @@ def export(model: nn.Module, schema: Schema, output: Path, quant: str = "int8", 
 
 
 def _self_check(model: nn.Module, schema: Schema, path: Path, batch_size: int = 64) -> dict:
-    """The saved file, loaded back, against the eager model on a random batch."""
+    """The saved file, loaded back, against the eager (unquantized) model on a random batch."""
     inputs = example_inputs(schema, batch_size)
     expected = eager_probs(model, schema, inputs)
     loaded = torch.jit.load(str(path))
@@ -255,14 +302,18 @@ class ModelExportOptions:
     output: Path
     checkpoint: str | None = None  # default: the newest complete checkpoint under model_dir
     quant: str = "int8"  # table weights: one of QUANT_DTYPES
+    dense_quant: str = "none"  # Linear layers: one of DENSE_QUANTS (int8: dynamic quantization)
 
 
 def run(cfg: Config, opts: ModelExportOptions) -> dict:
     """Exports the checkpoint's model; returns meta.json's contents plus ``output``."""
+    if opts.quant not in QUANT_DTYPES or opts.dense_quant not in DENSE_QUANTS:
+        raise ValueError(f"quantization {opts.quant!r} / dense quantization {opts.dense_quant!r}: tables take "
+                         f"{', '.join(QUANT_DTYPES)}; Linear layers {', '.join(DENSE_QUANTS)}")
     path = resolve_checkpoint(cfg, opts.checkpoint)
     ckpt = checkpoint_meta(path)
     model = local_model(cfg, path)
     info = export(model, cfg.schema, Path(opts.output), opts.quant,
                   {"checkpoint": str(path.resolve()), "step": ckpt.get("step"),
-                   "trained_world_size": ckpt.get("world_size")})
+                   "trained_world_size": ckpt.get("world_size")}, opts.dense_quant)
     return {"output": str(Path(opts.output).resolve()), **info}

@@ -22,6 +22,13 @@ bf16 on CUDA with bf16 and on CPUs with AMX, else fp32), as in training; a servi
 scores in fp32 (what it holds). The resolved value is part of the job's identity (``job.json``,
 so a resumed job's parts all come from one precision) and of ``manifest.json``.
 
+``dense_quant="int8"`` (checkpoint only): the sharded model's ``nn.Linear`` layers (the unsharded
+MLPs inside DistributedModelParallel) are swapped for dynamically quantized int8 ones
+(``export_model.quantize_dense``, FBGEMM, CPU) after the checkpoint's weights are loaded; the
+tables stay as trained. It is part of the job's identity: a re-run with another value is another
+job. A serving artefact (``model``) runs as it was exported. int8 Linears take fp32 inputs, so with
+``dense_quant`` the job scores without autocast whatever the precision setting resolves to.
+
 ``metrics``: the label columns are also passed through, and per-task AUC, logloss and
 calibration are computed over every output row (from the part files, so a resumed job's
 metrics cover all rows), exact across ranks.
@@ -53,6 +60,7 @@ from aitm_torchrec.data import Batch, ParquetReader
 from aitm_torchrec.data.csv_input import csv_format
 from aitm_torchrec.data.source import input_columns
 from aitm_torchrec.dist import DistEnv
+from aitm_torchrec.export_model import DENSE_QUANTS, quantize_dense
 from aitm_torchrec.files import atomic_write, sha256_file
 from aitm_torchrec.metrics import TaskMetrics
 from aitm_torchrec.outputs import JobOutput, describe_difference
@@ -74,6 +82,7 @@ class ScoreOptions:
     checkpoint: str | None = None  # default: the newest complete checkpoint under model_dir
     model: str | None = None  # a serving artefact (launch/export.py model) instead of a checkpoint
     threads: int = 0  # with ``model``: torch threads per process (0: torch's default)
+    dense_quant: str = "none"  # checkpoint only: "int8" quantizes the Linear layers (export_model.DENSE_QUANTS)
     reserved_columns: tuple[str, ...] = ()  # ("ALL",): every column of the input
     output_kinds: tuple[str, ...] = ("probs",)
     batch_size: int = 0  # 0 -> 4 x data_config.batch_size
@@ -125,15 +134,16 @@ def _job(cfg: Config, opts: ScoreOptions, model: dict, reader: ParquetReader, co
         "output_columns": list(opts.output_kinds),
         "metrics": opts.metrics,
         "mixed_precision": precision.resolved,
+        "dense_quant": opts.dense_quant,
     }))
 
 
 _JOB_NAMES = {"config": "the config", "checkpoint": "the checkpoint", "inputs": "the input files or their rows",
               "rows": "the input rows", "world_size": "the world size", "rows_per_part": "rows_per_part",
               "reserved_columns": "the reserved columns", "output_columns": "the output columns",
-              "metrics": "--metrics", "mixed_precision": "the mixed precision"}
+              "metrics": "--metrics", "mixed_precision": "the mixed precision", "dense_quant": "--dense-quant"}
 _JOB_SHOWN = {"checkpoint": lambda c: f"step {c['step']} at {c['path']}" if c else "none", "world_size": str,
-              "mixed_precision": str}
+              "mixed_precision": str, "dense_quant": str}
 
 
 def _job_output(out: Path) -> JobOutput:
@@ -195,6 +205,10 @@ def run(cfg: Config, env: DistEnv, opts: ScoreOptions, on_part_written: Callable
     for kind in opts.output_kinds:
         if kind not in OUTPUT_KINDS:
             raise ScoreError(f"--output_columns: {kind!r} is not one of {', '.join(OUTPUT_KINDS)}")
+    if opts.dense_quant not in DENSE_QUANTS:
+        raise ScoreError(f"--dense-quant: {opts.dense_quant!r} is not one of {', '.join(DENSE_QUANTS)}")
+    if opts.dense_quant != "none" and env.device.type != "cpu":
+        raise ScoreError(f"--dense-quant {opts.dense_quant} runs on the CPU; this job's device is {env.device}")
     inputs = tuple(opts.inputs) or cfg.eval_input_path
     if not inputs:
         raise ScoreError("no input: pass --input PATH, or set eval_input_path in the config")
@@ -205,6 +219,9 @@ def run(cfg: Config, env: DistEnv, opts: ScoreOptions, on_part_written: Callable
             raise ScoreError("--model and --checkpoint exclude each other: score with one model")
         if "logits" in opts.output_kinds:
             raise ScoreError("--output_columns logits needs a checkpoint: a serving artefact outputs probabilities")
+        if opts.dense_quant != "none":
+            raise ScoreError("--dense-quant applies to a checkpoint: a serving artefact runs as exported "
+                             "(launch/export.py model --dense-quant)")
         predictor = Predictor(opts.model, threads=opts.threads or None)
         precision = Precision(cfg.train_config.mixed_precision, "none", "a serving artefact is fp32")
         schema, model = predictor.schema, _identity(Path(opts.model), "meta.json", int(predictor.meta.get("step", -1)))
@@ -215,6 +232,8 @@ def run(cfg: Config, env: DistEnv, opts: ScoreOptions, on_part_written: Callable
         model = _identity(ckpt, "meta.json", int(from_checkpoint.checkpoint_meta(ckpt).get("step", -1)))
         source_text = f"{ckpt} (step {model['step']})"
         precision = resolve_for_job(cfg.train_config.mixed_precision, env.device)
+        if opts.dense_quant != "none" and precision.resolved != "none":  # int8 Linears take fp32 inputs
+            precision = Precision(precision.requested, "none", f"--dense-quant {opts.dense_quant} runs in fp32")
         if precision.resolved == "fp16" and env.device.type != "cuda":
             raise ScoreError("train_config.mixed_precision: fp16 needs CUDA; use bf16 or none on the CPU")
     columns = list(opts.reserved_columns)
@@ -253,6 +272,7 @@ def run(cfg: Config, env: DistEnv, opts: ScoreOptions, on_part_written: Callable
                 return torch.logit(p).float()
         else:
             dmp, _ = from_checkpoint.sharded_model(cfg, env, ckpt)
+            quantize_dense(dmp, opts.dense_quant)  # in place, after the weights are loaded
 
             def forward(batch: Batch) -> torch.Tensor:
                 with autocast(env.device.type, precision):
@@ -301,6 +321,7 @@ def run(cfg: Config, env: DistEnv, opts: ScoreOptions, on_part_written: Callable
         "scoring_seconds": round(slowest, 3),
         "world_size": env.world_size,
         "mixed_precision": precision.to_dict(),
+        "dense_quant": (predictor.meta.get("dense_quantization", "none") if opts.model else opts.dense_quant),
         "columns": passthrough + [f"{k}_{t}" for k in opts.output_kinds for t in schema.tower_names],
         "towers": [{"tower_name": t.tower_name, "label_name": t.label_name} for t in schema.tasks],
         "parts": all_files,

@@ -33,7 +33,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from aitm_torchrec.features import DataError, Source, bag_column, raw_column
+from aitm_torchrec.features import DataError, Source, bag_column, mix64, raw_column
 from aitm_torchrec.schema import Schema
 
 MODEL_FILE = "scripted_model.pt"
@@ -83,6 +83,7 @@ class Predictor:
             torch.set_num_threads(threads)
         self.model = torch.jit.load(str(self.path / MODEL_FILE), map_location="cpu")
         self.model.eval()
+        self._int_ids = _IntIds(self.schema)
 
     @property
     def tower_names(self) -> list[str]:
@@ -96,17 +97,29 @@ class Predictor:
 
     def inputs_from_arrow(self, table: pa.Table | pa.RecordBatch, where: str = "input rows") -> dict[str, torch.Tensor]:
         """B raw rows -> the model's input dict (see ``input_names``), by the training id rules
-        and normalisers. DataError naming the column for a missing or bad column."""
+        and normalisers. DataError naming the column for a missing or bad column.
+
+        Vectorised per column, and across columns for the common case: the single-id integer
+        columns of hashed or bucketed IdFeatures (``_IntIds``) are read into one K x B array,
+        hashed in one pass and handed out as row views; the other columns (strings, tags,
+        dictionary-encoded, zch, raw values) go through ``features.bag_column`` / ``raw_column``
+        one column at a time. Same tensors as the per-column functions give (tested)."""
         src = Source(where)
+        names = table.column_names
         for col in self.columns:
-            if col not in table.column_names:
+            if col not in names:
                 raise DataError(f"{where}: missing column {col!r} (the model reads {', '.join(self.columns)})")
+        columns = {col: _typed(table.column(col)) for col in self.columns}
         inputs: dict[str, torch.Tensor] = {}
+        grouped = self._int_ids.inputs(columns, table.num_rows, src)
         for f in self.schema.sparse:
-            lengths, rows = bag_column(f, _typed(table.column(f.column)), src)
+            if f.name in grouped:
+                inputs[f"{f.name}.values"], inputs[f"{f.name}.lengths"] = grouped[f.name]
+                continue
+            lengths, rows = bag_column(f, columns[f.column], src)
             inputs[f"{f.name}.values"] = _tensor(rows)
             inputs[f"{f.name}.lengths"] = _tensor(lengths)
-        parts = [raw_column(f, _typed(table.column(f.column)), src) for f in self.schema.dense]
+        parts = [raw_column(f, columns[f.column], src) for f in self.schema.dense]
         dense = np.concatenate(parts, axis=1) if parts else np.zeros((table.num_rows, 0), np.float32)
         inputs["dense"] = _tensor(dense)
         return inputs
@@ -156,6 +169,64 @@ class Predictor:
     def predict_rows(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
         """A list of raw rows (dicts) -> {tower: B float32 probabilities}, in row order."""
         return self.predict_arrow(self.table_from_rows(rows))
+
+
+class _IntIds:
+    """The single-id, integer-column IdFeatures with ``hash_bucket_size`` or ``num_buckets`` (not
+    zch), converted together: K columns -> one K x B int64 array, one ``mix64`` and one modulo
+    (per-feature bucket counts broadcast) for the hashed ones, one range check for the bucketed
+    ones. The rules are ``features.ids_to_rows``'; a null id is an empty bag, as in
+    ``bag_column``. Columns of another type (strings, dictionary-encoded, lists, floats) are left
+    to ``bag_column``, which also words their errors."""
+
+    def __init__(self, schema: Schema) -> None:
+        self.features = [f for f in schema.sparse
+                         if f.feature_type == "IdFeature" and not f.zch_size and (f.hash_bucket_size or f.num_buckets)]
+        self.buckets = np.array([f.hash_bucket_size for f in self.features], np.uint64)[:, None]
+        self.limits = np.array([f.num_buckets for f in self.features], np.int64)[:, None]
+        self.hashed = np.array([bool(f.hash_bucket_size) for f in self.features])
+
+    def inputs(self, columns: Mapping[str, pa.ChunkedArray | pa.Array], rows: int,
+               src: Source) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """{feature: (values, lengths) tensors} for the features whose column is integer-typed."""
+        arrays = []
+        for f in self.features:
+            column = columns[f.column]
+            if pa.types.is_integer(column.type):
+                arrays.append((f, column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column))
+        if not arrays:
+            return {}
+        which = [self.features.index(f) for f, _ in arrays] if len(arrays) < len(self.features) else None
+        ids = np.empty((len(arrays), rows), np.int64)
+        valid = None
+        for k, (_, arr) in enumerate(arrays):
+            if arr.null_count:
+                if valid is None:
+                    valid = np.ones((len(arrays), rows), bool)
+                valid[k] = arr.is_valid().to_numpy(zero_copy_only=False)
+                arr = arr.fill_null(0)  # 0 is in every range; the null's slot is dropped below
+            ids[k] = arr.to_numpy(zero_copy_only=False)  # any integer type, wrapping like astype(int64)
+        limits, buckets, hashed = (self.limits, self.buckets, self.hashed) if which is None else (
+            self.limits[which], self.buckets[which], self.hashed[which])
+        if not hashed.all():
+            b = np.flatnonzero(~hashed)
+            bad = (ids[b] < 0) | (ids[b] >= limits[b])
+            if bad.any():
+                i = int(np.flatnonzero(bad.any(axis=1))[0])
+                f, row = arrays[b[i]][0], ids[b[i]]
+                raise DataError(f"{src.path}: column {f.column!r} has {int(bad[i].sum())} ids outside "
+                                f"[0, num_buckets={f.num_buckets}), e.g. {int(row[bad[i]][0])}; "
+                                "use hash_bucket_size for raw ids")
+        if hashed.any():
+            h = np.flatnonzero(hashed) if not hashed.all() else slice(None)
+            ids[h] = (mix64(ids[h].view(np.uint64)) % buckets[h]).view(np.int64)
+        values = torch.from_numpy(ids)
+        lengths = torch.ones(ids.shape, dtype=torch.int64) if valid is None else torch.from_numpy(valid.astype(np.int64))
+        out = {}
+        for k, (f, _) in enumerate(arrays):
+            out[f.name] = (values[k] if valid is None or valid[k].all() else values[k][lengths[k].bool()],
+                           lengths[k])
+        return out
 
 
 def _typed(column: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:

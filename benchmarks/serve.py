@@ -8,9 +8,13 @@ through ``Predictor.predict_arrow`` (id hashing, normalisation, model); candidat
 (b) at each batch size (= B / mean latency); artefact sizes in bytes and as a fraction of fp32;
 probabilities' mean/max absolute difference from the fp32 artefact on 4096 eval rows. Rows: the
 synthetic eval set of ``data`` (``--string-ids`` for string ids and "|"-joined tags). Goals: p99
-< 10 ms at 512 candidates on one core; int8 at most 30% of the fp32 size.
+< 10 ms at 512 candidates on one core; int8 at most 30% of the fp32 size. ``--quants`` picks the
+table quantizations (the fp32 export is always made: the reference); ``--dense-quant int8`` exports with int8 Linear layers (``launch/export.py
+model --dense-quant``), ``both`` each table quantization twice (keys ``<quant>`` and
+``<quant>+dense_int8``), for the dense layers' speed and accuracy beside fp32 ones.
 
-    python -m benchmarks serve [--iters 200] [--string-ids] [--train-steps 2]
+    python -m benchmarks serve [--iters 200] [--string-ids] [--train-steps 2] [--quants none,int8]
+                               [--dense-quant none|int8|both]
 """
 
 from __future__ import annotations
@@ -34,6 +38,10 @@ def add_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--string-ids", action="store_true", help="string ids and '|'-joined tags")
     s.add_argument("--train-steps", type=int, default=2, help="training steps before the export")
     s.add_argument("--iters", type=int, default=200, help="timed calls per batch size")
+    s.add_argument("--quants", default="none,int8,fp16,int4",
+                   help="table quantizations to export, comma-separated (none, the fp32 reference, always)")
+    s.add_argument("--dense-quant", choices=("none", "int8", "both"), default="none",
+                   help="Linear layers of the exports: fp32, int8, or each export both ways")
     add_overrides(s)
 
 
@@ -79,12 +87,18 @@ def cmd(args: argparse.Namespace) -> dict:
                      f"train_config.num_steps={args.train_steps}", *args.overrides]
         run_local(_train_one, args.config, overrides, nproc=1, threads=1)
         sizes, exports = {}, {}
-        for q in ("none", "int8", "fp16", "int4"):
-            out = work / q
-            export_main(["model", "--output", str(out), "--quant", q, *(["--config", args.config] if args.config else []),
-                         *overrides])
-            sizes[q] = (out / "scripted_model.pt").stat().st_size
-            exports[q] = out
+        dense = {"none": ["none"], "int8": ["int8"], "both": ["none", "int8"]}[args.dense_quant]
+        quants = ["none"] + [q for q in (q.strip() for q in args.quants.split(",")) if q and q != "none"]
+        for q in quants:  # "none" (fp32 tables and Linears) first: the reference
+            for d in (["none", *dense] if q == "none" else dense):
+                key = q if d == "none" else f"{q}+dense_int8"
+                if key in exports:
+                    continue
+                out = work / key
+                export_main(["model", "--output", str(out), "--quant", q, "--dense-quant", d,
+                             *(["--config", args.config] if args.config else []), *overrides])
+                sizes[key] = (out / "scripted_model.pt").stat().st_size
+                exports[key] = out
         pa.set_cpu_count(1)
         pa.set_io_thread_count(1)
         torch.set_num_threads(1)

@@ -19,7 +19,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from aitm_torchrec import dist as aitm_dist
 from aitm_torchrec import table_export
 from aitm_torchrec.config import Config, load_config
-from aitm_torchrec.export_model import QUANT_DTYPES, ModelExportOptions
+from aitm_torchrec.export_model import DENSE_QUANTS, QUANT_DTYPES, ModelExportOptions
 from aitm_torchrec.export_model import run as export_model
 from aitm_torchrec.table_export import ExportOptions
 
@@ -50,6 +50,8 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--config", help="YAML config (default: the seed's configs/aitm_taobao.yaml)")
     m.add_argument("--checkpoint", help="checkpoints/step_<N> directory (default: the newest under model_dir)")
     m.add_argument("--quant", choices=list(QUANT_DTYPES), default="int8", help="table weights (default int8)")
+    m.add_argument("--dense-quant", choices=list(DENSE_QUANTS), default="none",
+                   help="Linear layers: int8 = dynamic quantization, FBGEMM, CPU (default none: fp32)")
     m.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
     return p
 
@@ -61,7 +63,8 @@ def embeddings_options(args: argparse.Namespace) -> ExportOptions:
 
 
 def model_options(args: argparse.Namespace) -> ModelExportOptions:
-    return ModelExportOptions(output=Path(args.output), checkpoint=args.checkpoint, quant=args.quant)
+    return ModelExportOptions(output=Path(args.output), checkpoint=args.checkpoint, quant=args.quant,
+                              dense_quant=args.dense_quant)
 
 
 def parse(argv: list[str] | None) -> tuple[str, Config, ExportOptions | ModelExportOptions]:

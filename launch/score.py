@@ -15,6 +15,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from aitm_torchrec import dist as aitm_dist
 from aitm_torchrec.config import Config, load_config
+from aitm_torchrec.export_model import DENSE_QUANTS
 from aitm_torchrec.score import ScoreOptions, run
 
 
@@ -30,6 +31,8 @@ def parse(argv: list[str] | None) -> tuple[Config, ScoreOptions]:
     p.add_argument("--checkpoint", help="checkpoint directory (default: the newest complete one under model_dir)")
     p.add_argument("--model", help="a serving artefact (launch/export.py model) to score with instead of a checkpoint")
     p.add_argument("--threads", type=int, default=0, help="with --model: torch threads per process (default: torch's)")
+    p.add_argument("--dense-quant", choices=list(DENSE_QUANTS), default="none",
+                   help="from a checkpoint: int8 = dynamically quantized Linear layers, CPU (default none: fp32)")
     p.add_argument("--input", nargs="+", default=[], help="Parquet files, globs or directories (default: eval_input_path)")
     p.add_argument("--reserved_columns", type=_columns, default=(),
                    help="input columns copied to the output beside the scores, comma-separated, or ALL")
@@ -44,7 +47,7 @@ def parse(argv: list[str] | None) -> tuple[Config, ScoreOptions]:
     if args.rows_per_part < 1 or args.batch_size < 0:
         p.error("--rows_per_part must be >= 1 and --batch_size >= 0")
     opts = ScoreOptions(output=Path(args.output), inputs=tuple(args.input), checkpoint=args.checkpoint,
-                        model=args.model, threads=args.threads,
+                        model=args.model, threads=args.threads, dense_quant=args.dense_quant,
                         reserved_columns=args.reserved_columns, output_kinds=args.output_columns,
                         batch_size=args.batch_size, rows_per_part=args.rows_per_part, metrics=args.metrics,
                         overwrite=args.overwrite)

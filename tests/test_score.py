@@ -209,3 +209,45 @@ def test_scoring_runs_the_dense_layers_in_the_resolved_precision_and_records_it(
         np.testing.assert_allclose(y, x, atol=2e-2)
     with pytest.raises(Exception, match=r"the mixed precision \(was bf16, now none\)"):
         _score(_args(trained, tmp_path / "bf16", "train_config.mixed_precision=none"))
+
+
+# Dynamic int8 Linears vs fp32: the bound and its reasons are test_serving.DENSE_INT8_ATOL's (this
+# module's model is trained less, 12 steps; measured max |dp| 1.2e-3, mean 2.4e-4 and 2.8e-4).
+DENSE_INT8_ATOL = 2e-2
+
+
+def test_dense_int8_scoring_on_two_ranks_close_to_fp32_and_its_own_job(trained, tmp_path):
+    run_ranks(_score, _args(trained, tmp_path / "fp32", "--output_columns", "probs,logits"), nproc=2)
+    run_ranks(_score, _args(trained, tmp_path / "int8", "--output_columns", "probs,logits", "--dense-quant", "int8"),
+              nproc=2)
+    a, b = _read(tmp_path / "fp32"), _read(tmp_path / "int8")
+    assert b.column("rid").to_pylist() == list(range(ROWS))
+    diffs = [np.abs(b.column(f"probs_{t}").to_numpy() - a.column(f"probs_{t}").to_numpy()) for t in ("ctr", "cvr")]
+    print(f"\nscore --dense-quant int8 vs none, 2 ranks: max |dp| {max(float(d.max()) for d in diffs):.2e} "
+          f"mean |dp| {[round(float(d.mean()), 6) for d in diffs]}")
+    assert all(float(d.max()) <= DENSE_INT8_ATOL for d in diffs)
+    assert any(float(d.max()) > 0 for d in diffs), "int8 Linears must change the scores somewhat"
+    job = json.loads((tmp_path / "int8" / "job.json").read_text())
+    manifest = json.loads((tmp_path / "int8" / "manifest.json").read_text())
+    assert job["dense_quant"] == manifest["dense_quant"] == "int8"
+    assert json.loads((tmp_path / "fp32" / "manifest.json").read_text())["dense_quant"] == "none"
+    # another dense quantization is another job; the same one resumes (nothing left to score)
+    with pytest.raises(Exception, match=r"holds scores of another job: .*--dense-quant \(was int8, now none\)"):
+        _score(_args(trained, tmp_path / "int8", "--output_columns", "probs,logits"))
+    with pytest.raises(Exception, match="--dense-quant applies to a checkpoint"):
+        _score(_args(trained, tmp_path / "m", "--model", str(tmp_path), "--dense-quant", "int8"))
+
+
+def test_scoring_with_an_int8_dense_artefact(trained, tmp_path):
+    from launch.export import main as export_main
+
+    export_main(["model", "--config", trained["config"], "--output", str(tmp_path / "artefact"), "--quant", "none",
+                 "--dense-quant", "int8"])
+    from_checkpoint = _score(_args(trained, tmp_path / "ckpt"))
+    from_model = _score(_args(trained, tmp_path / "model", "--model", str(tmp_path / "artefact"), "--threads", "1"))
+    assert from_model["dense_quant"] == "int8" and from_checkpoint["dense_quant"] == "none"
+    a, b = _read(tmp_path / "ckpt"), _read(tmp_path / "model")
+    assert b.column("rid").to_pylist() == list(range(ROWS))
+    for tower in ("ctr", "cvr"):
+        diff = np.abs(b.column(f"probs_{tower}").to_numpy() - a.column(f"probs_{tower}").to_numpy())
+        assert 0 < float(diff.max()) <= DENSE_INT8_ATOL
