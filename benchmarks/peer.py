@@ -5,8 +5,12 @@ code).
 
 What the peer takes from MTReclib (file:line at that commit):
 
-- embeddings: one ``nn.Embedding`` of ``sum(field sizes)`` rows shared by all fields, each field's
-  ids shifted by the sizes of the fields before it (``models/layers.py:8-9,16``), initialised
+- embeddings: one ``nn.Embedding`` of ``sum(field_dims)`` rows shared by all fields, each field's
+  ids shifted by the sizes of the fields before it (``models/layers.py:8-9,16``); a field's size
+  is its data's vocabulary: ``field_dims = max code + 1`` per categorical column of the train set
+  (``datasets/aliexpress.py:16,20``, ``main.py:152,157``), on the integer codes the AliExpress
+  data carries as they are (``data/preprocess.py:42,44,51``: train and test joined, the columns
+  kept, no re-encoding), so one row per code; initialised
   xavier-uniform (``models/layers.py:10``): for a (rows, dim) table the bound is
   ``sqrt(6 / (rows + dim))`` with rows the total over all fields; width 128
   (``main.py:201``, ``--embed_dim``);
@@ -31,22 +35,35 @@ What the peer takes from MTReclib (file:line at that commit):
 
 Where the peer differs, and why:
 
-- features: the Taobao schema of ``configs/aitm_taobao.yaml`` (16 id and 2 tag fields, table sizes
-  from the config; ids reach rows by ``id % rows``), not MTReclib's AliExpress set (16 id fields
-  and its numeric columns through one Linear, ``models/aitm.py:17,37``, ``datasets/aliexpress.py:16-17``).
-  The schema has no numeric features, so there is no numeric Linear; the two tag fields (lists,
-  which AliExpress lacks) take rows of the same shared table and are summed per field;
+- features: the Taobao schema of ``configs/aitm_taobao.yaml`` (16 id and 2 tag fields), not
+  MTReclib's AliExpress set (16 id fields and its numeric columns through one Linear,
+  ``models/aitm.py:17,37``, ``datasets/aliexpress.py:16-17``). The schema has no numeric features,
+  so there is no numeric Linear; the two tag fields (lists, which AliExpress lacks) take rows of
+  the same shared table and are summed per field (up to 8 tags a row; -1 pads and is masked, so
+  there is no padding row);
+- field sizes (``Vocab``): the data's ids are raw ids, not codes, so the peer codes them: per
+  field the sorted distinct ids of train and eval together get indices 0..n-1 and the field n
+  rows, MTReclib's ``max code + 1`` on such codes. Coding eval too gives every eval id a row (a
+  train-only ``max + 1`` would index past the table for an eval-only code); those rows get no data
+  gradient in training, like any row outside a batch. The config's ``hash_bucket_size`` is not
+  used by the one-epoch run;
 - epochs: one, the benchmark's comparison of one pass. MTReclib trains up to 50 epochs and stops
   after two without a better mean AUC on the test set, keeping the best (``main.py:163-177,196``);
 - the loss is computed from logits (``binary_cross_entropy_with_logits``): the same value as
   ``BCELoss`` on the sigmoid, minus that loss's clamp of log at -100;
 - ``--peer-calibration A`` adds the AITM paper's order-calibration term
   ``A * mean(relu(p_buy - p_click))`` (off by default; MTReclib has none);
-- the speed runs build the peer at the config's embedding width (16) rather than 128, so both
-  trainers hold the same table bytes and the 14M-row peer (with its Adam state) fits in memory.
+- batches: sliced (``index_select``) from the in-memory tensors along one seeded permutation per
+  epoch, the very batches ``DataLoader(shuffle=True)`` with that seeded generator gives over the
+  rows (MTReclib: a per-row ``Dataset`` and ``DataLoader``, ``main.py:154``), at a fraction of its
+  collation cost;
+- the speed runs build the peer at this trainer's table sizes (the config's ``hash_bucket_size``,
+  or ``--big-table-rows``; ids reach rows by ``id % rows``) and the config's embedding width (16)
+  rather than 128, so both trainers hold the same table bytes and the 14M-row peer (with its Adam
+  state) fits in memory: they compare speed at equal tables, not the peer's data-sized table.
 
 Speed, measured in the same invocation one after the other (so both see the same machine): the
-peer's training examples/s (one process, all cores, DataLoader included) and this trainer's (2
+peer's training examples/s (one process, all cores, batching included) and this trainer's (2
 gloo ranks x 1 thread through ``train.run`` from Parquet, eval off), at the seed's table sizes
 and with the large tables grown to ``--big-table-rows`` rows in all; their ratios.
 Quality: both trained for one epoch over the same ``--rows``-row set (the peer at its batch of
@@ -382,7 +399,8 @@ def cmd(args: argparse.Namespace) -> dict:
     result = {"benchmark": "peer",
               "peer": "benchmarks/peer.py: MTReclib's AITM (one shared xavier-uniform table, per-task bottoms "
                       "512-256, AIT, towers 128-64, BatchNorm, dropout 0.2), mean BCE over tasks, Adam over all "
-                      "parameters (lr 1e-3, weight_decay 1e-6), per-row Dataset + DataLoader, one process, 2 threads",
+                      "parameters (lr 1e-3, weight_decay 1e-6); one-epoch table: one row per distinct id of train "
+                      "and eval; batches sliced from in-memory tensors; one process, 2 threads",
               "ours": "launch/train.py path: 2 gloo ranks x 1 thread, sharded tables, fused table optimizer, "
                       "Parquet reader"}
     if args.speed:
