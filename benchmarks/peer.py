@@ -5,8 +5,12 @@ code).
 
 What the peer takes from MTReclib (file:line at that commit):
 
-- embeddings: one ``nn.Embedding`` of ``sum(field sizes)`` rows shared by all fields, each field's
-  ids shifted by the sizes of the fields before it (``models/layers.py:8-9,16``), initialised
+- embeddings: one ``nn.Embedding`` of ``sum(field_dims)`` rows shared by all fields, each field's
+  ids shifted by the sizes of the fields before it (``models/layers.py:8-9,16``); a field's size
+  is its data's vocabulary: ``field_dims = max code + 1`` per categorical column of the train set
+  (``datasets/aliexpress.py:16,20``, ``main.py:152,157``), on the integer codes the AliExpress
+  data carries as they are (``data/preprocess.py:42,44,51``: train and test joined, the columns
+  kept, no re-encoding), so one row per code; initialised
   xavier-uniform (``models/layers.py:10``): for a (rows, dim) table the bound is
   ``sqrt(6 / (rows + dim))`` with rows the total over all fields; width 128
   (``main.py:201``, ``--embed_dim``);
@@ -31,22 +35,35 @@ What the peer takes from MTReclib (file:line at that commit):
 
 Where the peer differs, and why:
 
-- features: the Taobao schema of ``configs/aitm_taobao.yaml`` (16 id and 2 tag fields, table sizes
-  from the config; ids reach rows by ``id % rows``), not MTReclib's AliExpress set (16 id fields
-  and its numeric columns through one Linear, ``models/aitm.py:17,37``, ``datasets/aliexpress.py:16-17``).
-  The schema has no numeric features, so there is no numeric Linear; the two tag fields (lists,
-  which AliExpress lacks) take rows of the same shared table and are summed per field;
+- features: the Taobao schema of ``configs/aitm_taobao.yaml`` (16 id and 2 tag fields), not
+  MTReclib's AliExpress set (16 id fields and its numeric columns through one Linear,
+  ``models/aitm.py:17,37``, ``datasets/aliexpress.py:16-17``). The schema has no numeric features,
+  so there is no numeric Linear; the two tag fields (lists, which AliExpress lacks) take rows of
+  the same shared table and are summed per field (up to 8 tags a row; -1 pads and is masked, so
+  there is no padding row);
+- field sizes (``Vocab``): the data's ids are raw ids, not codes, so the peer codes them: per
+  field the sorted distinct ids of train and eval together get indices 0..n-1 and the field n
+  rows, MTReclib's ``max code + 1`` on such codes. Coding eval too gives every eval id a row (a
+  train-only ``max + 1`` would index past the table for an eval-only code); those rows get no data
+  gradient in training, like any row outside a batch. The config's ``hash_bucket_size`` is not
+  used by the one-epoch run;
 - epochs: one, the benchmark's comparison of one pass. MTReclib trains up to 50 epochs and stops
   after two without a better mean AUC on the test set, keeping the best (``main.py:163-177,196``);
 - the loss is computed from logits (``binary_cross_entropy_with_logits``): the same value as
   ``BCELoss`` on the sigmoid, minus that loss's clamp of log at -100;
 - ``--peer-calibration A`` adds the AITM paper's order-calibration term
   ``A * mean(relu(p_buy - p_click))`` (off by default; MTReclib has none);
-- the speed runs build the peer at the config's embedding width (16) rather than 128, so both
-  trainers hold the same table bytes and the 14M-row peer (with its Adam state) fits in memory.
+- batches: sliced (``index_select``) from the in-memory tensors along one seeded permutation per
+  epoch, the very batches ``DataLoader(shuffle=True)`` with that seeded generator gives over the
+  rows (MTReclib: a per-row ``Dataset`` and ``DataLoader``, ``main.py:154``), at a fraction of its
+  collation cost;
+- the speed runs build the peer at this trainer's table sizes (the config's ``hash_bucket_size``,
+  or ``--big-table-rows``; ids reach rows by ``id % rows``) and the config's embedding width (16)
+  rather than 128, so both trainers hold the same table bytes and the 14M-row peer (with its Adam
+  state) fits in memory: they compare speed at equal tables, not the peer's data-sized table.
 
 Speed, measured in the same invocation one after the other (so both see the same machine): the
-peer's training examples/s (one process, all cores, DataLoader included) and this trainer's (2
+peer's training examples/s (one process, all cores, batching included) and this trainer's (2
 gloo ranks x 1 thread through ``train.run`` from Parquet, eval off), at the seed's table sizes
 and with the large tables grown to ``--big-table-rows`` rows in all; their ratios.
 Quality: both trained for one epoch over the same ``--rows``-row set (the peer at its batch of
@@ -67,10 +84,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
 
 from benchmarks import quality
 from benchmarks.common import REPO, big_table_overrides, cpu_seconds, train_rank
@@ -87,29 +104,51 @@ WEIGHT_DECAY = 1e-6      # main.py:202
 BATCH = 2048             # main.py:200
 
 
-class RowDataset(Dataset):
-    """Rows of Parquet files: ids (F), padded tags (G x MAX_TAGS, -1 = none), labels (T)."""
+class Vocab:
+    """Per field, the sorted distinct raw ids of a data set (train and eval together) and their
+    contiguous indices 0..n-1: MTReclib's categorical columns are such codes and its
+    ``field_dims`` is their count per field (``datasets/aliexpress.py:20``)."""
+
+    def __init__(self, paths: list[Path], id_cols: list[str], tag_cols: list[str]) -> None:
+        table = pq.read_table(paths, columns=id_cols + tag_cols)
+        self.values = {c: np.unique(table.column(c).to_numpy()) for c in id_cols}
+        self.values.update({c: np.unique(pc.list_flatten(table.column(c)).to_numpy()) for c in tag_cols})
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        """Column -> number of distinct ids (the field's rows in the table)."""
+        return {c: len(v) for c, v in self.values.items()}
+
+    def index(self, column: str, raw: np.ndarray) -> np.ndarray:
+        """Raw ids of ``column`` (all in the vocabulary) -> their indices."""
+        return np.searchsorted(self.values[column], raw)
+
+
+class RowDataset:
+    """Parquet rows in memory as tensors: ids (N, F), padded tags (N, G, MAX_TAGS; -1 = none),
+    labels (N, T). Ids reach rows through ``vocab`` (one row per distinct id) or, with ``sizes``,
+    by ``id % sizes[column]``."""
 
     def __init__(self, paths: list[Path], id_cols: list[str], tag_cols: list[str], labels: list[str],
-                 sizes: dict[str, int]) -> None:
+                 sizes: dict[str, int] | None = None, vocab: Vocab | None = None) -> None:
+        assert (sizes is None) != (vocab is None), "one of sizes and vocab"
+        rows = vocab.index if vocab is not None else (lambda c, raw: raw % sizes[c])
         table = pq.read_table(paths, columns=id_cols + tag_cols + labels)
-        self.ids = np.stack([table.column(c).to_numpy() % sizes[c] for c in id_cols], 1).astype(np.int64)
-        self.tags = np.full((table.num_rows, len(tag_cols), MAX_TAGS), -1, np.int64)
+        ids = np.stack([rows(c, table.column(c).to_numpy()) for c in id_cols], 1).astype(np.int64)
+        tags = np.full((table.num_rows, len(tag_cols), MAX_TAGS), -1, np.int64)
         for g, c in enumerate(tag_cols):
             col = table.column(c).combine_chunks()
-            offsets, values = col.offsets.to_numpy(), col.values.to_numpy() % sizes[c]
+            offsets, values = col.offsets.to_numpy(), rows(c, col.values.to_numpy())
             lengths = np.diff(offsets)
             owner = np.repeat(np.arange(table.num_rows), lengths)
             pos = np.arange(len(values)) - np.repeat(offsets[:-1], lengths)
             keep = pos < MAX_TAGS
-            self.tags[owner[keep], g, pos[keep]] = values[keep]
-        self.labels = np.stack([table.column(c).to_numpy() for c in labels], 1).astype(np.float32)
+            tags[owner[keep], g, pos[keep]] = values[keep]
+        labels_ = np.stack([table.column(c).to_numpy() for c in labels], 1).astype(np.float32)
+        self.ids, self.tags, self.labels = torch.from_numpy(ids), torch.from_numpy(tags), torch.from_numpy(labels_)
 
     def __len__(self) -> int:
         return len(self.labels)
-
-    def __getitem__(self, i: int):
-        return torch.from_numpy(self.ids[i]), torch.from_numpy(self.tags[i]), torch.from_numpy(self.labels[i])
 
 
 def mlp(sizes: list[int], dropout: float, output_layer: bool) -> nn.Sequential:
@@ -198,7 +237,8 @@ def loss_fn(logits: torch.Tensor, labels: torch.Tensor, calibration: float = 0.0
 
 def build(cfg, sizes_override: dict[str, int] | None = None, seed: int = 0, dim: int = EMBED_DIM):
     """(model, Adam over every parameter at lr 1e-3 and weight_decay 1e-6, id columns, tag
-    columns, column -> table rows)."""
+    columns, column -> table rows). Rows per field: the config's, replaced by ``sizes_override``
+    where it names the column (``one_epoch`` passes the data's vocabulary sizes for every field)."""
     ids, tags, sizes = seed_layout(cfg)
     sizes = {**sizes, **(sizes_override or {})}
     torch.manual_seed(seed)
@@ -207,14 +247,27 @@ def build(cfg, sizes_override: dict[str, int] | None = None, seed: int = 0, dim:
     return model, opt, ids, tags, sizes
 
 
-def loader(ds: Dataset, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
-    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=0,
-                      generator=torch.Generator().manual_seed(seed))
+def loader(ds: RowDataset, batch_size: int, shuffle: bool, seed: int = 0):
+    """Batches (ids, tags, labels) sliced from the in-memory tensors. Shuffled: one permutation per
+    call, drawn as ``DataLoader(ds, batch_size, shuffle=True, generator=Generator().manual_seed(seed))``
+    draws it (the iterator's base seed, then ``randperm``), so the batches are that DataLoader's,
+    row for row; the last batch holds the remainder."""
+    n = len(ds)
+    if shuffle:
+        g = torch.Generator().manual_seed(seed)
+        torch.empty((), dtype=torch.int64).random_(generator=g)  # DataLoader's base seed, drawn first
+        order = torch.randperm(n, generator=g)
+    else:
+        order = torch.arange(n)
+    for start in range(0, n, batch_size):
+        i = order[start:start + batch_size]
+        yield ds.ids.index_select(0, i), ds.tags.index_select(0, i), ds.labels.index_select(0, i)
 
 
 def examples_per_s(cfg, data: Path, batch_size: int, steps: int, sizes_override: dict[str, int] | None = None,
                    warmup: int = 3, dim: int = EMBED_DIM, calibration: float = 0.0) -> dict:
-    """Training examples/s over ``steps`` steps (after ``warmup``), DataLoader included."""
+    """Training examples/s over ``steps`` steps (after ``warmup``), batching included; tables of
+    the config's sizes (or ``sizes_override``), ids reaching rows by ``id % rows``."""
     model, opt, ids, tags, sizes = build(cfg, sizes_override, dim=dim)
     labels = cfg.schema.label_names
     files = sorted((data / "train").glob("*.parquet"))[:1]
@@ -237,12 +290,16 @@ def examples_per_s(cfg, data: Path, batch_size: int, steps: int, sizes_override:
 def one_epoch(cfg, data: Path, batch_size: int = BATCH, seed: int = 0, dim: int = EMBED_DIM,
               calibration: float = 0.0) -> dict:
     """Trains one epoch over ``data/train``; per-task AUC on ``data/eval`` (eval mode: no
-    dropout, BatchNorm's running statistics)."""
+    dropout, BatchNorm's running statistics). One table row per distinct id of each field over
+    train and eval (``Vocab``), as MTReclib sizes its table by its data's codes."""
     from torchmetrics.functional.classification import binary_auroc
 
-    model, opt, ids, tags, sizes = build(cfg, seed=seed, dim=dim)
+    ids, tags, _ = seed_layout(cfg)
+    train_files, eval_files = sorted((data / "train").glob("*.parquet")), sorted((data / "eval").glob("*.parquet"))
+    vocab = Vocab(train_files + eval_files, ids, tags)
+    model, opt, ids, tags, sizes = build(cfg, vocab.sizes, seed=seed, dim=dim)
     labels = cfg.schema.label_names
-    train = RowDataset(sorted((data / "train").glob("*.parquet")), ids, tags, labels, sizes)
+    train = RowDataset(train_files, ids, tags, labels, vocab=vocab)
     t0, n = time.perf_counter(), 0
     model.train()
     for x, g, y in loader(train, batch_size, True, seed):
@@ -254,7 +311,7 @@ def one_epoch(cfg, data: Path, batch_size: int = BATCH, seed: int = 0, dim: int 
         n += len(y)
     seconds = time.perf_counter() - t0
     model.eval()
-    ev = RowDataset(sorted((data / "eval").glob("*.parquet")), ids, tags, labels, sizes)
+    ev = RowDataset(eval_files, ids, tags, labels, vocab=vocab)
     preds, ys = [], []
     with torch.no_grad():
         for x, g, y in loader(ev, 8192, False):
@@ -263,7 +320,8 @@ def one_epoch(cfg, data: Path, batch_size: int = BATCH, seed: int = 0, dim: int 
     p, y = torch.cat(preds), torch.cat(ys)
     auc = {t.tower_name: float(binary_auroc(p[:, i], y[:, i].long())) for i, t in enumerate(cfg.towers)}
     return {"auc": auc, "examples": n, "seconds": round(seconds, 1), "examples_per_s": n / seconds,
-            "batch_size": batch_size, "embedding_dim": dim, "calibration": calibration}
+            "batch_size": batch_size, "embedding_dim": dim, "calibration": calibration,
+            "table_rows_total": sum(sizes.values())}
 
 
 # ---- the benchmark: the peer beside this trainer ----------------------------------------------
@@ -341,7 +399,8 @@ def cmd(args: argparse.Namespace) -> dict:
     result = {"benchmark": "peer",
               "peer": "benchmarks/peer.py: MTReclib's AITM (one shared xavier-uniform table, per-task bottoms "
                       "512-256, AIT, towers 128-64, BatchNorm, dropout 0.2), mean BCE over tasks, Adam over all "
-                      "parameters (lr 1e-3, weight_decay 1e-6), per-row Dataset + DataLoader, one process, 2 threads",
+                      "parameters (lr 1e-3, weight_decay 1e-6); one-epoch table: one row per distinct id of train "
+                      "and eval; batches sliced from in-memory tensors; one process, 2 threads",
               "ours": "launch/train.py path: 2 gloo ranks x 1 thread, sharded tables, fused table optimizer, "
                       "Parquet reader"}
     if args.speed:

@@ -100,3 +100,42 @@ def test_loss_is_the_mean_task_bce_plus_an_optional_calibration_term():
     assert torch.allclose(peer.loss_fn(logits, labels), bce)
     # p_buy - p_click: row 0 sigmoid(2) - 0.5 = 0.38080, row 1 negative -> 0; mean 0.19040
     assert torch.allclose(peer.loss_fn(logits, labels, 1.0), bce + 0.19040, atol=1e-4)
+
+
+def test_field_dims_are_the_distinct_ids_of_train_and_eval(tiny_data):
+    """One table row per distinct raw id of each field (MTReclib: ``field_dims``, the count of a
+    field's codes); two different (field, raw id) pairs never share a row."""
+    cfg = load_config(None)
+    id_cols, tag_cols, _ = peer.seed_layout(cfg)
+    files = sorted((tiny_data / "train").glob("*.parquet")) + sorted((tiny_data / "eval").glob("*.parquet"))
+    vocab = peer.Vocab(files, id_cols, tag_cols)
+    table = pq.read_table(files, columns=id_cols + tag_cols)
+    raw = {c: table.column(c).to_pylist() for c in id_cols}
+    raw.update({c: [t for tags in table.column(c).to_pylist() for t in tags] for c in tag_cols})
+    assert vocab.sizes == {c: len(set(v)) for c, v in raw.items()}
+    assert vocab.sizes["pid"] < 10 < sum(vocab.sizes.values()) < sum(peer.seed_layout(cfg)[2].values())
+
+    model, _, ids, tags, sizes = peer.build(cfg, vocab.sizes, dim=4)
+    assert sizes == vocab.sizes and model.embedding.weight.shape == (sum(vocab.sizes.values()), 4)
+    ds = peer.RowDataset(files, ids, tags, ["clk", "buy"], vocab=vocab)
+    offsets = model.offsets.tolist()
+    pairs = set()  # (column, raw id, table row) over every id and tag of every row
+    for f, c in enumerate(id_cols):
+        pairs |= {(c, r, offsets[f] + int(i)) for r, i in zip(raw[c], ds.ids[:, f])}
+    for g, c in enumerate(tag_cols):
+        rows = ds.tags[:, g]
+        got = [offsets[len(id_cols) + g] + int(i) for i in rows[rows >= 0]]
+        want = [t for tags in table.column(c).to_pylist() for t in tags[:peer.MAX_TAGS]]
+        pairs |= set(zip([c] * len(want), want, got, strict=True))
+    assert len({(c, r) for c, r, _ in pairs}) == len({row for *_, row in pairs}) == len(pairs)
+    assert all(0 <= row < model.embedding.num_embeddings for *_, row in pairs)
+
+
+def test_shuffled_batches_are_the_seeded_dataloaders():
+    ds = peer.RowDataset.__new__(peer.RowDataset)
+    ds.ids, ds.tags, ds.labels = torch.arange(1000).view(-1, 1), torch.zeros(1000, 1, 2), torch.zeros(1000, 2)
+    dl = torch.utils.data.DataLoader(range(1000), 256, shuffle=True, generator=torch.Generator().manual_seed(3))
+    ours = [x.flatten() for x, _, _ in peer.loader(ds, 256, True, 3)]
+    assert [len(x) for x in ours] == [256, 256, 256, 232]
+    assert all(torch.equal(a, b) for a, b in zip(ours, dl, strict=True))
+    assert torch.equal(torch.cat([x.flatten() for x, _, _ in peer.loader(ds, 256, False)]), torch.arange(1000))
