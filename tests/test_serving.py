@@ -178,21 +178,27 @@ print(json.dumps({"probs": {t: v.tolist() for t, v in out.items()}, "pg": dist.i
 """
 
 
-@pytest.mark.slow
-def test_fresh_process_serves_with_serving_module_only(artefacts, reference):
-    rows = _raw_rows(reference["table"], 20)
-    res = subprocess.run([sys.executable, "-c", FRESH, str(artefacts["int8"]), json.dumps(rows)],
+def _served_in_a_fresh_process(artefact: Path, rows: list[dict]) -> dict:
+    """``FRESH`` run on ``artefact`` and ``rows`` in a new interpreter, checked against this
+    process's Predictor (1e-6); returns what the script printed."""
+    res = subprocess.run([sys.executable, "-c", FRESH, str(artefact), json.dumps(rows)],
                          capture_output=True, text=True, cwd=REPO, timeout=300, check=False)
     assert res.returncode == 0, res.stderr
     got = json.loads(res.stdout.strip().splitlines()[-1])
     # Not TorchRec at all (so neither its distributed model parallel), not the trainer, the
-    # sharding, the reader or the config; no process group. Only fbgemm_gpu is needed.
+    # sharding, the reader or the config. Only fbgemm_gpu is needed.
     assert got["modules"] == ["aitm_torchrec", "aitm_torchrec.features", "aitm_torchrec.schema",
                               "aitm_torchrec.serving"]
-    assert got["pg"] is False
-    expected = Predictor(artefacts["int8"]).predict_rows(rows)
+    expected = Predictor(artefact).predict_rows(rows)
     for t, v in expected.items():
         np.testing.assert_allclose(got["probs"][t], v, rtol=0, atol=1e-6)
+    return got
+
+
+@pytest.mark.slow
+def test_fresh_process_serves_with_serving_module_only(artefacts, reference):
+    got = _served_in_a_fresh_process(artefacts["int8"], _raw_rows(reference["table"], 20))
+    assert got["pg"] is False  # no process group
 
 
 @pytest.mark.slow
@@ -379,13 +385,4 @@ def test_arrow_conversion_equals_the_per_column_functions(untrained, tiny_data):
 @pytest.mark.slow
 def test_fresh_process_serves_an_int8_dense_artefact_with_its_default_engine(dense_artefacts, reference):
     """The export set the fbgemm engine in its process; a fresh one loads with torch's default."""
-    rows = _raw_rows(reference["table"], 20)
-    res = subprocess.run([sys.executable, "-c", FRESH, str(dense_artefacts["int8"]), json.dumps(rows)],
-                         capture_output=True, text=True, cwd=REPO, timeout=300, check=False)
-    assert res.returncode == 0, res.stderr
-    got = json.loads(res.stdout.strip().splitlines()[-1])
-    assert got["modules"] == ["aitm_torchrec", "aitm_torchrec.features", "aitm_torchrec.schema",
-                              "aitm_torchrec.serving"]
-    expected = Predictor(dense_artefacts["int8"]).predict_rows(rows)
-    for t, v in expected.items():
-        np.testing.assert_allclose(got["probs"][t], v, rtol=0, atol=1e-6)
+    _served_in_a_fresh_process(dense_artefacts["int8"], _raw_rows(reference["table"], 20))
