@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -126,7 +125,7 @@ class MMoEHead(nn.Module):
                          dim=1)
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class ExtractionSpec:
     """Plain sizes of one PLE extraction layer: ``task_experts`` experts per task (each
     ``task_expert``) and ``shared_experts`` shared ones (each ``shared_expert``), all ending in
