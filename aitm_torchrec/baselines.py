@@ -9,6 +9,13 @@ wrapper, DistributedModelParallel and the train pipeline run them unchanged.
                    along the chain (pCTCVR = pCTR x pCVR), trained on all impressions.
     MMoE           e_i = expert_i(b); g_t = softmax(W_t b + c_t) over experts;
                    logit_t = output_t(tower_t(sum_i g_ti e_i))
+    PLE            L extraction layers; layer l has E_l experts per task and S_l shared experts.
+                   x_t^0 = s^0 = b;  e_tj = expert_tj(x_t^(l-1)), e_sj = shared_j(s^(l-1));
+                   x_t^l = sum_j g_tj e_j over task t's and the shared experts,
+                           g_t = softmax(W_t x_t^(l-1) + c_t);
+                   s^l   = sum_j h_j e_j over every task's and the shared experts,
+                           h = softmax(W_s s^(l-1) + c_s)   (not in the last layer);
+                   logit_t = output_t(tower_t(x_t^L))
     DBMTL          AITM's head with every tower's use_ait false: relation dnn over concat(own, relations)
 """
 
@@ -116,6 +123,89 @@ class MMoEHead(nn.Module):
         mixed = self.mix(b)
         return torch.cat([out(tower(mixed[:, t])) for t, (tower, out) in enumerate(zip(self.towers, self.outputs))],
                          dim=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExtractionSpec:
+    """Plain sizes of one PLE extraction layer: ``task_experts`` experts per task (each
+    ``task_expert``) and ``shared_experts`` shared ones (each ``shared_expert``), all ending in
+    the same width."""
+
+    task_experts: int
+    task_expert: MLPSpec
+    shared_experts: int = 0
+    shared_expert: MLPSpec = MLPSpec()
+
+
+def gated_sum(scores: torch.Tensor, experts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """softmax(scores: B x E) over the E experts, times their outputs (E x [B x D]) -> B x D."""
+    # Broadcast multiply and sum, as in AIT: with a few experts an einsum runs as B tiny GEMMs.
+    return (torch.softmax(scores, dim=1).unsqueeze(-1) * torch.stack(list(experts), dim=1)).sum(1)
+
+
+class ExtractionLayer(nn.Module):
+    """One PLE extraction layer (a CGC block): experts per task and shared experts; task t's gate,
+    from task t's input, mixes task t's experts and the shared ones; the shared gate, from the
+    shared input, mixes every expert into the next layer's shared input (``shared_gate`` false:
+    the last layer, which has none).
+
+    forward(tasks: T x [B x in_dim], shared: B x in_dim) -> (T x [B x out_dim], B x out_dim or None).
+    """
+
+    def __init__(self, in_dim: int, spec: ExtractionSpec, num_tasks: int, shared_gate: bool,
+                 device: Device = None) -> None:
+        super().__init__()
+        self.task_experts = nn.ModuleList(
+            nn.ModuleList(MLP(in_dim, spec.task_expert, device) for _ in range(spec.task_experts))
+            for _ in range(num_tasks))
+        self.shared_experts = nn.ModuleList(MLP(in_dim, spec.shared_expert, device)
+                                            for _ in range(spec.shared_experts))
+        own = spec.task_experts + spec.shared_experts
+        self.task_gates = nn.ModuleList(nn.Linear(in_dim, own, device=device) for _ in range(num_tasks))
+        every = num_tasks * spec.task_experts + spec.shared_experts
+        # None in the last layer: a plain attribute, no parameters
+        self.shared_gate = nn.Linear(in_dim, every, device=device) if shared_gate else None
+        self.out_dim = self.task_experts[0][0].out_dim
+        if any(e.out_dim != self.out_dim for e in self.shared_experts):
+            raise ValueError(f"PLE's shared experts must end in the task experts' width {self.out_dim}")
+
+    def forward(self, tasks: list[torch.Tensor], shared: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        shared_out = [e(shared) for e in self.shared_experts]
+        task_out = [[e(x) for e in experts] for experts, x in zip(self.task_experts, tasks)]
+        mixed = [gated_sum(gate(x), own + shared_out) for gate, x, own in zip(self.task_gates, tasks, task_out)]
+        if self.shared_gate is None:
+            return mixed, None
+        return mixed, gated_sum(self.shared_gate(shared), [e for own in task_out for e in own] + shared_out)
+
+
+class PLEHead(nn.Module):
+    """Progressive layered extraction (Tang et al., RecSys 2020) over the backbone output: a
+    stack of extraction layers, then one tower and output layer per task on the task's output of
+    the last layer. Every input of the first layer is b. As in EasyRec's PLE, the gates are a
+    Linear (with bias) and a softmax over the layer input, the last layer has no shared gate, and
+    a layer may have no shared experts (EasyRec's default ``share_num`` 0, which its last layer
+    often keeps: then task t's last gate mixes only task t's experts, where the paper also mixes
+    the shared ones). forward(b: B x H) -> B x T logits.
+    """
+
+    def __init__(self, in_dim: int, layers: Sequence[ExtractionSpec], towers: Sequence[MLPSpec],
+                 device: Device = None) -> None:
+        super().__init__()
+        if not layers:
+            raise ValueError("PLE needs at least one extraction layer")
+        self.layers = nn.ModuleList()
+        for i, spec in enumerate(layers):
+            layer = ExtractionLayer(in_dim, spec, len(towers), shared_gate=i < len(layers) - 1, device=device)
+            self.layers.append(layer)
+            in_dim = layer.out_dim
+        self.towers = nn.ModuleList(MLP(in_dim, s, device) for s in towers)
+        self.outputs = nn.ModuleList(nn.Linear(t.out_dim, 1, device=device) for t in self.towers)
+
+    def forward(self, b: torch.Tensor) -> torch.Tensor:
+        tasks, shared = [b] * len(self.towers), b
+        for layer in self.layers:
+            tasks, shared = layer(tasks, shared)
+        return torch.cat([out(tower(x)) for x, tower, out in zip(tasks, self.towers, self.outputs)], dim=1)
 
 
 class DBMTLHead(AITMHead):

@@ -13,13 +13,16 @@ EasyRec's ``EasyRecConfig`` (pipeline.proto). Every unsupported field, wrong val
 unsupported enum value is collected and reported in ONE ``ConfigError``, each with its line and
 field path. Fields that change nothing here are listed in ``IGNORED`` with the reason and logged.
 Then ``convert`` maps the tree to our keys (docs/easyrec.md has the table). Two model
-forms are understood, both EasyRec ``MultiTaskModel``s:
+forms are understood as EasyRec ``MultiTaskModel``s:
 
 - towers with ``use_ait_module`` / ``relation_tower_names`` / ``ait_project_dim`` (the seed's),
 - a backbone of blocks: one ``MLP`` on the feature groups (our ``backbone.mlp``), one ``MLP`` per
   task on it (the task's ``dnn``), ``AITMTower`` blocks whose inputs are [own tower block,
   relation towers' output blocks] (AIT, ``transfer_mlp``, ``stop_gradient``), ``output_blocks``
   one per task; the task towers' own ``dnn`` then runs after the AIT (our ``output_dnn``).
+
+and one more: ``model_class: "PLE"`` with its ``ple { extraction_networks, task_towers }`` over
+the feature group ``all`` (our ``PLE``).
 """
 
 from __future__ import annotations
@@ -211,6 +214,20 @@ TOWER_SPEC = {
     "weight": Spec(float),
     "num_class": Spec(int, allowed=(1,)),
 }
+# EasyRec's PLE towers are plain TaskTowers (tower.proto): no relation fields.
+PLE_TOWER_SPEC = {k: v for k, v in TOWER_SPEC.items()
+                  if k not in ("relation_dnn", "use_ait_module", "ait_project_dim", "relation_tower_names")}
+PLE_SPEC = {  # EasyRec ple.proto PLE
+    "extraction_networks": _msg({
+        "network_name": Spec(str),
+        "expert_num_per_task": Spec(int),
+        "share_num": Spec(int),
+        "task_expert_net": _msg(DNN_SPEC),
+        "share_expert_net": _msg(DNN_SPEC),
+    }, repeated=True),
+    "task_towers": _msg(PLE_TOWER_SPEC, repeated=True),
+    "l2_regularization": Spec(float),
+}
 BLOCK_SPEC = {
     "name": Spec(str),
     "inputs": _msg({"feature_group_name": Spec(str), "block_name": Spec(str)}, repeated=True),
@@ -249,7 +266,7 @@ SCHEMA: dict[str, Spec] = {
     "feature_config": _msg({"features": FEATURE_CONFIG_SPEC}),
     "feature_configs": FEATURE_CONFIG_SPEC,  # the older top-level form
     "model_config": _msg({
-        "model_class": Spec(str, allowed=("MultiTaskModel",)),
+        "model_class": Spec(str, allowed=("MultiTaskModel", "PLE")),
         "model_name": Spec(str),
         "feature_groups": _msg({
             "group_name": Spec(str),
@@ -258,6 +275,7 @@ SCHEMA: dict[str, Spec] = {
         }, repeated=True),
         "backbone": _msg({"blocks": _msg(BLOCK_SPEC, repeated=True), "output_blocks": Spec(str, repeated=True)}),
         "model_params": _msg({"task_towers": _msg(TOWER_SPEC, repeated=True), "l2_regularization": Spec(float)}),
+        "ple": _msg(PLE_SPEC),
         "embedding_regularization": Spec(float),
     }),
     "train_config": _msg({
@@ -577,6 +595,31 @@ class _Converter:
         extras["transfer_mlp"] = {**transfer, "hidden_units": transfer["hidden_units"][:-1]}
         return extras
 
+    def ple(self, mc: Msg) -> dict:
+        """EasyRec's PLE (``model_class: "PLE"``, parameters in ``ple``) -> our PLE model_params.
+        EasyRec's PLE reads the feature group ``all`` only and its own l2 default, 1e-4."""
+        ple = mc.msg("ple")
+        if ple is None:
+            raise _error(f'{self.where}:{mc.line}: model_config.ple is required for model_class "PLE" '
+                         "(the extraction networks and task towers)")
+        for key in ("model_params", "backbone"):
+            if mc.has(key):
+                raise self.fail(mc, key, 'is not read with model_class "PLE": its parameters are in ple { }, '
+                                "over the feature group 'all'")
+        groups = [g.get("group_name", "") for g in mc.values("feature_groups")]
+        if groups != ["all"]:
+            raise self.fail(mc, "feature_groups", f"EasyRec's PLE reads one feature group, named 'all'; got {groups}")
+        networks = []
+        for n in ple.values("extraction_networks"):
+            net = {k: n.get(k) for k in ("network_name", "expert_num_per_task", "share_num") if n.has(k)}
+            for key in ("task_expert_net", "share_expert_net"):
+                if n.has(key):
+                    net[key] = self.dnn(n.msg(key))
+            networks.append(net)
+        towers, _ = self.towers(ple, None)
+        return {"extraction_networks": networks, "task_towers": towers,
+                "l2_regularization": ple.get("l2_regularization", 1e-4)}
+
     def data(self, dc: Msg) -> dict:
         out: dict[str, Any] = {}
         for key in ("batch_size", "eval_batch_size", "shuffle", "shuffle_buffer_size", "prefetch_size",
@@ -614,16 +657,21 @@ class _Converter:
         model["feature_groups"] = [
             {"group_name": g.get("group_name", ""), "feature_names": g.values("feature_names"), "wide_deep": "DEEP"}
             for g in mc.values("feature_groups")]
-        mp = mc.msg("model_params")
-        if mp is None:
-            raise _error(f"{self.where}:{mc.line}: model_config.model_params is required (the task towers)")
-        towers, extras = self.towers(mp, mc.msg("backbone"))
-        if "backbone" in extras:
-            model["backbone"] = extras.pop("backbone")
-        params: dict[str, Any] = {"task_towers": towers, **extras}
-        if mp.has("l2_regularization"):
-            params["l2_regularization"] = mp.get("l2_regularization")
-        model["model_params"] = params
+        if mc.get("model_class") == "PLE":
+            model.update(model_class="PLE", model_params=self.ple(mc))
+        else:
+            if mc.has("ple"):
+                raise self.fail(mc, "ple", 'is read with model_class: "PLE" only')
+            mp = mc.msg("model_params")
+            if mp is None:
+                raise _error(f"{self.where}:{mc.line}: model_config.model_params is required (the task towers)")
+            towers, extras = self.towers(mp, mc.msg("backbone"))
+            if "backbone" in extras:
+                model["backbone"] = extras.pop("backbone")
+            params: dict[str, Any] = {"task_towers": towers, **extras}
+            if mp.has("l2_regularization"):
+                params["l2_regularization"] = mp.get("l2_regularization")
+            model["model_params"] = params
         if mc.has("embedding_regularization"):
             model["embedding_regularization"] = mc.get("embedding_regularization")
         raw["model_config"] = model

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
-from aitm_torchrec.baselines import DBMTLHead, ESMMHead, MMoEHead, SharedBottomHead
+from aitm_torchrec.baselines import DBMTLHead, ESMMHead, ExtractionSpec, MMoEHead, PLEHead, SharedBottomHead
 from aitm_torchrec.config import MODEL_CLASSES, Config
 from aitm_torchrec.model import MLP, AITMHead, Device, MLPSpec, MultiTaskModel, TowerSpec
 from aitm_torchrec.schema import Schema
@@ -66,6 +66,12 @@ def _mmoe(schema: Schema, params: Any, in_dim: int, device: Device) -> nn.Module
     return MMoEHead(in_dim, mlp_spec(params.expert_dnn), params.num_expert, _tower_mlps(params), device)
 
 
+def _ple(schema: Schema, params: Any, in_dim: int, device: Device) -> nn.Module:
+    layers = [ExtractionSpec(n.expert_num_per_task, mlp_spec(n.task_expert_net), n.share_num, mlp_spec(n.share_expert_net))
+              for n in params.extraction_networks]
+    return PLEHead(in_dim, layers, _tower_mlps(params), device)
+
+
 def _shared_bottom(schema: Schema, params: Any, in_dim: int, device: Device) -> nn.Module:
     return SharedBottomHead(in_dim, _tower_mlps(params), device)
 
@@ -75,6 +81,7 @@ MODELS: dict[str, HeadBuilder] = {
     "DBMTL": _dbmtl,
     "ESMM": _esmm,
     "MMoE": _mmoe,
+    "PLE": _ple,
     "SharedBottom": _shared_bottom,
 }
 

@@ -87,6 +87,7 @@ GRID: dict[str, tuple[str, list[str], str]] = {
     "MMoE": ("configs/mmoe_taobao.yaml", [], "2step"),
     "SharedBottom": ("configs/shared_bottom_taobao.yaml", [], "2step"),
     "DBMTL": ("configs/dbmtl_taobao.yaml", [], "2step"),
+    "PLE": ("configs/ple_taobao.yaml", [], "2step"),
     "AITM 3-step": ("configs/aitm_3step.yaml", [], "3step"),
 }
 # Models also run on the sequentially dependent data (--sequential-dependence), where a later

@@ -97,6 +97,7 @@ MODEL_CONFIGS = {
     "mmoe_taobao.yaml": ("MMoE", ["clk", "buy"]),
     "shared_bottom_taobao.yaml": ("SharedBottom", ["clk", "buy"]),
     "dbmtl_taobao.yaml": ("DBMTL", ["clk", "buy"]),
+    "ple_taobao.yaml": ("PLE", ["clk", "buy"]),
 }
 
 
@@ -133,6 +134,11 @@ def test_new_model_keys_have_documented_defaults():
     mp = cfg.model_config.model_params
     assert (mp.ait_attention, mp.stop_gradient, mp.transfer_mlp.hidden_units) == ("self", False, ())
     assert (mp.num_expert, mp.expert_dnn.hidden_units) == (3, ())
+    assert mp.extraction_networks == ()
+    layer2 = load_config(config_path("ple_taobao.yaml"), [f"{PLE}.1={{network_name: last, expert_num_per_task: 2, "
+                                                          "task_expert_net: {hidden_units: [8]}}"]).model_config
+    net = layer2.model_params.extraction_networks[1]
+    assert (net.share_num, net.share_expert_net.hidden_units, net.task_expert_net.use_bn) == (0, (), False)
     dnn = cfg.towers[0].dnn
     assert (dnn.dropout_ratio, dnn.use_bn) == (0.0, False)
     assert cfg.towers[1].relation_dnn.hidden_units == ()
@@ -150,6 +156,7 @@ def test_classification_weight_is_tower_weight_times_loss_weight():
 
 
 TOWERS = "model_config.model_params.task_towers"
+PLE = "model_config.model_params.extraction_networks"
 
 
 @pytest.mark.parametrize("name,overrides,message", [
@@ -169,8 +176,8 @@ TOWERS = "model_config.model_params.task_towers"
     ("aitm_3step.yaml", ["model_config.model_params.transfer_mlp.hidden_units=[0]"],
      "transfer_mlp.hidden_units must list positive sizes"),
     ("aitm_3step.yaml", [f"{TOWERS}.2.weight=-1"], "(buy) weight and losses[].weight must be >= 0"),
-    ("aitm_3step.yaml", ["model_config.model_class=PLE"],
-     "model_class is 'PLE'; allowed: AITM, DBMTL, ESMM, MMoE, SharedBottom"),
+    ("aitm_3step.yaml", ["model_config.model_class=CGC"],
+     "model_class is 'CGC'; allowed: AITM, DBMTL, ESMM, MMoE, PLE, SharedBottom"),
     ("esmm_taobao.yaml", [f"{TOWERS}.0.relation_tower_names=[cvr]"], "form a cycle among towers: ctr, cvr"),
     ("aitm_dag.yaml", ["model_config.model_class=ESMM"], "(buy) ESMM multiplies along a chain"),
     ("mmoe_taobao.yaml", ["model_config.model_params.expert_dnn.hidden_units=[]"],
@@ -178,6 +185,22 @@ TOWERS = "model_config.model_params.task_towers"
     ("mmoe_taobao.yaml", ["model_config.model_params.num_expert=0"], "num_expert must be >= 1"),
     ("dbmtl_taobao.yaml", [f"{TOWERS}.1.relation_dnn.hidden_units=[-4]"],
      "relation_dnn.hidden_units (cvr) must list positive sizes"),
+    ("ple_taobao.yaml", [f"{PLE}=[]"], "extraction_networks must list at least one extraction layer for PLE"),
+    ("ple_taobao.yaml", [f"{PLE}.1.expert_num_per_task=0"],
+     "extraction_networks[1].expert_num_per_task (layer2) must be >= 1, got 0"),
+    ("ple_taobao.yaml", [f"{PLE}.0.share_num=-1"], "extraction_networks[0].share_num (layer1) must be >= 0"),
+    ("ple_taobao.yaml", [f"{PLE}.1.network_name=layer1"], "extraction_networks[1].network_name 'layer1' names two"),
+    ("ple_taobao.yaml", [f"{PLE}.0.task_expert_net.hidden_units=[]"],
+     "extraction_networks[0].task_expert_net.hidden_units (layer1) must list at least one size"),
+    ("ple_taobao.yaml", [f"{PLE}.0.share_expert_net.hidden_units=[]"],
+     "extraction_networks[0].share_expert_net.hidden_units (layer1) must list at least one size"),
+    ("ple_taobao.yaml", [f"{PLE}.1.share_expert_net.hidden_units=[64, 128]"],
+     "extraction_networks[1].share_expert_net.hidden_units (layer2) must end in task_expert_net's last size 256, "
+     "got [64, 128]"),
+    ("ple_taobao.yaml", [f"{PLE}.0={{network_name: a, expert_num_per_task: 1}}"],
+     "extraction_networks[0].task_expert_net is required"),
+    ("ple_taobao.yaml", ["model_config.model_class=MMoE", "model_config.model_params.expert_dnn.hidden_units=[8]"],
+     "extraction_networks is read by PLE only (model_class is 'MMoE')"),
 ])
 def test_model_errors_name_the_file_the_key_and_the_tower(name, overrides, message):
     with pytest.raises(ConfigError) as e:

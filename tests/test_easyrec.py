@@ -2,7 +2,8 @@
 with its line, the YAML converter, and both fixture configs training on 2 ranks from CSV.
 
 The fixtures (tests/fixtures/easyrec/) are EasyRec configs of the seed's example: the seed's form
-(task towers with use_ait_module) and EasyRec's newer backbone form (an AITMTower block).
+(task towers with use_ait_module) and EasyRec's newer backbone form (an AITMTower block). An
+EasyRec PLE config is written here (``PLE_CONFIG``).
 """
 
 from __future__ import annotations
@@ -285,6 +286,90 @@ def test_the_two_forms_map_to_the_models_they_describe():
     for cfg in (seed, backbone):
         assert cfg.data_config.input_type == "CSVInput" and len(cfg.data_config.input_fields) == 20
         assert cfg.train_config.sparse_optimizer.name == "adam" and cfg.train_config.dense_optimizer.learning_rate == 1e-4
+
+
+# --------------------------------------------------------------------------------------------
+# EasyRec's PLE: model_class "PLE", its parameters in ple { }.
+
+PLE_CONFIG = """\
+train_input_path: "train.csv"
+model_dir: "runs/ple"
+data_config {
+  batch_size: 32
+  label_fields: "clk"
+  label_fields: "buy"
+}
+feature_config {
+  features { input_names: "uid" feature_type: IdFeature embedding_dim: 8 hash_bucket_size: 100 }
+  features { input_names: "tags" feature_type: TagFeature embedding_dim: 8 hash_bucket_size: 50 }
+}
+model_config {
+  model_class: "PLE"
+  feature_groups { group_name: "all" feature_names: "uid" feature_names: "tags" wide_deep: DEEP }
+  ple {
+    extraction_networks {
+      network_name: "layer1"
+      expert_num_per_task: 2
+      share_num: 1
+      task_expert_net { hidden_units: [16, 8] }
+      share_expert_net { hidden_units: [12, 8] use_bn: false }
+    }
+    extraction_networks {
+      network_name: "layer2"
+      expert_num_per_task: 1
+      task_expert_net { hidden_units: 4 dropout_ratio: 0.1 }
+    }
+    task_towers { tower_name: "ctr" label_name: "clk" dnn { hidden_units: [8] } %s }
+    task_towers { tower_name: "cvr" label_name: "buy" dnn { hidden_units: [8] } weight: 2.0 }
+    %s
+  }
+  %s
+}
+"""
+
+
+def test_easyrec_ple_maps_to_our_ple(tmp_path):
+    path = tmp_path / "ple.config"
+    path.write_text(PLE_CONFIG % ("", "", "embedding_regularization: 5e-6"))
+    cfg = load_config(path)
+    mc = cfg.model_config
+    assert mc.model_class == "PLE" and mc.embedding_regularization == 5e-6
+    first, last = mc.model_params.extraction_networks
+    assert (first.network_name, first.expert_num_per_task, first.share_num) == ("layer1", 2, 1)
+    assert (first.task_expert_net.hidden_units, first.task_expert_net.use_bn) == ((16, 8), True)  # EasyRec's DNN default
+    assert (first.share_expert_net.hidden_units, first.share_expert_net.use_bn) == ((12, 8), False)
+    assert (last.network_name, last.expert_num_per_task, last.share_num) == ("layer2", 1, 0)  # ple.proto's default
+    assert (last.task_expert_net.hidden_units, last.task_expert_net.dropout_ratio) == ((4,), 0.1)
+    assert [(t.tower_name, t.label_name, t.dnn.hidden_units, t.weight) for t in mc.model_params.task_towers] == [
+        ("ctr", "clk", (8,), 1.0), ("cvr", "buy", (8,), 2.0)]
+    assert mc.model_params.l2_regularization == 1e-4  # ple.proto's default, not ours (0)
+    head = build_model(cfg).head
+    layer1, layer2 = head.layers
+    assert [g.out_features for g in layer1.task_gates] == [3, 3] and layer1.shared_gate.out_features == 5
+    assert [g.out_features for g in layer2.task_gates] == [1, 1] and layer2.shared_gate is None
+    assert head.towers[0][0].in_features == 4
+    out = tmp_path / "ple.yaml"
+    assert easyrec.main([str(path), "--to-yaml", str(out)]) == 0
+    assert load_config(out) == cfg
+    path.write_text(PLE_CONFIG % ("", "l2_regularization: 1e-6", ""))
+    assert load_config(path).model_config.model_params.l2_regularization == 1e-6
+
+
+@pytest.mark.parametrize("slots, message", [
+    (('relation_tower_names: "cvr"', "", ""), r"ple.task_towers\[0\].relation_tower_names: unsupported field"),
+    (("", "", "model_params { l2_regularization: 1e-6 }"), 'model_params: is not read with model_class "PLE"'),
+    (("", "", 'feature_groups { group_name: "user" feature_names: "uid" }'),
+     r"EasyRec's PLE reads one feature group, named 'all'; got \['all', 'user'\]"),
+])
+def test_easyrec_ple_shapes_that_cannot_be_mapped_are_errors(tmp_path, slots, message):
+    path = tmp_path / "ple.config"
+    path.write_text(PLE_CONFIG % slots)
+    with pytest.raises(ConfigError, match=message) as e:
+        load_config(path)
+    assert str(path) in str(e.value)
+    path.write_text(easyrec_text(model='ple { l2_regularization: 1e-6 }'))
+    with pytest.raises(ConfigError, match='ple: is read with model_class: "PLE" only'):
+        load_config(path)
 
 
 # --------------------------------------------------------------------------------------------

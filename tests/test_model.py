@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -11,7 +12,15 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from aitm_torchrec.baselines import DBMTLHead, ESMMHead, MMoEHead, SharedBottomHead, marginal_logits
+from aitm_torchrec.baselines import (
+    DBMTLHead,
+    ESMMHead,
+    ExtractionSpec,
+    MMoEHead,
+    PLEHead,
+    SharedBottomHead,
+    marginal_logits,
+)
 from aitm_torchrec.config import load_config
 from aitm_torchrec.data import Batch
 from aitm_torchrec.model import AIT, MLP, AITMHead, MLPSpec, MultiTaskModel, TowerSpec
@@ -271,6 +280,97 @@ def test_mmoe_gates_are_a_softmax_over_experts():
     assert model(b).shape == (5, 2)
 
 
+# PLE: 2 tasks, 3 rows, H = 2, two extraction layers of one expert per task and one shared
+# expert (Linear 2 -> 2, ReLU), towers without hidden layers (the output layer only). Weights:
+# (W as rows, bias) for each Linear, set by hand.
+PLE_WEIGHTS = {
+    "layers.0.task_experts.0.0.0": ([[1.0, 0.0], [0.0, 1.0]], [0.0, 0.0]),
+    "layers.0.task_experts.1.0.0": ([[0.0, 1.0], [1.0, 0.0]], [0.5, 0.0]),
+    "layers.0.shared_experts.0.0": ([[1.0, 1.0], [0.0, -1.0]], [0.0, 1.0]),
+    "layers.0.task_gates.0": ([[1.0, 0.0], [0.0, 1.0]], [0.0, 0.0]),
+    "layers.0.task_gates.1": ([[0.0, 0.0], [0.0, 0.0]], [0.0, math.log(3.0)]),
+    "layers.0.shared_gate": ([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]], [0.0, 0.0, 1.0]),
+    "layers.1.task_experts.0.0.0": ([[2.0, 0.0], [0.0, 1.0]], [0.0, -1.0]),
+    "layers.1.task_experts.1.0.0": ([[1.0, -1.0], [1.0, 1.0]], [0.0, 0.0]),
+    "layers.1.shared_experts.0.0": ([[0.5, 0.5], [1.0, 0.0]], [1.0, 0.0]),
+    "layers.1.task_gates.0": ([[0.0, 1.0], [1.0, 0.0]], [0.0, 0.0]),
+    "layers.1.task_gates.1": ([[1.0, 1.0], [0.0, 0.0]], [0.0, 0.5]),
+    "outputs.0": ([[1.0, -1.0]], [0.5]),
+    "outputs.1": ([[0.5, 2.0]], [-1.0]),
+}
+
+
+def test_ple_layers_mix_task_and_shared_experts_as_computed_by_hand():
+    spec = ExtractionSpec(1, MLPSpec((2,)), 1, MLPSpec((2,)))
+    head = PLEHead(2, [spec, spec], [MLPSpec(), MLPSpec()])
+    linears = {n: m for n, m in head.named_modules() if isinstance(m, nn.Linear)}
+    assert set(linears) == set(PLE_WEIGHTS)  # the last layer has no shared gate
+    with torch.no_grad():
+        for name, (w, bias) in PLE_WEIGHTS.items():
+            linears[name].weight.copy_(torch.tensor(w))
+            linears[name].bias.copy_(torch.tensor(bias))
+    b = np.array([[1.0, 2.0], [0.0, -1.0], [3.0, 0.5]])
+
+    def lin(name, x):
+        w, bias = PLE_WEIGHTS[name]
+        return x @ np.array(w).T + np.array(bias)
+
+    def expert(name, x):
+        return np.maximum(lin(name, x), 0.0)
+
+    def mix(scores, experts):  # softmax over the experts, per row
+        g = np.exp(scores) / np.exp(scores).sum(axis=1, keepdims=True)
+        return sum(g[:, [j]] * e for j, e in enumerate(experts))
+
+    # layer 1: every input is b; the shared gate mixes task 0's, task 1's and the shared expert
+    e0, e1 = expert("layers.0.task_experts.0.0.0", b), expert("layers.0.task_experts.1.0.0", b)
+    s = expert("layers.0.shared_experts.0.0", b)
+    x0 = mix(lin("layers.0.task_gates.0", b), [e0, s])
+    x1 = mix(lin("layers.0.task_gates.1", b), [e1, s])
+    shared = mix(lin("layers.0.shared_gate", b), [e0, e1, s])
+    # by hand, row 1 (b = (0, -1)): task 1's gate is constant, 1/4 own expert and 3/4 shared;
+    # its expert is relu(-0.5, 0) = (0, 0), the shared one relu(-1, 2) = (0, 2)
+    np.testing.assert_allclose(x1[1], [0.0, 1.5])
+    bt = torch.tensor(b, dtype=torch.float32)
+    with torch.no_grad():
+        tasks, mixed = head.layers[0]([bt, bt], bt)
+    for got, want in zip([*tasks, mixed], [x0, x1, shared]):
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-6, atol=1e-6)
+    # layer 2 (last): task t's experts and gate read x_t, the shared expert reads the shared mix
+    s2 = expert("layers.1.shared_experts.0.0", shared)
+    z0 = mix(lin("layers.1.task_gates.0", x0), [expert("layers.1.task_experts.0.0.0", x0), s2])
+    z1 = mix(lin("layers.1.task_gates.1", x1), [expert("layers.1.task_experts.1.0.0", x1), s2])
+    expected = np.concatenate([lin("outputs.0", z0), lin("outputs.1", z1)], axis=1)
+    got = head(bt)
+    assert got.shape == (3, 2)
+    np.testing.assert_allclose(got.detach().numpy(), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_ple_last_task_experts_train_only_their_task_and_earlier_ones_reach_others_through_sharing():
+    torch.manual_seed(0)
+    spec = ExtractionSpec(2, MLPSpec((4,)), 1, MLPSpec((4,)))
+    model = tiny_model(lambda width: PLEHead(width, [spec, spec], [MLPSpec((4,))] * 2), backbone=(8,))
+    model.predict(torch.randn(16, 4))[:, 1].sum().backward()  # task 1's output only
+    first, last = model.head.layers
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in last.task_experts[0].parameters())
+    assert last.task_experts[1][0][0].weight.grad.abs().sum() > 0
+    # task 0's first-layer experts feed the shared gate, whose mix feeds task 1's shared expert
+    assert first.task_experts[0][0][0].weight.grad.abs().sum() > 0
+    assert first.shared_gate.weight.grad.abs().sum() > 0 and last.shared_gate is None
+
+
+def test_ple_last_layer_without_shared_experts_gates_only_each_tasks_own():
+    # EasyRec's default share_num 0, which its last extraction layer often keeps
+    head = PLEHead(3, [ExtractionSpec(2, MLPSpec((4,)), 3, MLPSpec((4,))), ExtractionSpec(2, MLPSpec((4,)))],
+                   [MLPSpec((2,))] * 2)
+    first, last = head.layers
+    assert [g.out_features for g in first.task_gates] == [2 + 3] * 2 and first.shared_gate.out_features == 2 * 2 + 3
+    assert [g.out_features for g in last.task_gates] == [2, 2] and not last.shared_experts
+    assert head(torch.randn(5, 3)).shape == (5, 2)
+    with pytest.raises(ValueError, match="shared experts must end in the task experts' width 4"):
+        PLEHead(3, [ExtractionSpec(1, MLPSpec((4,)), 1, MLPSpec((5,)))], [MLPSpec((2,))])
+
+
 def test_shared_bottom_has_no_transfer_between_towers():
     torch.manual_seed(0)
     model = tiny_model(lambda width: SharedBottomHead(width, [MLPSpec((8,))] * 2), backbone=(8,))
@@ -289,9 +389,9 @@ SMALL = [f"feature_config.features.{i}.hash_bucket_size=50" for i in range(17)]
 def test_model_class_picks_the_model_with_the_same_input_side():
     models = {name: build_model(load_config(REPO / "configs" / name, SMALL), device="cpu")
               for name in ("aitm_taobao.yaml", "esmm_taobao.yaml", "mmoe_taobao.yaml",
-                           "shared_bottom_taobao.yaml", "dbmtl_taobao.yaml")}
+                           "shared_bottom_taobao.yaml", "dbmtl_taobao.yaml", "ple_taobao.yaml")}
     assert [type(m.head).__name__ for m in models.values()] == ["AITMHead", "ESMMHead", "MMoEHead",
-                                                                "SharedBottomHead", "DBMTLHead"]
+                                                                "SharedBottomHead", "DBMTLHead", "PLEHead"]
     tables = {n: [c.name for c in m.ebc.embedding_bag_configs()] for n, m in models.items()}
     assert len({tuple(t) for t in tables.values()}) == 1
     assert {m.input_dim for m in models.values()} == {17 * 16}
@@ -330,7 +430,7 @@ def test_dag_config_calibrates_against_every_relation_tower():
 
 
 MODEL_CONFIGS = {"AITM": "aitm_taobao.yaml", "ESMM": "esmm_taobao.yaml", "MMoE": "mmoe_taobao.yaml",
-                 "SharedBottom": "shared_bottom_taobao.yaml", "DBMTL": "dbmtl_taobao.yaml"}
+                 "SharedBottom": "shared_bottom_taobao.yaml", "DBMTL": "dbmtl_taobao.yaml", "PLE": "ple_taobao.yaml"}
 
 
 def test_every_registered_model_class_has_a_config_here():

@@ -4,7 +4,10 @@ The 3-step chain and the DAG train on 3-label data, the baselines on the seed's 
 for a few steps on tiny tables (about 5 s per config). Each config gets its own ``run_ranks``
 call: calling ``main`` twice in one worker re-creates the default process group on the elastic
 agent's store under the same key prefix, and the second rendezvous can read the first one's stale
-addresses and hang.
+addresses and hang. Each baseline's checkpoint then goes through the jobs that run without
+training (scoring, the serving export, table export), which must give the checkpoint's own
+scores and tables; AITM's go through them in test_score.py, test_serving.py and
+test_table_export.py.
 """
 
 from __future__ import annotations
@@ -12,9 +15,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
+import torch
 import yaml
 
+from aitm_torchrec.config import load_config
+from aitm_torchrec.data import ParquetReader
+from aitm_torchrec.from_checkpoint import local_model, resolve_checkpoint
+from aitm_torchrec.serving import Predictor
 from datasets import synthetic
 from tests.conftest import REPO
 from tests.multiprocess import run_ranks
@@ -22,7 +33,7 @@ from tests.multiprocess import run_ranks
 STEPS = 40
 CHAIN_CONFIGS = ("aitm_3step.yaml", "aitm_dag.yaml")
 TAOBAO_CONFIGS = ("aitm_taobao.yaml", "esmm_taobao.yaml", "mmoe_taobao.yaml", "shared_bottom_taobao.yaml",
-                  "dbmtl_taobao.yaml")
+                  "dbmtl_taobao.yaml", "ple_taobao.yaml")
 
 
 @pytest.fixture(scope="session")
@@ -53,6 +64,10 @@ def shrink(name: str, data: Path, model_dir: Path) -> dict:
         mc["backbone"]["mlp"]["hidden_units"] = [64, 32]
     if "expert_dnn" in mc["model_params"]:
         mc["model_params"]["expert_dnn"]["hidden_units"] = [32, 16]
+    for net in mc["model_params"].get("extraction_networks", []):
+        for key in ("task_expert_net", "share_expert_net"):
+            if key in net:
+                net[key]["hidden_units"] = [16]
     for t in mc["model_params"]["task_towers"]:
         t["dnn"]["hidden_units"] = [32, 16]
         if "ait_project_dim" in t:
@@ -126,3 +141,49 @@ def test_baseline_trains_on_two_ranks_with_the_same_summary(trained, name):
     _, reference = trained["aitm_taobao.yaml"]
     assert _structure(summary) == _structure(reference), f"{name}: summary.json keys differ from AITM's"
     assert summary["plan"].keys() == reference["plan"].keys(), "same tables, sharded the same way"
+
+
+def _score(argv: list[str]) -> dict:
+    from launch.score import main
+
+    return main(argv)
+
+
+def _export(argv: list[str]) -> dict:
+    from launch.export import main
+
+    return main(argv)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", TAOBAO_CONFIGS[1:])
+def test_baseline_checkpoint_scores_serves_and_exports_tables_as_trained(trained, tiny_data, name, tmp_path):
+    raw, _ = trained[name]
+    config = tmp_path / name
+    config.write_text(yaml.safe_dump(raw))
+    cfg = load_config(config)
+    model = local_model(cfg, resolve_checkpoint(cfg))
+    rows = tmp_path / "rows"
+    rows.mkdir()
+    pq.write_table(pq.read_table(sorted((tiny_data / "eval").glob("*.parquet"))[0]).slice(0, 500),
+                   rows / "eval.parquet")
+    (batch,) = ParquetReader([str(rows / "eval.parquet")], cfg.schema, batch_size=500, prefetch=0).epoch(0)
+    with torch.no_grad():
+        expected = torch.sigmoid(model(batch.dense, batch.sparse)).numpy()
+    towers = cfg.schema.tower_names
+
+    _score(["--config", str(config), "--input", str(rows), "--output", str(tmp_path / "scores")])
+    scored = pa.concat_tables(pq.read_table(p) for p in sorted((tmp_path / "scores").glob("part-*.parquet")))
+    np.testing.assert_allclose(np.stack([scored.column(f"probs_{t}").to_numpy() for t in towers], axis=1),
+                               expected, rtol=0, atol=1e-5)
+
+    _export(["model", "--config", str(config), "--output", str(tmp_path / "artefact"), "--quant", "none"])
+    served = Predictor(tmp_path / "artefact").predict_arrow(pq.read_table(rows / "eval.parquet"))
+    np.testing.assert_allclose(np.stack([served[t] for t in towers], axis=1), expected, rtol=0, atol=1e-5)
+
+    _export(["embeddings", "--config", str(config), "--output", str(tmp_path / "tables"), "--tables", "user_id"])
+    table = pq.read_table(tmp_path / "tables" / "user_id")
+    weights = model.ebc.embedding_bags["user_id"].weight.detach().numpy()
+    rows_out = table.column("row").to_numpy()
+    assert np.array_equal(np.sort(rows_out), np.arange(weights.shape[0]))
+    assert np.array_equal(np.stack(table.column("embedding").to_numpy(zero_copy_only=False)), weights[rows_out])

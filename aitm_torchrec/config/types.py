@@ -30,7 +30,7 @@ SPARSE_OPTIMIZERS = ("rowwise_adagrad", "adagrad", "sgd", "adam", "partial_rowwi
 DENSE_OPTIMIZERS = ("adam", "adagrad", "sgd")
 # The model_config.model_class names, here so that validating a config needs no torch;
 # registry.MODELS (torch) must have exactly these keys, in this order, and checks so at import.
-MODEL_CLASSES = ("AITM", "DBMTL", "ESMM", "MMoE", "SharedBottom")
+MODEL_CLASSES = ("AITM", "DBMTL", "ESMM", "MMoE", "PLE", "SharedBottom")
 
 
 # --------------------------------------------------------------------------------------------
@@ -154,6 +154,18 @@ class TaskTower:
 
 
 @dataclass(frozen=True)
+class ExtractionNetwork:
+    """One PLE extraction layer (EasyRec ple.proto ``ExtractionNetwork``): experts per task and
+    shared experts, mixed by per-task gates and (but in the last layer) a shared gate."""
+
+    network_name: str
+    expert_num_per_task: int
+    task_expert_net: DNN  # each task expert's MLP
+    share_num: int = 0  # shared experts; EasyRec's default 0 (its last layer often sets none)
+    share_expert_net: DNN = DNN()  # each shared expert's MLP; required when share_num > 0
+
+
+@dataclass(frozen=True)
 class ModelParams:
     task_towers: tuple[TaskTower, ...]
     l2_regularization: float = 0.0
@@ -162,6 +174,7 @@ class ModelParams:
     transfer_mlp: DNN = DNN()  # hidden layers of the transfer MLP, before its output layer
     num_expert: int = 3  # MMoE
     expert_dnn: DNN = DNN()  # MMoE, required there
+    extraction_networks: tuple[ExtractionNetwork, ...] = ()  # PLE, required there
 
 
 @dataclass(frozen=True)

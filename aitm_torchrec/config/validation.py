@@ -8,7 +8,7 @@ apply the same one is always reported:
 1. ``check_features``: names unique, one id space per table (hash_bucket_size, num_buckets or zch),
    RawFeature / TagFeature-only keys, zch sizes, embedding_dim.
 2. ``check_model``: model_class, feature_groups naming defined features, the backbone / transfer /
-   expert MLPs, num_expert.
+   expert MLPs, num_expert, PLE's extraction_networks.
 3. ``check_towers``: per task tower: name and label unique, its MLPs, relation_tower_names naming
    other towers (at most one for ESMM), losses; then no cycle among the relations.
 4. ``check_data``: label_fields in tower order, sizes, CSVInput columns, no label used as a feature.
@@ -37,6 +37,7 @@ from aitm_torchrec.config.types import (
     SHARDING_TYPES_CUDA,
     SPARSE_OPTIMIZERS,
     Config,
+    ExtractionNetwork,
     TableConstraint,
 )
 
@@ -127,6 +128,34 @@ def check_model(cfg: Config, where: str) -> None:
                required=mc.model_class == "MMoE")
     if mp.num_expert < 1:
         fail("model_config.model_params.num_expert", f"must be >= 1, got {mp.num_expert}")
+    _check_extraction_networks(fail, mc.model_class, mp.extraction_networks)
+
+
+def _check_extraction_networks(fail: Fail, model_class: str, networks: tuple[ExtractionNetwork, ...]) -> None:
+    key = "model_config.model_params.extraction_networks"
+    if model_class == "PLE" and not networks:
+        fail(key, "must list at least one extraction layer for PLE")
+    if networks and model_class != "PLE":
+        fail(key, f"is read by PLE only (model_class is {model_class!r})")
+    names: list[str] = []
+    for i, net in enumerate(networks):
+        k, name = f"{key}[{i}]", net.network_name
+        if not name:
+            fail(f"{k}.network_name", "must not be empty")
+        if name in names:
+            fail(f"{k}.network_name", f"{name!r} names two extraction layers")
+        names.append(name)
+        if net.expert_num_per_task < 1:
+            fail(f"{k}.expert_num_per_task", f"({name}) must be >= 1, got {net.expert_num_per_task}")
+        if net.share_num < 0:
+            fail(f"{k}.share_num", f"({name}) must be >= 0, got {net.share_num}")
+        _check_dnn(fail, f"{k}.task_expert_net", net.task_expert_net, name, required=True)
+        _check_dnn(fail, f"{k}.share_expert_net", net.share_expert_net, name, required=net.share_num > 0)
+        task_size = net.task_expert_net.hidden_units[-1]
+        if net.share_num and net.share_expert_net.hidden_units[-1] != task_size:
+            fail(f"{k}.share_expert_net.hidden_units", f"({name}) must end in task_expert_net's last size "
+                 f"{task_size}, got {list(net.share_expert_net.hidden_units)}: the gates mix task and "
+                 "shared experts' outputs")
 
 
 def check_towers(cfg: Config, where: str) -> None:
