@@ -206,7 +206,7 @@ def _score(argv: list[str]) -> dict:
 
 
 @pytest.mark.slow
-def test_training_eval_and_score_metrics_give_the_same_gauc_on_one_and_two_ranks(tiny_data, tmp_path):
+def test_training_eval_and_score_metrics_give_the_same_gauc_on_one_and_two_ranks(tiny_data, tmp_path, capsys):
     raw = tiny_config_dict(tiny_data, tmp_path / "run")
     raw["train_config"]["num_steps"] = 6
     towers = raw["model_config"]["model_params"]["task_towers"]
@@ -230,3 +230,10 @@ def test_training_eval_and_score_metrics_give_the_same_gauc_on_one_and_two_ranks
             assert got["gauc"] == pytest.approx(want["gauc"], rel=1e-12)
     written = pq.read_table(tmp_path / "two" / "part-00000-00000.parquet")
     assert "user_id" in written.column_names  # passed through, like the labels
+    from launch.report import main as report
+
+    capsys.readouterr()
+    report([str(tmp_path / "run" / "summary.json"), "--scores", str(tmp_path / "two")])
+    printed = capsys.readouterr().out
+    assert f"{summary['eval']['cvr']['gauc']:>8.4f}" in printed.splitlines()[2]  # the cvr row's GAUC column
+    assert f"cvr AUC {two['metrics']['cvr']['auc']:.4f} GAUC {two['metrics']['cvr']['gauc']:.4f}" in printed
