@@ -342,7 +342,9 @@ def _train(config: str, overrides: list[str]) -> dict:
 @pytest.mark.parametrize("name", FORMS)
 def test_fixture_trains_on_two_ranks_from_easyrec_csv(easyrec_csv, tmp_path, name):
     model_dir = tmp_path / "run"
-    overrides = shrink_overrides(name, easyrec_csv, model_dir)
+    # GAUC over the CSV's string user ids (not a feature's hashed rows), users split across ranks
+    gauc = "model_config.model_params.task_towers.0.metrics_set=[{auc: {}}, {gauc: {uid_field: user_id}}]"
+    overrides = [*shrink_overrides(name, easyrec_csv, model_dir), gauc]
     results = run_ranks(_train, str(FIXTURES / name), overrides)
     summary = json.loads((model_dir / "summary.json").read_text())
     assert summary == json.loads(json.dumps(results[0]))
@@ -353,6 +355,8 @@ def test_fixture_trains_on_two_ranks_from_easyrec_csv(easyrec_csv, tmp_path, nam
     assert sum(losses[-5:]) < sum(losses[:5]), "loss did not fall"
     for tower_name, m in summary["eval"].items():
         assert 0.0 <= m["auc"] <= 1.0 and m["logloss"] > 0, f"{tower_name}: {m}"
+    assert 0.0 < summary["eval"]["ctr"]["gauc"] < 1.0 and summary["eval"]["ctr"]["gauc_users"] > 0
+    assert "gauc" not in summary["eval"]["cvr"]
     assert (model_dir / "checkpoints" / f"step_{STEPS:08d}" / "meta.json").exists()
     # the model trained is the one the converted YAML describes
     out = tmp_path / "converted.yaml"
