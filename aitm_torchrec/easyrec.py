@@ -199,7 +199,12 @@ FEATURE_SPEC = {
 LR_SPEC = {"constant_learning_rate": _msg({"learning_rate": Spec(float)})}
 OPT_SPEC = {"learning_rate": _msg(LR_SPEC)}
 LOSS_SPEC = {"loss_type": Spec(("CLASSIFICATION", "ORDER_CALIBRATE_LOSS")), "weight": Spec(float)}
-METRICS_SPEC = {"auc": _msg({"num_thresholds": _ignored("eval_config.auc chooses the AUC (exact, or binned with 65536 logit bins)", int)})}
+METRICS_SPEC = {
+    "auc": _msg({"num_thresholds": _ignored("eval_config.auc chooses the AUC (exact, or binned with 65536 logit bins)", int)}),
+    "gauc": _msg({"uid_field": Spec(str), "reduction": Spec(str, allowed=("mean", "mean_by_sample_num",
+                                                                          "mean_by_positive_num"))}),
+}
+GAUC_REDUCTION = "mean"  # EasyRec's default (eval.proto GAUC.reduction); ours is mean_by_sample_num
 TOWER_SPEC = {
     "tower_name": Spec(str),
     "label_name": Spec(str),
@@ -463,6 +468,16 @@ class _Converter:
         return {"sparse_optimizer": {"name": s_name, "learning_rate": s_lr * (mult or 1.0), **s_betas},
                 "dense_optimizer": {"name": d_name, "learning_rate": d_lr, **d_betas}}
 
+    def metric(self, m: Msg) -> dict:
+        """One metrics_set entry: auc, or gauc with its reduction written out (EasyRec's default
+        differs from ours)."""
+        g = m.msg("gauc")
+        if g is None:
+            return {"auc": {}}
+        if not g.has("uid_field"):
+            raise self.fail(g, "uid_field", "is required (the user id column)")
+        return {"gauc": {"uid_field": g.get("uid_field"), "reduction": g.get("reduction", GAUC_REDUCTION)}}
+
     def towers(self, mp: Msg, backbone: Msg | None) -> tuple[list[dict], dict]:
         """Task towers -> our task_towers and model_params extras (ait_attention, ...)."""
         towers = []
@@ -476,7 +491,7 @@ class _Converter:
                 out["losses"] = [{k: v.get(k) for k in ("loss_type", "weight") if v.has(k)}
                                  for v in t.values("losses")]
             if t.has("metrics_set"):
-                out["metrics_set"] = [{"auc": {}} for v in t.values("metrics_set") if v.has("auc")]
+                out["metrics_set"] = [self.metric(v) for v in t.values("metrics_set") if v.has("auc") or v.has("gauc")]
             if t.has("dnn"):
                 out["dnn"] = self.dnn(t.msg("dnn"))
             for key in ("weight", "num_class"):

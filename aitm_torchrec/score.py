@@ -31,7 +31,10 @@ job. A serving artefact (``model``) runs as it was exported. int8 Linears take f
 
 ``metrics``: the label columns are also passed through, and per-task AUC, logloss and
 calibration are computed over every output row (from the part files, so a resumed job's
-metrics cover all rows), exact across ranks.
+metrics cover all rows), exact across ranks. Towers whose ``metrics_set`` has a gauc also get
+``gauc`` and ``gauc_users`` (``aitm_torchrec/gauc.py``): their uid columns are passed through too,
+and the GAUC ranks the rows by the float32 probabilities of the parts, the values training's eval
+ranks by.
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ from aitm_torchrec.data.source import input_columns
 from aitm_torchrec.dist import DistEnv
 from aitm_torchrec.export_model import DENSE_QUANTS, quantize_dense
 from aitm_torchrec.files import atomic_write, sha256_file
+from aitm_torchrec.gauc import GaucSpec, GroupAUC, gauc_specs, uid_columns
 from aitm_torchrec.metrics import TaskMetrics
 from aitm_torchrec.outputs import JobOutput, describe_difference
 from aitm_torchrec.precision import Precision, autocast, resolve_for_job
@@ -240,11 +244,14 @@ def run(cfg: Config, env: DistEnv, opts: ScoreOptions, on_part_written: Callable
     csv = csv_format(cfg.data_config)
     if columns == ["ALL"]:
         columns = input_columns(inputs, csv)
+    gauc = gauc_specs(cfg.towers) if opts.metrics else ()
+    uids = {c: why for c, why in uid_columns(gauc).items() if c not in columns}
     passthrough = columns + [c for c in schema.label_names if opts.metrics and c not in columns]
+    passthrough += [c for c in uids if c not in passthrough]
     batch_size = opts.batch_size or 4 * cfg.data_config.batch_size
     reader = ParquetReader(inputs, schema, batch_size, env.rank, env.world_size, shuffle=False,
                            prefetch=cfg.data_config.prefetch_size, labels=opts.metrics,
-                           label_chain_policy="keep", passthrough=passthrough, csv=csv)
+                           label_chain_policy="keep", passthrough=passthrough, csv=csv, needed_by=uids)
     out = Path(opts.output)
     output = _job_output(out)
     job = _job(cfg, opts, model, reader, columns, env, opts.rows_per_part, precision)
@@ -307,7 +314,8 @@ def run(cfg: Config, env: DistEnv, opts: ScoreOptions, on_part_written: Callable
     # Every rank's parts exist now; rank 0 writes the manifest, then _SUCCESS.
     files = [{"file": p.name, "rank": p.rank, "rows": p.hi - p.lo, "first_row": p.lo, "sha256": sha256_file(out / p.name)}
              for p in mine]
-    metrics = _metrics(out, mine, schema.label_names, schema.tower_names, env, cfg.eval_config.auc) if opts.metrics else None
+    metrics = _metrics(out, mine, schema.label_names, schema.tower_names, env, cfg.eval_config.auc,
+                       gauc) if opts.metrics else None
     all_files = sorted((f for fs in aitm_dist.all_gather(files) for f in fs), key=lambda f: f["file"])
     total_scored = sum(aitm_dist.all_gather(rows_scored))
     slowest = max(aitm_dist.all_gather(loop_seconds))
@@ -338,16 +346,23 @@ def run(cfg: Config, env: DistEnv, opts: ScoreOptions, on_part_written: Callable
 
 
 def _metrics(out: Path, parts: list[Part], labels: list[str], towers: list[str], env: DistEnv,
-             auc: str = "auto") -> dict:
+             auc: str = "auto", gauc: Sequence[GaucSpec] = ()) -> dict:
     """Per-task metrics over every row of every part (this rank's parts, reduced across ranks;
-    ``auc``: the config's eval_config.auc)."""
+    ``auc``: the config's eval_config.auc; ``gauc``: the towers' GAUCs, from the parts' uid columns)."""
     m = TaskMetrics(towers, env.device, auc)
+    groups = GroupAUC(gauc, env.device) if gauc else None
     for p in parts:
-        t = pq.read_table(out / p.name, columns=labels + [f"probs_{x}" for x in towers])
+        uids = groups.columns if groups is not None else []
+        t = pq.read_table(out / p.name, columns=list(dict.fromkeys(labels + [f"probs_{x}" for x in towers] + uids)))
         y = torch.from_numpy(np.stack([t.column(c).to_numpy().astype(np.float32) for c in labels], axis=1))
+        probs = np.stack([t.column(f"probs_{x}").to_numpy() for x in towers], axis=1)
+        if groups is not None:  # the probabilities as written: the values training's eval ranks by
+            groups.update(t.select(uids), torch.from_numpy(probs), y)
         # float32 probabilities back to logits; clipped so a saturated score stays finite in logloss
-        probs = np.clip(np.stack([t.column(f"probs_{x}").to_numpy() for x in towers], axis=1).astype(np.float64),
-                        1e-7, 1 - 1e-7)
-        logit = torch.from_numpy(np.log(probs) - np.log1p(-probs)).float()
+        clipped = np.clip(probs.astype(np.float64), 1e-7, 1 - 1e-7)
+        logit = torch.from_numpy(np.log(clipped) - np.log1p(-clipped)).float()
         m.update(logit, y, torch.ones(len(y)))
-    return m.compute()
+    out_metrics = m.compute()
+    for tower, values in (groups.compute() if groups is not None else {}).items():
+        out_metrics[tower].update(values)
+    return out_metrics

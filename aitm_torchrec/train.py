@@ -12,7 +12,7 @@ import itertools
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +32,7 @@ from aitm_torchrec.data import Batch, ParquetReader
 from aitm_torchrec.data.csv_input import csv_format
 from aitm_torchrec.dist import DistEnv
 from aitm_torchrec.files import write_json_atomic
+from aitm_torchrec.gauc import GaucSpec, GroupAUC, gauc_specs, uid_columns
 from aitm_torchrec.metrics import TaskMetrics
 from aitm_torchrec.precision import Precision, resolve_for_job
 from aitm_torchrec.sharding import describe, shard
@@ -87,13 +88,15 @@ def build(cfg: Config, env: DistEnv) -> tuple[DistributedModelParallel, Combined
 
 def make_reader(cfg: Config, env: DistEnv, paths: tuple[str, ...], train: bool) -> ParquetReader:
     """The config's Parquet reader for this rank: shuffled for training, in file order for eval.
-    Label-chain checks follow the towers' relations (a later step needs its relation steps)."""
+    Label-chain checks follow the towers' relations (a later step needs its relation steps).
+    Eval batches also carry the raw uid columns of the towers' gauc metrics (``Batch.passthrough``)."""
     dc = cfg.data_config
+    uids = {} if train else uid_columns(gauc_specs(cfg.towers))
     return ParquetReader(
         paths, cfg.schema, dc.batch_size if train else (dc.eval_batch_size or dc.batch_size),
         env.rank, env.world_size, shuffle=dc.shuffle and train, seed=cfg.train_config.seed if train else 0,
         buffer_rows=dc.shuffle_buffer_size, prefetch=dc.prefetch_size, label_chain_policy=dc.label_chain_policy,
-        csv=csv_format(dc),
+        csv=csv_format(dc), passthrough=list(uids), needed_by=uids,
     )
 
 
@@ -165,19 +168,27 @@ class Position:
 
 @torch.no_grad()
 def evaluate(dmp: torch.nn.Module, reader: ParquetReader, tower_names: list[str], env: DistEnv,
-             max_steps: int = 0, auc: str = "auto") -> dict[str, dict[str, float]]:
-    """Whole-eval per-task metrics, identical on every rank (``auc``: eval_config.auc)."""
+             max_steps: int = 0, auc: str = "auto", gauc: Sequence[GaucSpec] = ()) -> dict[str, dict[str, float]]:
+    """Whole-eval per-task metrics, identical on every rank (``auc``: eval_config.auc; ``gauc``:
+    the towers' GAUCs, from the uid columns the reader passes through)."""
     was_training = dmp.training
     dmp.eval()
     metrics = TaskMetrics(tower_names, env.device, auc)
+    groups = GroupAUC(gauc, env.device) if gauc else None
     steps = min(max_steps, reader.steps_per_epoch) if max_steps else reader.steps_per_epoch
     with contextlib.closing(reader.epoch(0)) as batches:
         for batch in tqdm(itertools.islice(batches, steps), total=steps, desc="eval",
                           disable=not env.is_main, leave=False):
             _, (_, logits, labels, weights) = dmp(batch.to(env.device))
             metrics.update(logits, labels, weights)
+            if groups is not None and batch.passthrough is not None:  # real rows first, padding after
+                n = batch.passthrough.num_rows
+                groups.update(batch.passthrough, torch.sigmoid(logits[:n].float()), labels[:n])
     dmp.train(was_training)
-    return metrics.compute()
+    out = metrics.compute()
+    for tower, values in (groups.compute() if groups is not None else {}).items():
+        out[tower].update(values)
+    return out
 
 
 def _global_sum(value: float, env: DistEnv) -> float:
@@ -312,7 +323,7 @@ class _Loop:
         pipeline.detach()  # eval calls the model directly; in-flight batches stay queued
         ec = self.cfg.eval_config
         self.history.append({"step": step, **evaluate(self.dmp, self.evaluator, self.towers, self.env,
-                                                      ec.num_steps, ec.auc)})
+                                                      ec.num_steps, ec.auc, gauc_specs(self.cfg.towers))})
         if self.writer:
             _scalars(self.writer, "eval", self.history[-1], step)
 
@@ -394,7 +405,8 @@ def run(cfg: Config, env: DistEnv, opts: TrainOptions = TrainOptions(),
     guard.finish(pos.step)  # SIGTERM: raises Preempted (exit status 143) after this save
 
     ec = cfg.eval_config
-    eval_metrics = evaluate(dmp, evaluator, loop.towers, env, ec.num_steps, ec.auc) if evaluator else {}
+    eval_metrics = evaluate(dmp, evaluator, loop.towers, env, ec.num_steps, ec.auc,
+                            gauc_specs(cfg.towers)) if evaluator else {}
     result = TrainResult(
         steps=tc.num_steps, steps_this_run=trained, resumed_from_step=loop.start, examples=int(total_examples),
         examples_per_s=timed_examples / elapsed if trained > 1 and elapsed > 0 else 0.0, seconds=elapsed,

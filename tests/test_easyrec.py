@@ -136,6 +136,13 @@ MAPPINGS = [
      lambda c: (tower(c, 1).classification_weight, tower(c, 1).calibration_alpha), (2.0, 0.6)),
     ("task_towers.weight", dict(ctr="weight: 0.5"), lambda c: tower(c, 0).weight, 0.5),
     ("task_towers.metrics_set", dict(ctr="metrics_set: { auc {} }"), lambda c: len(tower(c, 0).metrics_set), 1),
+    # EasyRec's default reduction (eval.proto: mean) is written out: ours is mean_by_sample_num
+    ("task_towers.metrics_set.gauc", dict(ctr='metrics_set: { auc {} } metrics_set: { gauc { uid_field: "uid" } }'),
+     lambda c: [(m.auc, m.gauc and (m.gauc.uid_field, m.gauc.reduction)) for m in tower(c, 0).metrics_set],
+     [({}, None), (None, ("uid", "mean"))]),
+    ("task_towers.metrics_set.gauc.reduction",
+     dict(cvr='metrics_set: { gauc { uid_field: "uid" reduction: "mean_by_sample_num" } }'),
+     lambda c: (tower(c, 1).metrics_set[0].gauc.reduction, tower(c, 0).metrics_set), ("mean_by_sample_num", ())),
     ("task_towers.num_class", dict(ctr="num_class: 1"), lambda c: tower(c, 0).num_class, 1),
     ("task_towers.relation_tower_names", dict(cvr=CVR_AIT), lambda c: tower(c, 1).relation_tower_names, ("ctr",)),
     ("task_towers.use_ait_module", dict(cvr=CVR_AIT), lambda c: tower(c, 1).use_ait_module, True),
@@ -234,6 +241,10 @@ def test_ignored_fields_are_logged_with_the_reason(tmp_path, caplog):
     (dict(ctr_dnn="dnn { hidden_units: [4, 2] dropout_ratio: [0.1, 0.2] }"), "one ratio for every layer"),
     (dict(cvr='relation_tower_names: "ctr"'), "needs use_ait_module: true or a relation_dnn"),
     (dict(tag="hash_bucket_size: 9 num_buckets: 9"), r"needs exactly one of hash_bucket_size or num_buckets"),
+    (dict(ctr='metrics_set: { gauc { reduction: "mean" } }'), r"task_towers\[0\]\.metrics_set\[0\]\.gauc\.uid_field: is required"),
+    (dict(ctr='metrics_set: { gauc { uid_field: "user" } }'),
+     r"metrics_set\[0\]\.gauc\.uid_field \(ctr\) names unknown column 'user' \(CSVInput reads only input_fields\); "
+     r"columns: clk, buy, uid, tags, price"),
 ])
 def test_what_cannot_be_mapped_is_an_error_naming_file_line_and_field(tmp_path, slots, message):
     path = write_config(tmp_path, **slots)
@@ -416,7 +427,9 @@ def _train(config: str, overrides: list[str]) -> dict:
 @pytest.mark.parametrize("name", FORMS)
 def test_fixture_trains_on_two_ranks_from_easyrec_csv(easyrec_csv, tmp_path, name):
     model_dir = tmp_path / "run"
-    overrides = shrink_overrides(name, easyrec_csv, model_dir)
+    # GAUC over the CSV's string user ids (not a feature's hashed rows), users split across ranks
+    gauc = "model_config.model_params.task_towers.0.metrics_set=[{auc: {}}, {gauc: {uid_field: user_id}}]"
+    overrides = [*shrink_overrides(name, easyrec_csv, model_dir), gauc]
     results = run_ranks(_train, str(FIXTURES / name), overrides)
     summary = json.loads((model_dir / "summary.json").read_text())
     assert summary == json.loads(json.dumps(results[0]))
@@ -427,6 +440,8 @@ def test_fixture_trains_on_two_ranks_from_easyrec_csv(easyrec_csv, tmp_path, nam
     assert sum(losses[-5:]) < sum(losses[:5]), "loss did not fall"
     for tower_name, m in summary["eval"].items():
         assert 0.0 <= m["auc"] <= 1.0 and m["logloss"] > 0, f"{tower_name}: {m}"
+    assert 0.0 < summary["eval"]["ctr"]["gauc"] < 1.0 and summary["eval"]["ctr"]["gauc_users"] > 0
+    assert "gauc" not in summary["eval"]["cvr"]
     assert (model_dir / "checkpoints" / f"step_{STEPS:08d}" / "meta.json").exists()
     # the model trained is the one the converted YAML describes
     out = tmp_path / "converted.yaml"

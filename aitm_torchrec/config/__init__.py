@@ -46,6 +46,7 @@ from aitm_torchrec.config.types import (
     Feature,
     FeatureConfig,
     FeatureGroup,
+    Gauc,
     InputField,
     LearningRateScaling,
     LearningRateSchedule,
@@ -77,7 +78,8 @@ __all__ = [
     "COMPUTE_KERNELS", "SPARSE_OPTIMIZERS", "DENSE_OPTIMIZERS",
     # the dataclasses, outermost first
     "Config", "FeatureConfig", "Feature", "Zch", "Normalizer", "ModelConfig", "FeatureGroup", "Backbone",
-    "DNN", "ModelParams", "ExtractionNetwork", "TaskTower", "Loss", "MetricsSet", "DataConfig", "InputField", "TrainConfig",
+    "DNN", "ModelParams", "ExtractionNetwork", "TaskTower", "Loss", "MetricsSet", "Gauc", "DataConfig", "InputField",
+    "TrainConfig",
     "Optimizer", "LearningRateSchedule", "LearningRateScaling", "EvalConfig", "ShardingConfig",
     "TableConstraint",
     # derived

@@ -118,8 +118,22 @@ class Loss:
 
 
 @dataclass(frozen=True)
+class Gauc:
+    """Group AUC (EasyRec's GAUC): per user, the AUC of that user's rows; users whose rows are all
+    one class are skipped; the mean over users, weighted by ``reduction`` (aitm_torchrec/gauc.py)."""
+
+    uid_field: str  # the input column whose raw values (not hashed buckets) name the users
+    # mean_by_sample_num: weighted by the user's rows; mean: one per user (EasyRec's default);
+    # mean_by_positive_num: weighted by the user's positive rows
+    reduction: Literal["mean_by_sample_num", "mean", "mean_by_positive_num"] = "mean_by_sample_num"
+
+
+@dataclass(frozen=True)
 class MetricsSet:
+    """One entry of a tower's ``metrics_set``: ``{auc: {}}`` or ``{gauc: {uid_field: COL}}``."""
+
     auc: dict | None = None
+    gauc: Gauc | None = None
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,9 @@ apply the same one is always reported:
 7. ``check_eval``: step counts.
 8. ``check_sharding``: cache_load_factor, per-table constraints naming non-zch features, allowed
    sharding types and compute kernels.
+9. ``check_metrics``: per task tower, each ``metrics_set`` entry names one metric (auc or gauc), at
+   most one gauc, its uid_field not empty and, for CSVInput, one of the input_fields (Parquet
+   columns are checked when the files are opened).
 
 Later checks may assume earlier ones passed (e.g. feature names are unique, towers have names).
 """
@@ -306,8 +309,31 @@ def check_sharding(cfg: Config, where: str) -> None:
                 fail(f"{key}.compute_kernels", f"has {k!r}; allowed: {', '.join(COMPUTE_KERNELS)}")
 
 
+def check_metrics(cfg: Config, where: str) -> None:
+    fail = _fail(where)
+    dc = cfg.data_config
+    columns = [f.input_name for f in dc.input_fields] if dc.input_type == "CSVInput" else None
+    for i, t in enumerate(cfg.towers):
+        gaucs = 0
+        for j, m in enumerate(t.metrics_set):
+            key = f"model_config.model_params.task_towers[{i}].metrics_set[{j}]"
+            if (m.auc is None) == (m.gauc is None):
+                fail(key, f"({t.tower_name}) must name exactly one metric: auc or gauc")
+            if m.gauc is None:
+                continue
+            gaucs += 1
+            if gaucs > 1:  # one "gauc" entry in the tower's metrics (EasyRec keeps one per name too)
+                fail(key, f"({t.tower_name}) is a second gauc; a tower takes at most one")
+            uid = m.gauc.uid_field
+            if not uid:
+                fail(f"{key}.gauc.uid_field", f"({t.tower_name}) must name the user id column")
+            if columns is not None and uid not in columns:
+                fail(f"{key}.gauc.uid_field", f"({t.tower_name}) names unknown column {uid!r} (CSVInput reads "
+                     f"only input_fields); columns: {', '.join(columns) or 'none'}")
+
+
 # The order is part of the behaviour: the first failing check names the error (see above).
 CHECKS: tuple[Callable[[Config, str], None], ...] = (
     check_features, check_model, check_towers, check_data, check_embedding_init, check_train,
-    check_eval, check_sharding,
+    check_eval, check_sharding, check_metrics,
 )

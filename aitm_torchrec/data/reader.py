@@ -24,7 +24,7 @@ import logging
 import math
 import queue
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -53,14 +53,16 @@ class ParquetReader:
         label_chain_policy: error | drop | keep.
         labels: read the label columns (False for inputs without labels: labels are B x 0).
         passthrough: columns carried beside each batch as an Arrow table (``Batch.passthrough``).
+        needed_by: what needs a pass-through column, for the message when a file lacks it.
     """
 
     def __init__(self, paths: Sequence[str], schema: Schema, batch_size: int, rank: int = 0,
                  world_size: int = 1, shuffle: bool = False, seed: int = 0, buffer_rows: int = 0,
                  prefetch: int = 4, label_chain_policy: str = "error", labels: bool = True,
-                 passthrough: Sequence[str] = (), csv: CsvFormat | None = None) -> None:
+                 passthrough: Sequence[str] = (), csv: CsvFormat | None = None,
+                 needed_by: Mapping[str, str] | None = None) -> None:
         self.converter = Converter(schema, labels, label_chain_policy, passthrough)
-        self.source = ParquetSource(paths, schema, labels, passthrough, csv)  # csv: EasyRec CSV input
+        self.source = ParquetSource(paths, schema, labels, passthrough, csv, needed_by)  # csv: EasyRec CSV input
         self.schema = schema
         self.batch_size = batch_size
         self.rank, self.world_size = rank, world_size
@@ -88,8 +90,8 @@ class ParquetReader:
     def _chunks(self, lo: int, hi: int, order: list[int] | None) -> Iterator[Chunk]:
         """Converted chunks of global rows [lo, hi), piece by piece (errors name the file)."""
         for table, path in self.source.read(self.source.pieces(lo, hi, order)):
-            if self.converter.passthrough:
-                table = self.source.decode(table, path)
+            if self.converter.passthrough:  # only those: the features convert dictionaries faster
+                table = self.source.decode(table, path, self.converter.passthrough)
             chunk, stats = self.converter(table, path)
             self.stats.add(stats)
             yield chunk

@@ -15,7 +15,7 @@ feature or label cannot use. Files with 0 rows are skipped with a warning (recor
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -67,11 +67,15 @@ class ParquetSource:
         passthrough: more columns to read as they are (any type), e.g. ids to join scores back on.
         csv: read EasyRec CSV files in this format instead of Parquet (``csv_input.CsvFile``: the
             file cut into row groups of 64k lines, read by seeking).
+        needed_by: what needs a pass-through column (e.g. "gauc of ctr"), named with the file's
+            columns when it is missing.
     """
 
     def __init__(self, paths: Sequence[str], schema: Schema, labels: bool = True,
-                 passthrough: Sequence[str] = (), csv: csv_input.CsvFormat | None = None) -> None:
+                 passthrough: Sequence[str] = (), csv: csv_input.CsvFormat | None = None,
+                 needed_by: Mapping[str, str] | None = None) -> None:
         self.csv = csv
+        self.needed_by = dict(needed_by or {})
         self.files = expand_paths(paths) if csv is None else csv_input.expand(paths)
         self.schema = schema
         self.label_columns = schema.label_names if labels else []
@@ -104,8 +108,9 @@ class ParquetSource:
                 if col not in schema.names:
                     users = [f.name for f in features if f.column == col]
                     if not users:
-                        users = ["labels"] if col in self.label_columns else ["pass-through"]
-                    raise DataError(f"{path}: missing column {col!r} (needed by {', '.join(users)})")
+                        users = ["labels"] if col in self.label_columns else [self.needed_by.get(col, "pass-through")]
+                    columns = f"; columns: {', '.join(schema.names)}" if col in self.needed_by else ""
+                    raise DataError(f"{path}: missing column {col!r} (needed by {', '.join(users)}){columns}")
             for f in features:
                 check_feature_type(f, schema.field(f.column).type, path)
             for col in self.label_columns:
@@ -159,10 +164,11 @@ class ParquetSource:
                                 f"cannot be read ({e})") from None
             yield table.slice(p.first, p.count), g.path
 
-    def decode(self, table: pa.Table, path: str) -> pa.Table:
-        """``table`` with the columns read dictionary-encoded turned back into plain strings."""
+    def decode(self, table: pa.Table, path: str, columns: Sequence[str] | None = None) -> pa.Table:
+        """``table`` with the columns read dictionary-encoded (of ``columns``, default all) turned
+        back into plain strings."""
         for col in self._dictionary_columns.get(path, []):
-            if col in table.column_names:
+            if col in table.column_names and (columns is None or col in columns):
                 i = table.column_names.index(col)
                 table = table.set_column(i, col, table.column(col).cast(table.column(col).type.value_type))
         return table
