@@ -254,7 +254,7 @@ SCHEMA: dict[str, Spec] = {
         "feature_groups": _msg({
             "group_name": Spec(str),
             "feature_names": Spec(str, repeated=True),
-            "wide_deep": Spec(("DEEP",)),
+            "wide_deep": Spec(("DEEP", "WIDE")),
         }, repeated=True),
         "backbone": _msg({"blocks": _msg(BLOCK_SPEC, repeated=True), "output_blocks": Spec(str, repeated=True)}),
         "model_params": _msg({"task_towers": _msg(TOWER_SPEC, repeated=True), "l2_regularization": Spec(float)}),
@@ -611,8 +611,10 @@ class _Converter:
         model: dict[str, Any] = {"model_class": "AITM"}
         if mc.has("model_name"):
             model["model_name"] = mc.get("model_name")
+        # WIDE groups: a wide table per feature, added to every task's logit (docs/easyrec.md)
         model["feature_groups"] = [
-            {"group_name": g.get("group_name", ""), "feature_names": g.values("feature_names"), "wide_deep": "DEEP"}
+            {"group_name": g.get("group_name", ""), "feature_names": g.values("feature_names"),
+             "wide_deep": g.get("wide_deep", "DEEP")}
             for g in mc.values("feature_groups")]
         mp = mc.msg("model_params")
         if mp is None:
@@ -632,6 +634,9 @@ class _Converter:
             train = {k: tc.get(k) for k in ("num_steps", "save_checkpoints_steps", "keep_checkpoint_max",
                                             "log_step_count_steps") if tc.has(k)}
             train.update(self.optimizers(tc))
+            if "sparse_optimizer" in train and any(g["wide_deep"] == "WIDE" for g in model["feature_groups"]):
+                # EasyRec trains the wide embeddings with the embedding optimizer (the first of two)
+                train["wide_optimizer"] = dict(train["sparse_optimizer"])
             raw["train_config"] = train
         return raw
 
