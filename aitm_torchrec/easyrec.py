@@ -616,6 +616,12 @@ class _Converter:
             {"group_name": g.get("group_name", ""), "feature_names": g.values("feature_names"),
              "wide_deep": g.get("wide_deep", "DEEP")}
             for g in mc.values("feature_groups")]
+        wide = {g["group_name"] for g in model["feature_groups"] if g["wide_deep"] == "WIDE"}
+        for block in (mc.msg("backbone").values("blocks") if mc.has("backbone") and wide else []):
+            for i in block.values("inputs"):
+                if i.get("feature_group_name") in wide:
+                    raise self.fail(i, "feature_group_name", f"reads WIDE group {i.get('feature_group_name')!r}: "
+                                    "here a WIDE group is the wide part added to every task's logit, not a block input")
         mp = mc.msg("model_params")
         if mp is None:
             raise _error(f"{self.where}:{mc.line}: model_config.model_params is required (the task towers)")

@@ -275,6 +275,13 @@ def test_wide_groups_map_to_wide_tables_trained_by_the_embedding_optimizer(tmp_p
     assert load_config(out) == cfg
     # without an optimizer_config in the file, our default (the sparse optimizer at 0.05) applies
     assert load_config(write_config(tmp_path, "plain.config", model=WIDE_GROUP)).train_config.wide_optimizer is None
+    # a backbone block reading the WIDE group would use it as input: not what a WIDE group is here
+    blocks = (BLOCKS % "").replace('inputs { feature_group_name: "all" }',
+                                   'inputs { feature_group_name: "all" } inputs { feature_group_name: "wide" }')
+    path = write_config(tmp_path, "block.config", model=WIDE_GROUP, backbone=blocks)
+    with pytest.raises(ConfigError, match=r"block.config:\d+: model_config.backbone.blocks\[0\].inputs\[1\]"
+                                          r".feature_group_name: reads WIDE group 'wide'"):
+        load_config(path)
 
 
 def _shapes(cfg) -> dict:
