@@ -54,7 +54,7 @@ def topology(cfg: Config, world_size: int, local_world_size: int, compute_device
                     compute_device=compute_device, hbm_cap=hbm, ddr_cap=ddr)
 
 
-def table_optimizers(cfg: Config) -> dict[str, tuple[str, Optimizer]]:
+def planned_tables(cfg: Config) -> dict[str, tuple[str, Optimizer]]:
     """Planned table name -> (its optimizer's config key, the optimizer): the feature tables
     (zch ones aside: ``zch.zch_plan`` plans them) take ``sparse_optimizer``, the WIDE groups'
     tables (``wide_<feature>``) the wide tables' optimizer."""
@@ -76,7 +76,7 @@ def constraints(cfg: Config, compute_device: str) -> dict[str, ParameterConstrai
     per_table = dict(sc.tables)
     wide = set(cfg.schema.wide_tables)
     out = {}
-    for name, (key, opt) in table_optimizers(cfg).items():
+    for name, (key, opt) in planned_tables(cfg).items():
         c = per_table.get(name)
         types = list((c and c.sharding_types) or sc.sharding_types)
         if name in wide and not types:

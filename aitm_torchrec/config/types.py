@@ -179,7 +179,8 @@ class ModelConfig:
     model_name: str = ""
     backbone: Backbone = Backbone()
     embedding_regularization: float = 0.0
-    # Tables start uniform in [-s, s]; 0: TorchRec's default [-sqrt(1/rows), sqrt(1/rows)] per table.
+    # Feature tables start uniform in [-s, s]; 0: TorchRec's default [-sqrt(1/rows), sqrt(1/rows)] per table
+    # (wide tables: registry.WIDE_INIT_SCALE).
     embedding_init_scale: float = 0.0
 
 
