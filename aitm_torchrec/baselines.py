@@ -4,9 +4,11 @@ Each is a head of a ``MultiTaskModel`` (B x H backbone output -> B x T logits), 
 wrapper, DistributedModelParallel and the train pipeline run them unchanged.
 
     SharedBottom   logit_t = output_t(tower_t(b))
-    ESMM           c_t = output_t(tower_t(b)) is the logit of P(step t | step r) for t's relation
-                   tower r; the output is the logit of the marginal P(step t) = prod of sigmoid(c)
-                   along the chain (pCTCVR = pCTR x pCVR), trained on all impressions.
+    ESMM           c_t = output_t(tower_t(b)) [+ w_t] is the logit of P(step t | step r) for t's
+                   relation tower r; the output is the logit of the marginal P(step t) = prod of
+                   sigmoid(c) along the chain (pCTCVR = pCTR x pCVR), trained on all impressions.
+                   The wide part w_t (WIDE groups) joins the conditional logit, so the chain's
+                   marginals still only fall along it.
     MMoE           e_i = expert_i(b); g_t = softmax(W_t b + c_t) over experts;
                    logit_t = output_t(tower_t(sum_i g_ti e_i))
     PLE            L extraction layers; layer l has E_l experts per task and S_l shared experts.
@@ -79,8 +81,11 @@ class ESMMHead(SharedBottomHead):
     bottom towers whose outputs are conditional logits, chained into marginals.
 
     ``parents[t]``: the tower whose step must happen before step t (None for a first step).
-    forward(b) -> B x T logits of the marginal probabilities over all impressions.
+    forward(b, wide=None) -> B x T logits of the marginal probabilities over all impressions;
+    ``wide`` (B x T, the model's wide part) is added to the conditional logits.
     """
+
+    takes_wide = True  # MultiTaskModel passes the wide part in instead of adding it to the output
 
     def __init__(self, in_dim: int, towers: Sequence[MLPSpec], parents: Sequence[int | None],
                  device: Device = None) -> None:
@@ -93,8 +98,11 @@ class ESMMHead(SharedBottomHead):
         """B x T logits of each step given its parent step."""
         return super().forward(b)
 
-    def forward(self, b: torch.Tensor) -> torch.Tensor:
-        return marginal_logits(self.conditional_logits(b), self.parents)
+    def forward(self, b: torch.Tensor, wide: torch.Tensor | None = None) -> torch.Tensor:
+        conditional = self.conditional_logits(b)
+        if wide is not None:
+            conditional = conditional + wide
+        return marginal_logits(conditional, self.parents)
 
 
 class MMoEHead(nn.Module):

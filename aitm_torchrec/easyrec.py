@@ -276,7 +276,7 @@ SCHEMA: dict[str, Spec] = {
         "feature_groups": _msg({
             "group_name": Spec(str),
             "feature_names": Spec(str, repeated=True),
-            "wide_deep": Spec(("DEEP",)),
+            "wide_deep": Spec(("DEEP", "WIDE")),
         }, repeated=True),
         "backbone": _msg({"blocks": _msg(BLOCK_SPEC, repeated=True), "output_blocks": Spec(str, repeated=True)}),
         "model_params": _msg({"task_towers": _msg(TOWER_SPEC, repeated=True), "l2_regularization": Spec(float)}),
@@ -669,9 +669,17 @@ class _Converter:
         model: dict[str, Any] = {"model_class": "AITM"}
         if mc.has("model_name"):
             model["model_name"] = mc.get("model_name")
+        # WIDE groups: a wide table per feature, added to every task's logit (docs/easyrec.md)
         model["feature_groups"] = [
-            {"group_name": g.get("group_name", ""), "feature_names": g.values("feature_names"), "wide_deep": "DEEP"}
+            {"group_name": g.get("group_name", ""), "feature_names": g.values("feature_names"),
+             "wide_deep": g.get("wide_deep", "DEEP")}
             for g in mc.values("feature_groups")]
+        wide = {g["group_name"] for g in model["feature_groups"] if g["wide_deep"] == "WIDE"}
+        for block in (mc.msg("backbone").values("blocks") if mc.has("backbone") and wide else []):
+            for i in block.values("inputs"):
+                if i.get("feature_group_name") in wide:
+                    raise self.fail(i, "feature_group_name", f"reads WIDE group {i.get('feature_group_name')!r}: "
+                                    "here a WIDE group is the wide part added to every task's logit, not a block input")
         if mc.get("model_class") == "PLE":
             model.update(model_class="PLE", model_params=self.ple(mc))
         else:
@@ -695,6 +703,9 @@ class _Converter:
             train = {k: tc.get(k) for k in ("num_steps", "save_checkpoints_steps", "keep_checkpoint_max",
                                             "log_step_count_steps") if tc.has(k)}
             train.update(self.optimizers(tc))
+            if "sparse_optimizer" in train and any(g["wide_deep"] == "WIDE" for g in model["feature_groups"]):
+                # EasyRec trains the wide embeddings with the embedding optimizer (the first of two)
+                train["wide_optimizer"] = dict(train["sparse_optimizer"])
             raw["train_config"] = train
         return raw
 

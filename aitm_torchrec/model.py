@@ -8,6 +8,8 @@
            = relation_dnn_t(concat(q_t, z_r for r))       if not use_ait (DBMTL)
            = q_t                                          if t has no relation towers
     logit_t= output_t(output_dnn_t(z_t))                  output_dnn_t: an MLP, empty unless configured
+           + w_t                                          with a wide part (WIDE feature groups)
+    w_t    = sum over wide features f of column t of f's pooled wide table row(s)
 
 AIT scores each candidate u: ``self`` (the paper, its official code):
 s_u = <h2(u), h3(u)> / sqrt(k); ``cross`` (EasyRec): s_u = <h2(q_t), h3(u)> / sqrt(k). Then
@@ -17,8 +19,11 @@ Towers may form a DAG (``relations``); they run in a topological order. Every mo
 ``MultiTaskModel``: the shared input side (an EmbeddingBagCollection, usually built on ``meta``,
 and the dense block), a backbone MLP, and a head that takes the B x H backbone output, so heads
 are testable without tables. ``AITMHead`` is here; the baselines' heads are in ``baselines.py``;
-``registry.py`` maps ``model_class`` to a head. Nothing here knows of distribution, files or
-logging: DistributedModelParallel shards the model from outside.
+``registry.py`` maps ``model_class`` to a head. The wide part (``wide_ebc``, its own
+EmbeddingBagCollection) is added to every head's logits here, after the head; a head whose
+logits are not its tasks' own (ESMM: marginals of a chain) sets ``takes_wide`` and adds it
+inside (``forward(b, wide)``). Nothing here knows of distribution, files or logging:
+DistributedModelParallel shards the model from outside.
 """
 
 from __future__ import annotations
@@ -37,6 +42,10 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from aitm_torchrec.schema import topological_order
 
 Device = torch.device | str | None
+
+# The wide part's EmbeddingBagCollection: its attribute name on MultiTaskModel, which sharding
+# (its own table optimizer) and the checkpoint keys (``...wide_ebc.embedding_bags.<t>.weight``) use.
+WIDE_EBC = "wide_ebc"
 
 
 @dataclass(frozen=True)
@@ -124,15 +133,24 @@ class MultiTaskModel(nn.Module):
         backbone: shared MLP over the model input (B x input_dim -> B x H; may have no layers).
         head: the model class's towers (B x H -> B x T logits), e.g. ``AITMHead``.
         mc_ebc: the zch features' tables (``zch.build_mc_ebc``), or None.
+        wide_ebc: the wide tables (one per WIDE-group feature, all of one width >= T), or None.
+        wide_columns: T, the wide tables' columns read: column t is added to task t's logit.
     forward(dense: B x D_dense, sparse: KJT) -> B x T logits.
     """
 
     def __init__(self, ebc: EmbeddingBagCollection | None, groups: Sequence[Sequence[str]],
                  dense_slices: dict[str, tuple[int, int]], backbone: nn.Module, head: nn.Module,
-                 mc_ebc: ManagedCollisionEmbeddingBagCollection | None = None) -> None:
+                 mc_ebc: ManagedCollisionEmbeddingBagCollection | None = None,
+                 wide_ebc: EmbeddingBagCollection | None = None, wide_columns: int = 0) -> None:
         super().__init__()
         self.ebc = ebc
         self.mc_ebc = mc_ebc  # None: a plain attribute, so other models' state dicts are unchanged
+        self.wide_ebc = wide_ebc  # the same
+        wide_configs = wide_ebc.embedding_bag_configs() if wide_ebc is not None else []
+        if wide_configs and not 0 < wide_columns <= min(c.embedding_dim for c in wide_configs):
+            raise ValueError(f"wide tables of {[c.embedding_dim for c in wide_configs]} columns cannot give "
+                             f"{wide_columns} logits")
+        self.wide_shape = (len(wide_configs), wide_configs[0].embedding_dim if wide_configs else 0, wide_columns)
         configs = (ebc.embedding_bag_configs() if ebc is not None else []) + (
             mc_ebc._embedding_module.embedding_bag_configs() if mc_ebc is not None else [])
         dims = {c.feature_names[0]: c.embedding_dim for c in configs}
@@ -162,13 +180,28 @@ class MultiTaskModel(nn.Module):
         parts = [emb[n] if n in self.sparse_inputs else dense[:, slice(*self.dense_slices[n])] for n in self.inputs]
         return torch.cat(parts, dim=1), values
 
-    def predict(self, x: torch.Tensor) -> torch.Tensor:
-        """Model input B x input_dim -> B x T logits."""
-        return self.head(self.backbone(x))
+    def wide_logits(self, sparse: KeyedJaggedTensor) -> torch.Tensor | None:
+        """The wide part, B x T: per task t, the sum over the wide tables of column t of the
+        pooled row(s) of the feature's ids; None without wide tables. Reads the whole KJT and
+        looks up its own keys, as ``embed``'s tables do."""
+        if self.wide_ebc is None:
+            return None
+        features, width, tasks = self.wide_shape
+        # Every wide table has the same width, so the pooled values are B x (features * width).
+        return self.wide_ebc(sparse).values().reshape(-1, features, width).sum(1)[:, :tasks]
+
+    def predict(self, x: torch.Tensor, wide: torch.Tensor | None = None) -> torch.Tensor:
+        """Model input B x input_dim (and the wide part B x T) -> B x T logits."""
+        b = self.backbone(x)
+        if wide is None:
+            return self.head(b)
+        if getattr(self.head, "takes_wide", False):
+            return self.head(b, wide)
+        return self.head(b) + wide
 
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
         """B x T logits."""
-        return self.predict(self.embed(dense, sparse)[0])
+        return self.predict(self.embed(dense, sparse)[0], self.wide_logits(sparse))
 
 
 class AITMHead(nn.Module):

@@ -108,7 +108,23 @@ def build_model(cfg: Config, device: torch.device | str = "meta",
     backbone = MLP(schema.input_dim, mlp_spec(mc.backbone.mlp), dense_device)
     head = MODELS[mc.model_class](schema, mc.model_params, backbone.out_dim, dense_device)
     mc_ebc = build_mc_ebc(schema, device, embedding_bag_configs(cfg, zch=True))
-    return MultiTaskModel(ebc, schema.groups, schema.dense_slices, backbone, head, mc_ebc)
+    wide = wide_embedding_bag_configs(cfg)
+    wide_ebc = EmbeddingBagCollection(tables=wide, device=torch.device(device)) if wide else None
+    return MultiTaskModel(ebc, schema.groups, schema.dense_slices, backbone, head, mc_ebc,
+                          wide_ebc, len(schema.tasks))
+
+
+# The wide tables start near zero, so the wide part begins as a small correction to the deep
+# logits (the wide-part study's init).
+WIDE_INIT_SCALE = 1e-4
+
+
+def wide_embedding_bag_configs(cfg: Config) -> list:
+    """The WIDE groups' tables (``Schema.wide_embedding_bag_configs``), uniform in
+    [-WIDE_INIT_SCALE, WIDE_INIT_SCALE] (sharded kernels read weight_init_min/max, an unsharded
+    collection the init_fn TorchRec derives from them)."""
+    return [dataclasses.replace(t, weight_init_min=-WIDE_INIT_SCALE, weight_init_max=WIDE_INIT_SCALE, init_fn=None)
+            for t in cfg.schema.wide_embedding_bag_configs()]
 
 
 def embedding_bag_configs(cfg: Config, zch: bool | None = None) -> list:

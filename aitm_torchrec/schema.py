@@ -8,7 +8,9 @@ model all take a ``Schema``; none of them recomputes any of it:
   sparse feature;
 - dense (RawFeature) features in the order of the dense block, each with its column offset and
   normaliser;
-- the feature groups, concatenated in order into the model input (``input_dim`` wide);
+- the (DEEP) feature groups, concatenated in order into the model input (``input_dim`` wide);
+- the features with a wide part (WIDE groups): each has a wide table ``wide_<feature>`` of
+  ``wide_dim`` columns whose first T (one per task) are added to the task logits;
 - tasks (towers) in config order, with their label, relation towers (indices), BCE weight and
   calibrator weight; ``label_relations`` are the label-chain rules the reader enforces.
 
@@ -28,6 +30,15 @@ from pathlib import Path
 from typing import Any
 
 SCHEMA_VERSION = 1
+
+# FBGEMM's training kernels take table widths that are multiples of 4: a wide table has T columns
+# (one per task) rounded up to one, and the model reads the first T.
+WIDE_ALIGNMENT = 4
+
+
+def wide_table_name(feature: str) -> str:
+    """The wide table of a WIDE group's feature (its own EmbeddingBagCollection, ``wide_ebc``)."""
+    return f"wide_{feature}"
 
 # The id hash of ``hash_bucket_size`` features (implemented in ``features.py``). Bump the version
 # whenever the function changes: every exported table and model records the one it was built with.
@@ -130,9 +141,10 @@ class Task:
 class Schema:
     sparse: tuple[SparseFeature, ...]
     dense: tuple[DenseFeature, ...]
-    groups: tuple[tuple[str, ...], ...]
+    groups: tuple[tuple[str, ...], ...]  # the DEEP groups: the model input
     tasks: tuple[Task, ...]
     version: int = SCHEMA_VERSION
+    wide: tuple[str, ...] = ()  # sparse features with a wide table (the WIDE groups'), in order
 
     def __post_init__(self) -> None:
         names = [f.name for f in self.sparse + self.dense]
@@ -141,6 +153,9 @@ class Schema:
         unknown = sorted({n for g in self.groups for n in g} - set(names))
         if unknown:
             raise ValueError(f"feature groups name unknown features {unknown}")
+        plain = {f.name for f in self.sparse if not f.is_zch}
+        if len(set(self.wide)) != len(self.wide) or not set(self.wide) <= plain:
+            raise ValueError(f"wide features must be distinct sparse features without zch, got {list(self.wide)}")
         topological_order([t.relations for t in self.tasks])  # ValueError on a cycle
 
     # ---- derived facts (each in one place) ----------------------------------------------------
@@ -210,6 +225,27 @@ class Schema:
         """The sparse features with managed-collision (zch) tables."""
         return tuple(f for f in self.sparse if f.is_zch)
 
+    @property
+    def wide_dim(self) -> int:
+        """Columns of every wide table: one per task, rounded up to ``WIDE_ALIGNMENT``."""
+        return -(-len(self.tasks) // WIDE_ALIGNMENT) * WIDE_ALIGNMENT
+
+    @property
+    def wide_tables(self) -> dict[str, SparseFeature]:
+        """Wide table name -> the feature whose ids it reads (same rows and id rule)."""
+        by_name = {f.name: f for f in self.sparse}
+        return {wide_table_name(n): by_name[n] for n in self.wide}
+
+    def wide_embedding_bag_configs(self) -> list:
+        """TorchRec ``EmbeddingBagConfig``s of the wide tables (``wide_<feature>``, ``wide_dim``
+        columns, the feature's rows and pooling), in ``wide`` order."""
+        from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+
+        pooling = {"sum": PoolingType.SUM, "mean": PoolingType.MEAN}
+        return [EmbeddingBagConfig(name=name, feature_names=[f.name], num_embeddings=f.num_embeddings,
+                                   embedding_dim=self.wide_dim, pooling=pooling[f.combiner])
+                for name, f in self.wide_tables.items()]
+
     def embedding_bag_configs(self, zch: bool | None = None) -> list:
         """TorchRec ``EmbeddingBagConfig``s, one table per sparse feature, named after it: all of
         them (``zch`` None), or only the zch tables (True) or only the others (False)."""
@@ -224,15 +260,18 @@ class Schema:
 
     @classmethod
     def from_config(cls, cfg: Any) -> Schema:
-        """From a validated ``config.Config``."""
+        """From a validated ``config.Config``: DEEP groups are the model input, WIDE groups'
+        features get wide tables."""
+        groups = cfg.model_config.feature_groups
         return cls.from_features(cfg.feature_config.features, cfg.model_config.model_params.task_towers,
-                                 [g.feature_names for g in cfg.model_config.feature_groups])
+                                 [g.feature_names for g in groups if g.wide_deep != "WIDE"],
+                                 [n for g in groups if g.wide_deep == "WIDE" for n in g.feature_names])
 
     @classmethod
     def from_features(cls, features: Sequence[Any], towers: Sequence[Any] = (),
-                      groups: Sequence[Sequence[str]] | None = None) -> Schema:
+                      groups: Sequence[Sequence[str]] | None = None, wide: Sequence[str] = ()) -> Schema:
         """From config ``Feature``s and ``TaskTower``s (or label names: a plain chain of tasks).
-        ``groups`` default to one group of every feature."""
+        ``groups`` (DEEP) default to one group of every feature; ``wide``: features with a wide part."""
         sparse, dense, offset = [], [], 0
         for f in features:
             if f.feature_type == "RawFeature":
@@ -253,7 +292,7 @@ class Schema:
                           t.classification_weight, t.calibration_alpha) for t in towers]
         if groups is None:
             groups = [[f.name for f in features]]
-        return cls(tuple(sparse), tuple(dense), tuple(tuple(g) for g in groups), tuple(tasks))
+        return cls(tuple(sparse), tuple(dense), tuple(tuple(g) for g in groups), tuple(tasks), wide=tuple(wide))
 
     # ---- JSON ---------------------------------------------------------------------------------
 
@@ -263,6 +302,9 @@ class Schema:
             f["id_rule"] = spec.id_rule  # written for readers outside this project; ignored on load
         d["id_hash"] = dict(ID_HASH)
         d["dense_dim"] = self.dense_dim
+        if self.wide:  # for readers outside this project; derived, ignored on load
+            d["wide_tables"] = {name: {"feature": f.name, "dim": self.wide_dim, "logit_columns": self.tower_names}
+                                for name, f in self.wide_tables.items()}
         return d
 
     @classmethod
@@ -278,7 +320,8 @@ class Schema:
             dense = tuple(DenseFeature(**{**f, "normalizer": Normalizer(**f["normalizer"]) if f["normalizer"] else None})
                           for f in d["dense"])
             tasks = tuple(Task(**{**t, "relations": tuple(t["relations"])}) for t in d["tasks"])
-            return cls(sparse, dense, tuple(tuple(g) for g in d["groups"]), tasks, d["version"])
+            return cls(sparse, dense, tuple(tuple(g) for g in d["groups"]), tasks, d["version"],
+                       tuple(d.get("wide", ())))  # files written before wide parts have none
         except (KeyError, TypeError, ValueError) as e:
             if isinstance(e, SchemaError):
                 raise

@@ -49,13 +49,14 @@ def torch_optimizer(opt: Optimizer) -> Callable[[list[nn.Parameter]], torch.opti
     return lambda params: torch.optim.Adam(params, **kwargs)
 
 
-def dense_kernel_plan(plan: ShardingPlan, skip: Iterable[str] = ()) -> list[str]:
-    """Rewrites every model-parallel table of the plan (modules not in ``skip``) to the dense
-    kernel; returns the tables rewritten. data_parallel tables already run dense."""
-    skip = set(skip)
+def dense_kernel_plan(plan: ShardingPlan, modules: Iterable[str]) -> list[str]:
+    """Rewrites every model-parallel table of the plan's ``modules`` (fqns; the feature tables'
+    collection, the wide tables', or both: each has its own optimizer) to the dense kernel;
+    returns the tables rewritten. data_parallel tables already run dense."""
+    modules = set(modules)
     tables = []
     for fqn, module_plan in plan.plan.items():
-        if fqn in skip:
+        if fqn not in modules:
             continue
         for table, ps in module_plan.items():
             if ps.sharding_type != ShardingType.DATA_PARALLEL.value:

@@ -65,9 +65,10 @@ class MultiTaskTrain(nn.Module):
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         x, emb = self.model.embed(batch.dense, batch.sparse)
+        wide = self.model.wide_logits(batch.sparse)  # fp32 table lookups, outside autocast
         with torch.autocast(self.device_type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None):
-            logits = self.model.predict(x)
+            logits = self.model.predict(x, wide)
         logits = logits.float()
         loss = self.loss_fn(logits, batch.labels, batch.weights)
         if self.l2:

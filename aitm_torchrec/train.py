@@ -34,6 +34,7 @@ from aitm_torchrec.dist import DistEnv
 from aitm_torchrec.files import write_json_atomic
 from aitm_torchrec.gauc import GaucSpec, GroupAUC, gauc_specs, uid_columns
 from aitm_torchrec.metrics import TaskMetrics
+from aitm_torchrec.model import WIDE_EBC
 from aitm_torchrec.precision import Precision, resolve_for_job
 from aitm_torchrec.sharding import describe, shard
 from aitm_torchrec.table_optim import JobOptimizer, ShardedTableOptimizer, on_dense_kernel, torch_optimizer
@@ -57,12 +58,14 @@ def dense_optimizer(dmp: DistributedModelParallel, opt: Optimizer,
     return KeyedOptimizerWrapper(params, lambda params: cls(params, **kwargs))
 
 
-def table_optimizer(dmp: DistributedModelParallel, opt: Optimizer) -> ShardedTableOptimizer:
+def table_optimizer(dmp: DistributedModelParallel, opt: Optimizer, wide: bool = False) -> ShardedTableOptimizer:
     """The torch optimizer of the tables on the dense kernel (adam on CPU): every model-parallel
-    table weight (``...embedding_bags.<t>.weight``, a ShardedTensor in the state dict)."""
+    table weight (``...embedding_bags.<t>.weight``, a ShardedTensor in the state dict) of the
+    feature tables, or (``wide``) of the wide tables (``...wide_ebc.``)."""
     state = dmp.state_dict()
     tables = {k: (p, state[k]) for k, p in dmp.named_parameters()
-              if ".embedding_bags." in k and isinstance(state.get(k), ShardedTensor)}
+              if ".embedding_bags." in k and isinstance(state.get(k), ShardedTensor)
+              and (f".{WIDE_EBC}." in k) == wide}
     return ShardedTableOptimizer(tables, torch_optimizer(opt))
 
 
@@ -77,10 +80,14 @@ def build(cfg: Config, env: DistEnv) -> tuple[DistributedModelParallel, Combined
     module = build_train_module(cfg, device="meta", dense_device=env.device)
     dmp, plan = shard(cfg, module, env)
     tc = cfg.train_config
-    if on_dense_kernel(tc.sparse_optimizer, env.device.type):
-        tables = table_optimizer(dmp, tc.sparse_optimizer)
+    # Tables on the dense kernel (adam on CPU) get a torch optimizer per collection: the feature
+    # tables at the sparse optimizer's settings, the wide tables at theirs.
+    sides = [(False, tc.sparse_optimizer)] + ([(True, tc.wide_tables_optimizer)] if cfg.schema.wide else [])
+    tables = [table_optimizer(dmp, opt, wide) for wide, opt in sides if on_dense_kernel(opt, env.device.type)]
+    if tables:
+        exclude = frozenset().union(*(t.table_keys for t in tables))
         optimizer: CombinedOptimizer = JobOptimizer(
-            [dmp.fused_optimizer, tables, dense_optimizer(dmp, tc.dense_optimizer, tables.table_keys)])
+            [dmp.fused_optimizer, *tables, dense_optimizer(dmp, tc.dense_optimizer, exclude)])
     else:
         optimizer = CombinedOptimizer([dmp.fused_optimizer, dense_optimizer(dmp, tc.dense_optimizer)])
     return dmp, optimizer, describe(plan)

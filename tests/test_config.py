@@ -244,3 +244,56 @@ def test_registry_models_are_the_config_model_classes():
     from aitm_torchrec.registry import MODELS  # itself raises at import if they differ
 
     assert tuple(MODELS) == MODEL_CLASSES
+
+
+# --------------------------------------------------------------------------------------------
+# WIDE feature groups and the wide tables' optimizer
+
+WIDE = "{group_name: wide, feature_names: [user_id, brand], wide_deep: WIDE}"
+DEEP = "{group_name: all, feature_names: [user_id, brand, pid, price]}"
+
+
+def wide_config(*overrides: str, wide: str = WIDE):
+    return load_config(None, [f"model_config.feature_groups=[{DEEP}, {wide}]", *overrides])
+
+
+def test_wide_groups_give_wide_tables_and_stay_out_of_the_model_input():
+    cfg = wide_config()
+    s = cfg.schema
+    assert s.groups == (("user_id", "brand", "pid", "price"),) and s.input_dim == 4 * 16
+    assert s.wide == ("user_id", "brand") and s.wide_dim == 4  # 2 towers, rounded up to 4 columns
+    assert {name: f.name for name, f in s.wide_tables.items()} == {"wide_user_id": "user_id", "wide_brand": "brand"}
+    assert load_config().schema.wide == ()
+    # default: the sparse optimizer at 0.05; given: as written; scaled with the other rates
+    tc = cfg.train_config
+    assert tc.wide_optimizer is None
+    assert tc.wide_tables_optimizer == dataclasses.replace(tc.sparse_optimizer, learning_rate=0.05)
+    given = wide_config("train_config.wide_optimizer={name: sgd, learning_rate: 0.5}").train_config
+    assert (given.wide_tables_optimizer.name, given.wide_tables_optimizer.learning_rate) == ("sgd", 0.5)
+    from aitm_torchrec.config import scaled_learning_rates
+
+    scaled = scaled_learning_rates(wide_config("train_config.learning_rate_scaling.rule=linear"), 4).train_config
+    assert scaled.wide_tables_optimizer.learning_rate == pytest.approx(0.05 * 4096 * 4 / 8192)
+    assert scaled.sparse_optimizer.learning_rate == pytest.approx(0.01 * 2)
+    # the wide tables may be constrained by name
+    wide_config("sharding_config.tables={wide_user_id: {sharding_types: [table_wise]}}")
+
+
+@pytest.mark.parametrize("overrides,wide,message", [
+    ([], "{group_name: w, feature_names: [user_id, user_id], wide_deep: WIDE}",
+     "feature_groups[1].feature_names (w, WIDE) names feature 'user_id', which WIDE group 'w' already lists"),
+    (["feature_config.features.6.zch={zch_size: 64}", "feature_config.features.6.hash_bucket_size=0"], WIDE,
+     "feature_groups[1].feature_names (wide, WIDE) names zch feature 'user_id'"),
+    (["feature_config.features.9={input_names: [final_gender_code], feature_type: RawFeature}"],
+     "{group_name: wide, feature_names: [final_gender_code], wide_deep: WIDE}", "names RawFeature 'final_gender_code'"),
+    (["feature_config.features.9.feature_name=wide_brand"], WIDE, "would get the wide table 'wide_brand'"),
+    (["model_config.feature_groups.0.wide_deep=WIDE"], WIDE, "needs at least one DEEP group"),
+    (["model_config.feature_groups.1.wide_deep=BOTH"], WIDE, "wide_deep is 'BOTH'; allowed: DEEP, WIDE"),
+    (["train_config.wide_optimizer={name: lamb, learning_rate: 0.1}"], WIDE, "train_config.wide_optimizer.name is 'lamb'"),
+    (["train_config.wide_optimizer={name: sgd, learning_rate: 0}"], WIDE, "train_config.wide_optimizer.learning_rate must be > 0"),
+    (["sharding_config.tables={wide_pid: {sharding_types: [table_wise]}}"], WIDE, "sharding_config.tables.wide_pid names no feature"),
+])
+def test_wide_errors_name_the_file_the_key_and_the_feature(overrides, wide, message):
+    with pytest.raises(ConfigError) as e:
+        wide_config(*overrides, wide=wide)
+    assert message in str(e.value) and "aitm_taobao.yaml" in str(e.value)

@@ -267,6 +267,35 @@ def test_recognised_by_content_and_overrides_apply_to_converted_keys(tmp_path):
     assert cfg.data_config.batch_size == 8 and tower(cfg, 0).dnn.hidden_units == (3,)
 
 
+WIDE_GROUP = 'feature_groups { group_name: "wide" feature_names: "uid" feature_names: "tags" wide_deep: WIDE }'
+
+
+def test_wide_groups_map_to_wide_tables_trained_by_the_embedding_optimizer(tmp_path):
+    path = write_config(tmp_path, model=WIDE_GROUP,
+                        train=ADAM.format(name="adagrad", lr=0.02, extra="") + ADAM.format(name="adam", lr=0.001, extra=""))
+    cfg = load_config(path)
+    groups = cfg.model_config.feature_groups
+    assert [(g.group_name, g.wide_deep) for g in groups] == [("all", "DEEP"), ("wide", "WIDE")]
+    assert cfg.schema.groups == (("uid", "tags"),) and cfg.schema.wide == ("uid", "tags")
+    # EasyRec trains wide embeddings with the embedding optimizer (the first of two): so do we here
+    tc = cfg.train_config
+    assert tc.wide_tables_optimizer == tc.sparse_optimizer and (tc.sparse_optimizer.name, tc.sparse_optimizer.learning_rate) == ("adagrad", 0.02)
+    model = build_model(cfg)
+    assert [c.name for c in model.wide_ebc.embedding_bag_configs()] == ["wide_uid", "wide_tags"]
+    out = tmp_path / "wide.yaml"
+    assert easyrec.main([str(path), "--to-yaml", str(out)]) == 0
+    assert load_config(out) == cfg
+    # without an optimizer_config in the file, our default (the sparse optimizer at 0.05) applies
+    assert load_config(write_config(tmp_path, "plain.config", model=WIDE_GROUP)).train_config.wide_optimizer is None
+    # a backbone block reading the WIDE group would use it as input: not what a WIDE group is here
+    blocks = (BLOCKS % "").replace('inputs { feature_group_name: "all" }',
+                                   'inputs { feature_group_name: "all" } inputs { feature_group_name: "wide" }')
+    path = write_config(tmp_path, "block.config", model=WIDE_GROUP, backbone=blocks)
+    with pytest.raises(ConfigError, match=r"block.config:\d+: model_config.backbone.blocks\[0\].inputs\[1\]"
+                                          r".feature_group_name: reads WIDE group 'wide'"):
+        load_config(path)
+
+
 def _shapes(cfg) -> dict:
     return {name: tuple(p.shape) for name, p in build_model(cfg).named_parameters()}
 

@@ -453,3 +453,105 @@ def test_model_class_traces_with_torchrec_fx_and_gives_the_same_logits(model_cla
     traced = symbolic_trace(model)
     torch.testing.assert_close(traced(dense, sparse), model(dense, sparse))
     assert model(dense, sparse).shape == (3, len(cfg.schema.tasks))
+
+
+# --------------------------------------------------------------------------------------------
+# The wide part (WIDE feature groups): per task, the summed wide columns join the logits
+
+
+def wide_ebc(rows: int = 10) -> EmbeddingBagCollection:
+    """Wide tables of a and b, 4 columns (T = 2 rounded up to FBGEMM's 4), set by hand:
+    wide_a[r] = (0.1 r, -0.2 r, 9, 9), wide_b[r] = (1, 0.01 r, 9, 9). Columns 2-3 are never read."""
+    ebc = EmbeddingBagCollection(tables=[
+        EmbeddingBagConfig(name=f"wide_{n}", feature_names=[n], num_embeddings=rows, embedding_dim=4) for n in ("a", "b")
+    ], device=torch.device("cpu"))
+    r = torch.arange(rows, dtype=torch.float32)
+    with torch.no_grad():
+        ebc.embedding_bags["wide_a"].weight.copy_(torch.stack([0.1 * r, -0.2 * r, 9 + 0 * r, 9 + 0 * r], dim=1))
+        ebc.embedding_bags["wide_b"].weight.copy_(torch.stack([1 + 0 * r, 0.01 * r, 9 + 0 * r, 9 + 0 * r], dim=1))
+    return ebc
+
+
+# tiny_batch's bags: row 0 a=[1] b=[2]; row 1 a=[3, 4] b=[]; row 2 a=[5] b=[6] (sum pooling).
+WIDE_BY_HAND = torch.tensor([[0.1 + 1.0, -0.2 + 0.02],
+                             [0.3 + 0.4, -0.6 - 0.8],
+                             [0.5 + 1.0, -1.0 + 0.06]])
+
+
+def wide_model(head) -> MultiTaskModel:
+    torch.manual_seed(0)
+    mlp = MLP(4, MLPSpec((3,)))
+    return MultiTaskModel(tiny_ebc(), [["a", "b"]], {}, mlp, head(mlp.out_dim), wide_ebc=wide_ebc(), wide_columns=2)
+
+
+def test_wide_part_adds_each_tasks_summed_wide_columns_to_the_deep_logits():
+    model = wide_model(lambda width: SharedBottomHead(width, [MLPSpec((2,))] * 2))
+    batch = tiny_batch()
+    torch.testing.assert_close(model.wide_logits(batch.sparse), WIDE_BY_HAND)
+    x = model.embed(batch.dense, batch.sparse)[0]
+    deep = model.predict(x)  # the same towers without the wide part
+    torch.testing.assert_close(model(batch.dense, batch.sparse), deep + WIDE_BY_HAND)
+    # the train wrapper's logits are the model's (wide part included), and its loss reads them
+    _, (_, logits, labels, weights) = MultiTaskTrain(model, MultiTaskLoss([1.0, 1.0], []))(batch)
+    torch.testing.assert_close(logits, deep + WIDE_BY_HAND)
+
+
+def test_esmm_takes_the_wide_part_into_its_conditional_logits():
+    model = wide_model(lambda width: ESMMHead(width, [MLPSpec((2,))] * 2, [None, 0]))
+    batch = tiny_batch()
+    b = model.backbone(model.embed(batch.dense, batch.sparse)[0])
+    conditional = model.head.conditional_logits(b) + WIDE_BY_HAND
+    got = model(batch.dense, batch.sparse)
+    torch.testing.assert_close(got, marginal_logits(conditional, [None, 0]))
+    # P(buy) = sigmoid(c_buy) x P(click) <= P(click) still holds, whatever the wide part adds
+    assert (torch.sigmoid(got[:, 1]) <= torch.sigmoid(got[:, 0])).all()
+
+
+def _wide_config(tmp_path, name: str):
+    """A shipped config (small tables) with a WIDE group of three of its features."""
+    import yaml
+
+    raw = yaml.safe_load((REPO / "configs" / name).read_text())
+    raw["model_config"]["feature_groups"].append(
+        {"group_name": "wide", "feature_names": ["user_id", "adgroup_id", "tag_brand_list"], "wide_deep": "WIDE"})
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(raw))
+    return load_config(path, SMALL)
+
+
+def test_wide_tables_are_built_from_the_wide_groups(tmp_path):
+    from aitm_torchrec.registry import WIDE_INIT_SCALE
+
+    cfg = _wide_config(tmp_path, "aitm_3step.yaml")
+    model = build_model(cfg, device="cpu")
+    configs = model.wide_ebc.embedding_bag_configs()
+    assert [(c.name, c.feature_names, c.num_embeddings, c.embedding_dim) for c in configs] == [
+        ("wide_user_id", ["user_id"], 50, 4), ("wide_adgroup_id", ["adgroup_id"], 50, 4),
+        ("wide_tag_brand_list", ["tag_brand_list"], 50, 4)]  # 3 towers -> 4 columns
+    weights = torch.cat([p.detach() for p in model.wide_ebc.parameters()])
+    assert weights.abs().max() <= WIDE_INIT_SCALE and weights.abs().max() > 0
+    assert model.input_dim == 17 * 16  # WIDE groups are not model input
+    assert model.wide_shape == (3, 4, 3)
+    plain = build_model(load_config(REPO / "configs" / "aitm_3step.yaml", SMALL), device="cpu")
+    assert plain.wide_ebc is None and not any("wide" in k for k in plain.state_dict())
+
+
+@pytest.mark.parametrize("model_class", sorted(MODEL_CONFIGS))
+def test_model_class_with_a_wide_part_traces_with_torchrec_fx_and_gives_the_same_logits(model_class, tmp_path):
+    from torchrec.fx import symbolic_trace
+
+    torch.manual_seed(0)
+    cfg = _wide_config(tmp_path, MODEL_CONFIGS[model_class])
+    model = build_model(cfg, device="cpu").eval()
+    with torch.no_grad():
+        for p in model.wide_ebc.parameters():
+            p.uniform_(-1.0, 1.0)  # a wide part large enough to show
+    keys = cfg.schema.keys
+    sparse = KeyedJaggedTensor.from_lengths_sync(keys=keys, values=torch.arange(3 * len(keys)) % 50,
+                                                 lengths=torch.ones(3 * len(keys), dtype=torch.int64))
+    dense = torch.zeros(3, cfg.schema.dense_dim)
+    traced = symbolic_trace(model)
+    expected = model(dense, sparse)
+    torch.testing.assert_close(traced(dense, sparse), expected)
+    without = model.predict(model.embed(dense, sparse)[0])
+    assert (expected - without).abs().max() > 1e-2, "the traced model must carry the wide part"

@@ -82,3 +82,17 @@ def test_gpu_check_rehearsal_runs_its_stages_on_the_cpu(tmp_path):
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     report = json.loads(out.stdout[out.stdout.index("{\n"):])
     assert report["ok"] is True and report["backend"] == "gloo" and len(report["loss"]) >= 1
+
+
+def test_plan_shows_the_wide_tables_and_their_memory(capsys):
+    wide = ("model_config.feature_groups=[{group_name: all, feature_names: [user_id, brand, pid]}, "
+            "{group_name: wide, feature_names: [user_id, pid], wide_deep: WIDE}]")
+    result = plan.main(["--hosts", "1", "--procs-per-host", "2", "--device", "cpu", "--ddr-gb", "8", wide])
+    tables = result["tables"]
+    assert {n for n, t in tables.items() if t["wide"]} == {"wide_user_id", "wide_pid"}
+    # table-wise (pid's 10 rows would be data-parallel as a feature table), 4 columns for 2 towers
+    assert tables["wide_pid"]["sharding_type"] == "table_wise" and tables["pid"]["sharding_type"] == "data_parallel"
+    assert tables["wide_user_id"]["shards"] == [[100000, 4]]
+    assert 0 < tables["wide_user_id"]["ddr_gb"] < tables["user_id"]["ddr_gb"]
+    out = capsys.readouterr().out
+    assert "wide_user_id" in out and "wide tables (WIDE feature groups): 2, HBM 0.0 MB, DDR " in out

@@ -28,6 +28,9 @@ COMPUTE_KERNELS = ("dense", "fused", "fused_uvm", "fused_uvm_caching", "key_valu
 # adam: FBGEMM fused on CUDA, TorchRec dense kernel + torch Adam on CPU; partial_rowwise_adam: CUDA only
 SPARSE_OPTIMIZERS = ("rowwise_adagrad", "adagrad", "sgd", "adam", "partial_rowwise_adam")
 DENSE_OPTIMIZERS = ("adam", "adagrad", "sgd")
+# The wide tables' learning rate when train_config.wide_optimizer is not given (the sparse
+# optimizer otherwise): the best of the wide-part study (docs/benchmarks.md, "Studies").
+WIDE_LEARNING_RATE = 0.05
 # The model_config.model_class names, here so that validating a config needs no torch;
 # registry.MODELS (torch) must have exactly these keys, in this order, and checks so at import.
 MODEL_CLASSES = ("AITM", "DBMTL", "ESMM", "MMoE", "PLE", "SharedBottom")
@@ -90,9 +93,13 @@ class FeatureConfig:
 
 @dataclass(frozen=True)
 class FeatureGroup:
+    """DEEP: the features' embeddings (and raw values) are concatenated, in order, into the model
+    input. WIDE: each listed id feature gets a wide table of its own (``wide_<feature>``, a column
+    per task), whose pooled column t is added to task t's logit (docs/model.md, "The wide part")."""
+
     group_name: str
     feature_names: tuple[str, ...]
-    wide_deep: Literal["DEEP"] = "DEEP"
+    wide_deep: Literal["DEEP", "WIDE"] = "DEEP"
 
 
 @dataclass(frozen=True)
@@ -199,7 +206,8 @@ class ModelConfig:
     model_name: str = ""
     backbone: Backbone = Backbone()
     embedding_regularization: float = 0.0
-    # Tables start uniform in [-s, s]; 0: TorchRec's default [-sqrt(1/rows), sqrt(1/rows)] per table.
+    # Feature tables start uniform in [-s, s]; 0: TorchRec's default [-sqrt(1/rows), sqrt(1/rows)] per table
+    # (wide tables: registry.WIDE_INIT_SCALE).
     embedding_init_scale: float = 0.0
 
 
@@ -271,6 +279,8 @@ class TrainConfig:
     # rate and an eps near a rare row's gradient scale keep one noisy example from moving a row far.
     sparse_optimizer: Optimizer = Optimizer("rowwise_adagrad", 0.01, eps=1e-5)
     dense_optimizer: Optimizer = Optimizer("adam", 3e-3)
+    # The WIDE groups' tables; none: sparse_optimizer at WIDE_LEARNING_RATE (wide_tables_optimizer).
+    wide_optimizer: Optimizer | None = None
     learning_rate_schedule: LearningRateSchedule = LearningRateSchedule()
     learning_rate_scaling: LearningRateScaling = LearningRateScaling()
     log_step_count_steps: int = 50
@@ -281,6 +291,14 @@ class TrainConfig:
     mixed_precision: Literal["auto", "none", "bf16", "fp16"] = "auto"
     nonfinite_policy: Literal["stop", "skip"] = "stop"  # a non-finite loss/gradient: stop, or skip the batch
     seed: int = 2021
+
+    @property
+    def wide_tables_optimizer(self) -> Optimizer:
+        """The optimizer of the wide tables: ``wide_optimizer``, else ``sparse_optimizer`` with
+        learning rate ``WIDE_LEARNING_RATE``."""
+        if self.wide_optimizer is not None:
+            return self.wide_optimizer
+        return dataclasses.replace(self.sparse_optimizer, learning_rate=WIDE_LEARNING_RATE)
 
 
 @dataclass(frozen=True)
@@ -337,12 +355,15 @@ class Config:
 
 
 def scaled_learning_rates(cfg: Config, world_size: int) -> Config:
-    """``cfg`` with both optimizers' rates multiplied by ``learning_rate_scaling``'s factor for
-    the global batch ``data_config.batch_size`` x ``world_size`` (unchanged for rule ``none``)."""
+    """``cfg`` with every optimizer's rate (sparse, dense and the wide tables') multiplied by
+    ``learning_rate_scaling``'s factor for the global batch ``data_config.batch_size`` x
+    ``world_size`` (unchanged for rule ``none``)."""
     tc = cfg.train_config
     factor = tc.learning_rate_scaling.factor(cfg.data_config.batch_size * world_size)
     if factor == 1.0:
         return cfg
     opts = {side: dataclasses.replace(getattr(tc, side), learning_rate=getattr(tc, side).learning_rate * factor)
             for side in ("sparse_optimizer", "dense_optimizer")}
+    wide = tc.wide_tables_optimizer
+    opts["wide_optimizer"] = dataclasses.replace(wide, learning_rate=wide.learning_rate * factor)
     return dataclasses.replace(cfg, train_config=dataclasses.replace(tc, **opts))

@@ -7,18 +7,19 @@ apply the same one is always reported:
 
 1. ``check_features``: names unique, one id space per table (hash_bucket_size, num_buckets or zch),
    RawFeature / TagFeature-only keys, zch sizes, embedding_dim.
-2. ``check_model``: model_class, feature_groups naming defined features, the backbone / transfer /
-   expert MLPs, num_expert, PLE's extraction_networks.
+2. ``check_model``: model_class, feature_groups naming defined features (WIDE groups: id features
+   without zch, each once, at least one DEEP group), the backbone / transfer / expert MLPs,
+   num_expert, PLE's extraction_networks.
 3. ``check_towers``: per task tower: name and label unique, its MLPs, relation_tower_names naming
    other towers (at most one for ESMM), losses; then no cycle among the relations.
 4. ``check_data``: label_fields in tower order, sizes, CSVInput columns, no label used as a feature.
 5. ``check_embedding_init``: model_config.embedding_init_scale (a model key checked after the data,
    where it always was: moving it would change which error wins).
-6. ``check_train``: num_steps, the optimizers' names and rates, checkpoint counts, the learning
-   rate scaling and schedule.
+6. ``check_train``: num_steps, the optimizers' names and rates (the wide tables' too), checkpoint
+   counts, the learning rate scaling and schedule.
 7. ``check_eval``: step counts.
-8. ``check_sharding``: cache_load_factor, per-table constraints naming non-zch features, allowed
-   sharding types and compute kernels.
+8. ``check_sharding``: cache_load_factor, per-table constraints naming non-zch tables (a feature,
+   or ``wide_<feature>`` of a WIDE group), allowed sharding types and compute kernels.
 9. ``check_metrics``: per task tower, each ``metrics_set`` entry names one metric (auc or gauc), at
    most one gauc, its uid_field not empty and, for CSVInput, one of the input_fields (Parquet
    columns are checked when the files are opened).
@@ -124,6 +125,7 @@ def check_model(cfg: Config, where: str) -> None:
             if name not in seen:
                 fail(f"model_config.feature_groups[{i}].feature_names",
                      f"names unknown feature {name!r}; defined: {', '.join(sorted(seen))}")
+    _check_wide_groups(fail, cfg)
     _check_dnn(fail, "model_config.backbone.mlp", mc.backbone.mlp)
     mp = mc.model_params
     _check_dnn(fail, "model_config.model_params.transfer_mlp", mp.transfer_mlp)
@@ -159,6 +161,37 @@ def _check_extraction_networks(fail: Fail, model_class: str, networks: tuple[Ext
             fail(f"{k}.share_expert_net.hidden_units", f"({name}) must end in task_expert_net's last size "
                  f"{task_size}, got {list(net.share_expert_net.hidden_units)}: the gates mix task and "
                  "shared experts' outputs")
+
+
+def _check_wide_groups(fail: Fail, cfg: Config) -> None:
+    """WIDE groups: a wide table per listed id feature (``wide_<feature>``), so each feature once,
+    no RawFeature (no ids), no zch feature (its ids are keys its own table remaps), and no
+    feature already named like the wide table; the towers still need a DEEP group."""
+    groups = cfg.model_config.feature_groups
+    if all(g.wide_deep == "WIDE" for g in groups):
+        fail("model_config.feature_groups", "needs at least one DEEP group (the towers' input); "
+             "WIDE groups only add to the logits")
+    features = cfg.features
+    wide: dict[str, int] = {}
+    for i, g in enumerate(groups):
+        if g.wide_deep != "WIDE":
+            continue
+        key = f"model_config.feature_groups[{i}].feature_names"
+        for name in g.feature_names:
+            f = features[name]
+            if f.feature_type == "RawFeature":
+                fail(key, f"({g.group_name}, WIDE) names RawFeature {name!r}; a wide part is a table of "
+                     "ids: list raw features in DEEP groups only")
+            if f.zch is not None:
+                fail(key, f"({g.group_name}, WIDE) names zch feature {name!r}; a wide part on a managed-"
+                     "collision table is not supported: give it hash_bucket_size, or list it in DEEP groups only")
+            if name in wide:
+                fail(key, f"({g.group_name}, WIDE) names feature {name!r}, which WIDE group "
+                     f"{groups[wide[name]].group_name!r} already lists: a feature has one wide table")
+            if f"wide_{name}" in features:
+                fail(key, f"({g.group_name}, WIDE) feature {name!r} would get the wide table 'wide_{name}', "
+                     "which is also a feature's name (and table's): rename that feature")
+            wide[name] = i
 
 
 def check_towers(cfg: Config, where: str) -> None:
@@ -253,7 +286,10 @@ def check_train(cfg: Config, where: str) -> None:
     tc = cfg.train_config
     if tc.num_steps < 0:
         fail("train_config.num_steps", "must be >= 0")
-    for side, allowed in (("sparse_optimizer", SPARSE_OPTIMIZERS), ("dense_optimizer", DENSE_OPTIMIZERS)):
+    sides = [("sparse_optimizer", SPARSE_OPTIMIZERS), ("dense_optimizer", DENSE_OPTIMIZERS)]
+    if tc.wide_optimizer is not None:
+        sides.append(("wide_optimizer", SPARSE_OPTIMIZERS))
+    for side, allowed in sides:
         opt = getattr(tc, side)
         if opt.name not in allowed:
             fail(f"train_config.{side}.name", f"is {opt.name!r}; allowed: {', '.join(allowed)}")
@@ -293,9 +329,10 @@ def check_sharding(cfg: Config, where: str) -> None:
         fail("sharding_config.cache_load_factor", "must be in (0, 1]")
     constraints = [("sharding_config", TableConstraint(sc.sharding_types, sc.compute_kernels))]
     zch_features = {f.name for f in features if f.zch is not None}
+    wide_tables = {f"wide_{n}" for n in cfg.schema.wide}
     for name, c in sc.tables:
-        if name not in seen:
-            fail(f"sharding_config.tables.{name}", "names no feature")
+        if name not in seen and name not in wide_tables:
+            fail(f"sharding_config.tables.{name}", "names no feature (nor the wide table of a WIDE group's feature)")
         if name in zch_features:
             fail(f"sharding_config.tables.{name}", "is a zch table; zch tables are always row-wise, "
                  "split evenly over the ranks")

@@ -30,6 +30,10 @@ Layout (``DIR``):
   whole by every rank). With ``--ids-from``: ``id``, ``row``, ``key`` (the id's zch key),
   ``default_row`` (the id is not held: it reads the default row it read in training,
   ``zch.default_rows`` for the checkpoint's world size), ``embedding``.
+  Wide tables of WIDE feature groups (``wide_<feature>``, stored under ``WIDE_TABLE_KEY``): the
+  feature's rows and id rule, ``embedding`` of T columns (column t joins tower t's logit; the
+  stored table is ``Schema.wide_dim`` wide, the columns past T are never read); ``--ids-from``
+  takes them like their feature's table.
 - ``<table>/_part-<rank>-<k>.json``: the part's sidecar (rows, bytes, sha256), written after the
   part was renamed into place: a part with its sidecar is complete.
 - ``_export.json``: what this export is (checkpoint, step, schema hash, tables, format, dtype,
@@ -40,6 +44,6 @@ Layout (``DIR``):
 
 from aitm_torchrec.table_export.job import run
 from aitm_torchrec.table_export.plan import ExportOptions
-from aitm_torchrec.table_export.storage import TABLE_KEY, ExportError, table_chunks
+from aitm_torchrec.table_export.storage import TABLE_KEY, WIDE_TABLE_KEY, ExportError, table_chunks
 
-__all__ = ["TABLE_KEY", "ExportError", "ExportOptions", "run", "table_chunks"]
+__all__ = ["TABLE_KEY", "WIDE_TABLE_KEY", "ExportError", "ExportOptions", "run", "table_chunks"]

@@ -17,7 +17,7 @@ import numpy as np
 
 from aitm_torchrec.config import Config
 from aitm_torchrec.from_checkpoint import checkpoint_meta, resolve_checkpoint
-from aitm_torchrec.schema import SparseFeature
+from aitm_torchrec.schema import SparseFeature, wide_table_name
 from aitm_torchrec.table_export.ids import Ids, parse_ids_from, read_ids
 from aitm_torchrec.table_export.storage import Chunk, ExportError, ZchMap, read_window, read_zch_map, table_chunks
 
@@ -41,15 +41,20 @@ class ExportOptions:
 
 @dataclass
 class Table:
+    """A table to export: a feature's own, or (``logit_columns``) the feature's wide table, whose
+    stored rows are ``stored_dim`` wide and whose first T columns (one per tower) are exported."""
+
     feature: SparseFeature
     dtype: np.dtype  # as stored
     chunks: list[Chunk]
     ids: Ids | None = None
     zch: ZchMap | None = None
+    logit_columns: tuple[str, ...] = ()  # a wide table: the towers whose logits its columns join
+    stored_dim: int = 0  # a wide table: its stored width (Schema.wide_dim)
 
     @property
     def name(self) -> str:
-        return self.feature.name
+        return wide_table_name(self.feature.name) if self.logit_columns else self.feature.name
 
     @property
     def rows(self) -> int:
@@ -57,11 +62,13 @@ class Table:
 
     @property
     def dim(self) -> int:
-        return self.feature.embedding_dim
+        return len(self.logit_columns) or self.feature.embedding_dim
 
     def read(self, start: int, stop: int) -> np.ndarray:
-        """Rows [start, stop) as stored, (stop - start) x dim."""
-        return read_window(self.chunks, self.dtype, self.dim, start, stop)
+        """Rows [start, stop), (stop - start) x dim (a wide table's first T stored columns)."""
+        if not self.logit_columns:
+            return read_window(self.chunks, self.dtype, self.dim, start, stop)
+        return np.ascontiguousarray(read_window(self.chunks, self.dtype, self.stored_dim, start, stop)[:, :self.dim])
 
 
 @dataclass(frozen=True)
@@ -88,7 +95,9 @@ def prepare(opts: ExportOptions, cfg: Config) -> tuple[list[Table], dict[str, An
     identity (what ``_export.json`` records). Raises ExportError before any output is written."""
     if opts.chunk_rows <= 0:
         raise ExportError(f"--chunk-rows must be positive, got {opts.chunk_rows}")
-    features = {f.name: f for f in cfg.schema.sparse}
+    schema = cfg.schema
+    # table name -> the feature whose ids it reads: the features' tables, then the wide tables
+    features = {f.name: f for f in schema.sparse} | schema.wide_tables
     names = list(features)
     if opts.tables:
         names = list(opts.tables)
@@ -110,6 +119,11 @@ def prepare(opts: ExportOptions, cfg: Config) -> tuple[list[Table], dict[str, An
     step = meta.get("step")
     tables = []
     for name in names:
+        if name in schema.wide_tables:
+            dtype, chunks = table_chunks(path, features[name], schema.wide_dim)
+            tables.append(Table(features[name], dtype, chunks, logit_columns=tuple(schema.tower_names),
+                                stored_dim=schema.wide_dim))
+            continue
         dtype, chunks = table_chunks(path, features[name])
         tables.append(Table(features[name], dtype, chunks))
         if features[name].is_zch:

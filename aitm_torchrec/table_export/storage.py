@@ -20,7 +20,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 
-from aitm_torchrec.schema import SparseFeature
+from aitm_torchrec.schema import SparseFeature, wide_table_name
 from aitm_torchrec.zch import EMPTY_KEY, lookup_rows, sorted_map
 
 # The train wrapper's state is saved under "model"; its MultiTaskModel is its ``model``.
@@ -28,6 +28,8 @@ TABLE_KEY = "model.model.ebc.embedding_bags.{}.weight"
 # zch tables: the managed-collision EBC's table, and its module's key -> row map (zch.py).
 ZCH_TABLE_KEY = "model.model.mc_ebc._embedding_module.embedding_bags.{}.weight"
 ZCH_MAP_KEY = "model.model.mc_ebc._managed_collision_collection._managed_collision_modules.{}.{}"
+# The wide tables of WIDE feature groups (``wide_<feature>``): their own collection.
+WIDE_TABLE_KEY = "model.model.wide_ebc.embedding_bags.{}.weight"
 
 
 class ExportError(ValueError):
@@ -97,43 +99,48 @@ class _FileSlice(io.RawIOBase):
         return got
 
 
-def table_chunks(path: Path, feature: SparseFeature) -> tuple[np.dtype, list[Chunk]]:
-    """Where the checkpoint at ``path`` stores ``feature``'s table: dtype and stored chunks.
+def table_chunks(path: Path, feature: SparseFeature, wide_dim: int = 0) -> tuple[np.dtype, list[Chunk]]:
+    """Where the checkpoint at ``path`` stores ``feature``'s table (``wide_dim`` > 0: the
+    feature's wide table, ``wide_dim`` columns): dtype and stored chunks.
 
     Each chunk's header is read with ``torch.load(map_location="meta")`` (no tensor data), which
     gives the byte offset of its storage; DCP saves every chunk as its own contiguous tensor."""
     reader = FileSystemReader(str(path))
     md = reader.read_metadata()
-    key = (ZCH_TABLE_KEY if feature.is_zch else TABLE_KEY).format(feature.name)
+    if wide_dim:
+        name, key, dim = wide_table_name(feature.name), WIDE_TABLE_KEY.format(wide_table_name(feature.name)), wide_dim
+    else:
+        name, key, dim = feature.name, (ZCH_TABLE_KEY if feature.is_zch else TABLE_KEY).format(feature.name), \
+            feature.embedding_dim
     tm = md.state_dict_metadata.get(key)
     if tm is None or not hasattr(tm, "chunks"):
-        raise ExportError(f"{path}: the checkpoint holds no table {feature.name!r} (key {key})")
-    if tuple(tm.size) != (feature.num_embeddings, feature.embedding_dim):
-        raise ExportError(f"{path}: table {feature.name!r} is {tuple(tm.size)} in the checkpoint but "
-                          f"{feature.num_embeddings} x {feature.embedding_dim} in the config")
+        raise ExportError(f"{path}: the checkpoint holds no table {name!r} (key {key})")
+    if tuple(tm.size) != (feature.num_embeddings, dim):
+        raise ExportError(f"{path}: table {name!r} is {tuple(tm.size)} in the checkpoint but "
+                          f"{feature.num_embeddings} x {dim} in the config")
     try:
         dtype = torch.empty(0, dtype=tm.properties.dtype).numpy().dtype
     except TypeError:
-        raise ExportError(f"{path}: table {feature.name!r} is stored as {tm.properties.dtype}, which "
+        raise ExportError(f"{path}: table {name!r} is stored as {tm.properties.dtype}, which "
                           "numpy cannot hold") from None
     chunks = []
     for index, info in md.storage_data.items():
         if index.fqn != key:
             continue
         if info.transform_descriptors:
-            raise ExportError(f"{path}: table {feature.name!r} is stored with transforms "
+            raise ExportError(f"{path}: table {name!r} is stored with transforms "
                               f"{info.transform_descriptors}; the export reads plain DCP files only")
         file = str(Path(path) / info.relative_path)
         with open(file, "rb") as f:
             t = torch.load(_FileSlice(f, info.offset, info.length), map_location="meta", weights_only=True)
         if not t.is_contiguous() or t.dim() != 2:
-            raise ExportError(f"{path}: a chunk of table {feature.name!r} is not a contiguous matrix")
+            raise ExportError(f"{path}: a chunk of table {name!r} is not a contiguous matrix")
         start = info.offset + t.untyped_storage()._checkpoint_offset + t.storage_offset() * dtype.itemsize
         chunks.append(Chunk(index.offset[0], index.offset[1], t.shape[0], t.shape[1], file, start))
     covered = sum(c.rows * c.cols for c in chunks)
-    if covered != feature.num_embeddings * feature.embedding_dim:
-        raise ExportError(f"{path}: the stored chunks of table {feature.name!r} cover {covered} of "
-                          f"{feature.num_embeddings * feature.embedding_dim} values")
+    if covered != feature.num_embeddings * dim:
+        raise ExportError(f"{path}: the stored chunks of table {name!r} cover {covered} of "
+                          f"{feature.num_embeddings * dim} values")
     return dtype, sorted(chunks, key=lambda c: (c.row0, c.col0))
 
 

@@ -100,6 +100,8 @@ def manifest(out: Path, tables: list[Table], identity: dict, world_size: int) ->
             "rows": w_table.rows, "dim": w_table.dim, "dtype": dtype, "stored_dtype": str(w_table.dtype),
             "id_rule": f.id_rule, "ids": w_table.ids.summary() if w_table.ids is not None else None,
             "columns": _columns(w_table) if fmt == "parquet" else None,
+            "wide": None if not w_table.logit_columns else {
+                "logit_columns": list(w_table.logit_columns), "stored_dim": w_table.stored_dim},
             "zch": None if w_table.zch is None else {
                 "held_rows": int((w_table.zch.sorted_keys != EMPTY_KEY).sum()),
                 "trained_world_size": w_table.zch.world_size,
