@@ -23,6 +23,11 @@ forms are understood as EasyRec ``MultiTaskModel``s:
 
 and one more: ``model_class: "PLE"`` with its ``ple { extraction_networks, task_towers }`` over
 the feature group ``all`` (our ``PLE``).
+
+A backbone may instead hold EasyRec's interaction blocks beside its MLP block, every task tower
+reading its output: a ``Cross`` block (one layer, or ``recurrent`` layers with x0 fixed) and a
+``DotInteraction`` block on an ``input_layer``'s feature list, ``concat_blocks`` and ``top_mlp``
+(our ``backbone.cross`` / ``dot_interaction`` / ``top_mlp``); other shapes are errors naming the line.
 """
 
 from __future__ import annotations
