@@ -670,9 +670,10 @@ class _Converter:
         bottom = by_class["MLP"][0]
         self.plain_block(bottom)
         groups = [i.get("feature_group_name") for i in bottom.values("inputs")]
-        if not groups or None in groups:
-            raise self.fail(bottom, "inputs", "the MLP block beside Cross / DotInteraction blocks reads feature "
-                            "groups only (the model input v)")
+        if None in groups or sorted(groups) != sorted(self.groups):
+            raise self.fail(bottom, "inputs", f"the MLP block beside Cross / DotInteraction blocks reads every DEEP "
+                            f"group once ({', '.join(self.groups)}): here backbone.mlp and cross read the whole "
+                            "model input v")
         out: dict[str, Any] = {"mlp": self.dnn(bottom.msg("keras_layer").msg("mlp"), mlp=True)}
         parts = [bottom.get("name")]
         if "Cross" in by_class:

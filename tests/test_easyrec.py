@@ -389,12 +389,28 @@ TWO_GROUPS = 'feature_groups { group_name: "user" feature_names: "uid" wide_deep
     (('inputs { block_name: "sparse" }', 'inputs { block_name: "deep" input_fn: "lambda x: [x]" } inputs { block_name: "sparse" }'),
      r"blocks\[3\]\.inputs", "EasyRec's DLRM form, which adds a bottom MLP's output to the dotted vectors, is not supported"),
     (("concat_blocks", 'output_blocks: ["deep", "deep"] concat_blocks'), "output_blocks", "no per-task output_blocks"),
-    (('blocks { name: "sparse" inputs { feature_group_name: "all" }', 'blocks { name: "sparse" inputs { feature_group_name: "user" }'),
-     r"blocks\[2\]\.inputs", "group 'user' lists uid: our dot_interaction dots every sparse feature of the DEEP groups \\(uid, tags\\)"),
+    (('feature_group_name: "all" } keras_layer { class_name: "MLP"', 'feature_group_name: "user" } keras_layer { class_name: "MLP"'),
+     r"blocks\[0\]\.inputs", "the MLP block beside Cross / DotInteraction blocks reads every DEEP group once \\(all\\)"),
 ])
 def test_interaction_blocks_that_cannot_be_mapped_are_errors_naming_the_line(tmp_path, change, field, message):
-    path = write_config(tmp_path, backbone=INTERACT.replace(*change), model=TWO_GROUPS)
+    path = write_config(tmp_path, backbone=INTERACT.replace(*change))
     with pytest.raises(ConfigError, match=rf"x\.config:\d+: model_config\.backbone\.{field}: .*{message}"):
+        load_config(path)
+
+
+def test_a_dot_interaction_on_a_group_without_every_sparse_feature_is_an_error(tmp_path):
+    both = 'inputs { feature_group_name: "all" } inputs { feature_group_name: "user" }'
+    backbone = INTERACT.replace('inputs { feature_group_name: "all" } keras_layer', f"{both} keras_layer")
+    backbone = backbone.replace("""inputs { feature_group_name: "all" input_fn: 'lambda x: [x, x]' }""",
+                                f"{both} extra_input_fn: 'lambda x: [x, x]'")
+    path = write_config(tmp_path, backbone=backbone, model=TWO_GROUPS)
+    assert load_config(path).model_config.backbone.cross.num_layers == 3  # the MLP and Cross on both groups
+    path = write_config(tmp_path, backbone=backbone.replace('name: "sparse" inputs { feature_group_name: "all" }',
+                                                             'name: "sparse" inputs { feature_group_name: "user" }'),
+                        model=TWO_GROUPS)
+    with pytest.raises(ConfigError, match=r"x\.config:\d+: model_config\.backbone\.blocks\[2\]\.inputs: group 'user' "
+                                          r"lists uid: our dot_interaction dots every sparse feature of the DEEP groups "
+                                          r"\(uid, tags\)"):
         load_config(path)
 
 
