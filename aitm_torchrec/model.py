@@ -1,7 +1,7 @@
 """Model: AITM (Xi et al., KDD 2021) over an EmbeddingBagCollection.
 
     v      = concat(pooled embeddings and raw values of the feature groups)
-    b      = backbone(v)                                  shared MLP (may be empty; cross / dot products beside it: backbone.py)
+    b      = backbone(v)                                  shared MLP (may be empty; + cross / dots: backbone.py)
     q_t    = tower_t(b)                                   one MLP per task
     p_rt   = transfer_rt(z_r)                             for each relation tower r of t
     z_t    = AIT([q_t] + [p_rt for r]) if use_ait and t has relation towers
