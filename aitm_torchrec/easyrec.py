@@ -792,6 +792,10 @@ class _Converter:
         ``allowed`` or a value not of its type (float: number_value, bool: bool_value) is an error
         naming its line."""
         out: dict[str, Any] = {}
+        for f in layer.fields:
+            if f.name not in ("class_name", "st_params"):
+                raise self.fail(layer, f.name, f"is not read on a {layer.get('class_name')} layer (its parameters "
+                                "are st_params)")
         st = layer.msg("st_params")
         for f in st.values("fields") if st is not None else []:
             key, value = f.get("key"), f.msg("value")

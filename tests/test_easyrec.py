@@ -389,6 +389,8 @@ TWO_GROUPS = 'feature_groups { group_name: "user" feature_names: "uid" wide_deep
     (('inputs { block_name: "sparse" }', 'inputs { block_name: "deep" input_fn: "lambda x: [x]" } inputs { block_name: "sparse" }'),
      r"blocks\[3\]\.inputs", "EasyRec's DLRM form, which adds a bottom MLP's output to the dotted vectors, is not supported"),
     (("concat_blocks", 'output_blocks: ["deep", "deep"] concat_blocks'), "output_blocks", "no per-task output_blocks"),
+    (('class_name: "DotInteraction"', 'class_name: "DotInteraction" mlp { hidden_units: 4 }'),
+     r"blocks\[3\]\.keras_layer\.mlp", "is not read on a DotInteraction layer"),
     (('feature_group_name: "all" } keras_layer { class_name: "MLP"', 'feature_group_name: "user" } keras_layer { class_name: "MLP"'),
      r"blocks\[0\]\.inputs", "the MLP block beside Cross / DotInteraction blocks reads every DEEP group once \\(all\\)"),
 ])
