@@ -23,6 +23,11 @@ forms are understood as EasyRec ``MultiTaskModel``s:
 
 and one more: ``model_class: "PLE"`` with its ``ple { extraction_networks, task_towers }`` over
 the feature group ``all`` (our ``PLE``).
+
+A backbone may instead hold EasyRec's interaction blocks beside its MLP block, every task tower
+reading its output: a ``Cross`` block (one layer, or ``recurrent`` layers with x0 fixed) and a
+``DotInteraction`` block on an ``input_layer``'s feature list, ``concat_blocks`` and ``top_mlp``
+(our ``backbone.cross`` / ``dot_interaction`` / ``top_mlp``); other shapes are errors naming the line.
 """
 
 from __future__ import annotations
@@ -233,15 +238,26 @@ PLE_SPEC = {  # EasyRec ple.proto PLE
     "task_towers": _msg(PLE_TOWER_SPEC, repeated=True),
     "l2_regularization": Spec(float),
 }
+KERAS_LAYER_SPEC = {
+    "class_name": Spec(str, allowed=("MLP", "AITMTower", "Cross", "DotInteraction")),
+    "mlp": _msg(MLP_SPEC),
+    "aitm": _msg({"project_dim": Spec(int), "stop_gradient": Spec(bool), "transfer_mlp": _msg(MLP_SPEC)}),
+    # google.protobuf.Struct: Cross's and DotInteraction's parameters (checked by the converter)
+    "st_params": _msg({"fields": _msg({
+        "key": Spec(str),
+        "value": _msg({"number_value": Spec(float), "bool_value": Spec(bool), "string_value": Spec(str)}),
+    }, repeated=True)}),
+}
 BLOCK_SPEC = {
     "name": Spec(str),
-    "inputs": _msg({"feature_group_name": Spec(str), "block_name": Spec(str)}, repeated=True),
+    # input_fn / input_slice / extra_input_fn: only the lambdas of the Cross / DotInteraction forms
+    "inputs": _msg({"feature_group_name": Spec(str), "block_name": Spec(str), "input_fn": Spec(str),
+                    "input_slice": Spec(str)}, repeated=True),
     "merge_inputs_into_list": Spec(bool),
-    "keras_layer": _msg({
-        "class_name": Spec(str, allowed=("MLP", "AITMTower")),
-        "mlp": _msg(MLP_SPEC),
-        "aitm": _msg({"project_dim": Spec(int), "stop_gradient": Spec(bool), "transfer_mlp": _msg(MLP_SPEC)}),
-    }),
+    "extra_input_fn": Spec(str),
+    "keras_layer": _msg(KERAS_LAYER_SPEC),
+    "recurrent": _msg({"num_steps": Spec(int), "fixed_input_index": Spec(int), "keras_layer": _msg(KERAS_LAYER_SPEC)}),
+    "input_layer": _msg({"only_output_feature_list": Spec(bool), "output_2d_tensor_and_feature_list": Spec(bool)}),
 }
 FEATURE_CONFIG_SPEC = _msg(FEATURE_SPEC, repeated=True)
 SCHEMA: dict[str, Spec] = {
@@ -278,7 +294,8 @@ SCHEMA: dict[str, Spec] = {
             "feature_names": Spec(str, repeated=True),
             "wide_deep": Spec(("DEEP", "WIDE")),
         }, repeated=True),
-        "backbone": _msg({"blocks": _msg(BLOCK_SPEC, repeated=True), "output_blocks": Spec(str, repeated=True)}),
+        "backbone": _msg({"blocks": _msg(BLOCK_SPEC, repeated=True), "output_blocks": Spec(str, repeated=True),
+                          "concat_blocks": Spec(str, repeated=True), "top_mlp": _msg(MLP_SPEC)}),
         "model_params": _msg({"task_towers": _msg(TOWER_SPEC, repeated=True), "l2_regularization": Spec(float)}),
         "ple": _msg(PLE_SPEC),
         "embedding_regularization": Spec(float),
@@ -403,9 +420,31 @@ def _scalar(value: Any, kind: Any) -> Any:
 # Conversion of a checked tree to our raw config mapping.
 
 
+# Backbone blocks that make our interaction backbone (backbone.cross, backbone.dot_interaction).
+INTERACTION_BLOCKS = ("Cross", "DotInteraction")
+
+
+def _block_class(b: Msg) -> str:
+    """A block's layer: its keras_layer's class_name, ``Cross`` for recurrent Cross layers (other
+    recurrent layers: ``recurrent``), or ``input_layer``."""
+    if b.has("input_layer"):
+        return "input_layer"
+    if b.has("recurrent"):
+        layer = b.msg("recurrent").msg("keras_layer")
+        return "Cross" if layer is not None and layer.get("class_name") == "Cross" else "recurrent"
+    return b.msg("keras_layer").get("class_name", "")
+
+
+def _is_pair(fn: str | None) -> bool:
+    """EasyRec's 'lambda x: [x, x]' (the input as [x0, x]), spaces aside."""
+    return (fn or "").replace(" ", "") == "lambdax:[x,x]"
+
+
 class _Converter:
     def __init__(self, where: str) -> None:
         self.where = where
+        self.groups: dict[str, list[str]] = {}  # DEEP group -> feature names (set by convert)
+        self.feature_types: dict[str, str] = {}  # feature name -> feature_type (set by convert)
 
     def fail(self, msg: Msg, name: str, text: str) -> Exception:
         return _error(f"{self.where}:{msg.line_of(name)}: {msg.key(name)}: {text}")
@@ -523,9 +562,15 @@ class _Converter:
         transfer_mlp."""
         blocks = {}
         for b in (f.value for f in bb.all("blocks")):
-            if b.get("name") is None or b.msg("keras_layer") is None:
-                raise self.fail(b, "name", "a block needs a name and a keras_layer here")
+            if b.get("name") is None or not any(b.has(k) for k in ("keras_layer", "recurrent", "input_layer")):
+                raise self.fail(b, "name", "a block needs a name and a keras_layer (or recurrent Cross layers, "
+                                "or an input_layer giving a DotInteraction its feature list) here")
             blocks[b.get("name")] = b
+        if bb.has("concat_blocks") or bb.has("top_mlp") or any(
+                _block_class(b) in INTERACTION_BLOCKS for b in blocks.values()):
+            return {"backbone": self.interaction_backbone(bb, blocks)}
+        for b in blocks.values():
+            self.plain_block(b)
         outputs = bb.values("output_blocks")
         group_blocks = [b for b in blocks.values() if any(i.has("feature_group_name") for i in b.values("inputs"))]
         if len(group_blocks) != 1 or group_blocks[0].msg("keras_layer").get("class_name") != "MLP":
@@ -581,6 +626,187 @@ class _Converter:
         if aitm_params:
             extras.update(self.aitm_block(aitm_params, towers))
         return extras
+
+    def plain_block(self, b: Msg) -> None:
+        """An MLP or AITMTower block: none of the Cross / DotInteraction forms' fields."""
+        if b.has("input_layer"):
+            raise self.fail(b, "input_layer", "is read here as the feature list of a DotInteraction block only")
+        if b.has("recurrent"):
+            raise self.fail(b, "recurrent", "recurrent layers are supported for Cross blocks only")
+        for i in b.values("inputs"):
+            for key in ("input_fn", "input_slice"):
+                if i.has(key):
+                    raise self.fail(i, key, "is read on the inputs of Cross and DotInteraction blocks only here")
+        if b.has("extra_input_fn"):
+            raise self.fail(b, "extra_input_fn", "is read on Cross blocks only here")
+        layer = b.msg("keras_layer")
+        if layer is not None and layer.has("st_params"):
+            raise self.fail(layer, "st_params", f"is read on Cross and DotInteraction layers only here; "
+                            f"{layer.get('class_name')} takes its own message")
+
+    def interaction_backbone(self, bb: Msg, blocks: dict[str, Msg]) -> dict:
+        """A backbone with Cross / DotInteraction blocks -> our backbone keys (docs/easyrec.md):
+        one MLP block on the feature groups (``mlp``), a Cross block on the same groups (``cross``),
+        a DotInteraction block on the feature list of an input_layer block (``dot_interaction``),
+        their outputs concatenated (``concat_blocks``: those blocks, in any order) and ``top_mlp``.
+        Every task tower reads that output (no per-task blocks or output_blocks)."""
+        if bb.has("output_blocks"):
+            raise self.fail(bb, "output_blocks", "with Cross / DotInteraction blocks every task tower reads the "
+                            "backbone's output here (concat_blocks, then top_mlp): no per-task output_blocks")
+        by_class: dict[str, list[Msg]] = {}
+        for b in blocks.values():
+            by_class.setdefault(_block_class(b), []).append(b)
+        for cls, found in by_class.items():
+            if cls not in ("MLP", "input_layer", *INTERACTION_BLOCKS):
+                raise self.fail(found[0], "keras_layer", f"{cls} blocks are not supported beside Cross / "
+                                "DotInteraction blocks: one MLP block, a Cross block and a DotInteraction block "
+                                "(on an input_layer block's feature list) are")
+            if len(found) > 1:
+                raise self.fail(found[1], "name", f"a second {cls} block; the backbone here has at most one "
+                                "(the shared MLP, one cross network, one dot interaction)")
+        if "MLP" not in by_class:
+            raise self.fail(bb, "blocks", "needs one MLP block on the feature groups beside Cross / DotInteraction "
+                            "blocks (our backbone.mlp; its output is concatenated with theirs)")
+        bottom = by_class["MLP"][0]
+        self.plain_block(bottom)
+        groups = [i.get("feature_group_name") for i in bottom.values("inputs")]
+        if None in groups or sorted(groups) != sorted(self.groups):
+            raise self.fail(bottom, "inputs", f"the MLP block beside Cross / DotInteraction blocks reads every DEEP "
+                            f"group once ({', '.join(self.groups)}): here backbone.mlp and cross read the whole "
+                            "model input v")
+        out: dict[str, Any] = {"mlp": self.dnn(bottom.msg("keras_layer").msg("mlp"), mlp=True)}
+        parts = [bottom.get("name")]
+        if "Cross" in by_class:
+            out["cross"] = self.cross_block(by_class["Cross"][0], groups)
+            parts.append(by_class["Cross"][0].get("name"))
+        if "DotInteraction" in by_class:
+            out["dot_interaction"] = self.dot_block(by_class["DotInteraction"][0], blocks)
+            parts.append(by_class["DotInteraction"][0].get("name"))
+        fed = {i.get("block_name") for b in blocks.values() for i in b.values("inputs")}
+        concat = bb.values("concat_blocks") or [n for n in blocks if n not in fed]  # EasyRec: the DAG's leaves
+        if sorted(concat) != sorted(parts):
+            raise self.fail(bb, "concat_blocks" if bb.has("concat_blocks") else "blocks",
+                            f"the backbone's output here is the MLP block's beside the Cross and DotInteraction "
+                            f"blocks' (b = top_mlp(concat(mlp(v), cross(v), dot))): concat_blocks must name "
+                            f"{', '.join(parts)}, each once; got {', '.join(concat) or 'none'}")
+        if bb.has("top_mlp"):
+            if len(parts) == 1:
+                raise self.fail(bb, "top_mlp", "is supported beside Cross / DotInteraction blocks only; without "
+                                "them add its hidden_units to the MLP block")
+            out["top_mlp"] = self.dnn(bb.msg("top_mlp"), mlp=True)
+        return out
+
+    def cross_block(self, b: Msg, groups: list[str]) -> dict:
+        """A Cross block on the MLP block's feature groups -> ``cross``: one layer
+        (``keras_layer``), or ``recurrent`` num_steps layers with x0 fixed (fixed_input_index 0 on
+        [x, x], EasyRec's DCN-v2 form). ``projection_dim`` -> ``low_rank``."""
+        if b.get("merge_inputs_into_list"):
+            raise self.fail(b, "merge_inputs_into_list", "is not supported on a Cross block")
+        inputs = b.values("inputs")
+        if [i.get("feature_group_name") for i in inputs] != groups:
+            raise self.fail(b, "inputs", f"a Cross block reads the feature groups the MLP block reads "
+                            f"({', '.join(groups)}): our cross network runs on the model input v")
+        pair = False
+        for i in inputs:
+            if i.has("input_slice"):
+                raise self.fail(i, "input_slice", "is not supported on a Cross block's inputs")
+            if i.has("input_fn"):
+                if len(inputs) > 1 or not _is_pair(i.get("input_fn")):
+                    raise self.fail(i, "input_fn", f"{i.get('input_fn')!r} is not supported: a Cross block takes "
+                                    "its input x as [x, x] ('lambda x: [x, x]', on its only input) or as it is")
+                pair = True
+        if b.has("extra_input_fn"):
+            if pair or not _is_pair(b.get("extra_input_fn")):
+                raise self.fail(b, "extra_input_fn", f"{b.get('extra_input_fn')!r} is not supported: a Cross "
+                                "block takes its input x as [x, x] ('lambda x: [x, x]') or as it is")
+            pair = True
+        if b.has("recurrent"):
+            rec = b.msg("recurrent")
+            if not pair:
+                raise self.fail(b, "inputs", "a recurrent Cross block takes [x0, x]: set input_fn: 'lambda x: [x, x]'")
+            if rec.get("fixed_input_index") != 0:
+                raise self.fail(rec, "fixed_input_index", "must be 0: each Cross layer crosses the block input x0 "
+                                "with the previous layer's output (DCN-v2)")
+            layers, layer = rec.get("num_steps", 1), rec.msg("keras_layer")
+            if layer is None or layer.get("class_name") != "Cross":
+                raise self.fail(rec, "keras_layer", "recurrent layers are supported for Cross only")
+        else:
+            layers, layer = 1, b.msg("keras_layer")
+        params = self.st_params(layer, {"projection_dim": float, "use_bias": bool, "diag_scale": float})
+        if params.get("use_bias", True) is not True:
+            raise self.fail(layer, "st_params", "use_bias: false is not supported: TorchRec's cross networks "
+                            "always add a bias")
+        if params.get("diag_scale", 0.0) != 0:
+            raise self.fail(layer, "st_params", "diag_scale other than 0 is not supported: TorchRec's cross "
+                            "networks have no diagonal term")
+        rank = params.get("projection_dim", 0.0)  # EasyRec's default None: a full-rank kernel
+        if "projection_dim" in params and (rank != int(rank) or rank < 1):
+            raise self.fail(layer, "st_params", f"projection_dim must be a positive integer, got {rank}")
+        return {"num_layers": layers, "low_rank": int(rank)}
+
+    def dot_block(self, b: Msg, blocks: dict[str, Msg]) -> dict:
+        """A DotInteraction block on the feature list of an input_layer block -> ``dot_interaction``.
+        Ours dots every sparse feature of the DEEP groups: the group must hold exactly those."""
+        inputs = b.values("inputs")
+        source = blocks.get(inputs[0].get("block_name")) if len(inputs) == 1 else None
+        if source is None or not source.has("input_layer") or b.get("merge_inputs_into_list") or b.has("extra_input_fn"):
+            raise self.fail(b, "inputs", "a DotInteraction block reads one input here: the feature list of an "
+                            "input_layer block (EasyRec's DLRM form, which adds a bottom MLP's output to the dotted "
+                            "vectors, is not supported: here the MLP's output is concatenated beside the dot "
+                            "products)")
+        il, i = source.msg("input_layer"), inputs[0]
+        picked = i.get("input_slice", "").replace(" ", "") == "[1]" or \
+            i.get("input_fn", "").replace(" ", "") == "lambdax:x[1]"
+        if il.get("only_output_feature_list"):
+            ok = not i.has("input_slice") and not i.has("input_fn")
+        elif il.get("output_2d_tensor_and_feature_list"):
+            ok = picked and not (i.has("input_slice") and i.has("input_fn"))
+        else:
+            raise self.fail(source, "input_layer", "gives a DotInteraction its feature list here: set "
+                            "only_output_feature_list: true (or output_2d_tensor_and_feature_list: true)")
+        if not ok:
+            raise self.fail(i, "block_name", "the DotInteraction must read the input_layer's feature list: as it "
+                            "is (only_output_feature_list) or input_slice: '[1]' (output_2d_tensor_and_feature_list)")
+        groups = [g.get("feature_group_name") for g in source.values("inputs")]
+        if len(groups) != 1 or groups[0] is None:
+            raise self.fail(source, "inputs", "an input_layer block reads one feature group here")
+        group, deep = groups[0], self.deep_sparse()
+        listed = self.groups.get(group)
+        raw = [n for n in listed or [] if self.feature_types.get(n) == "RawFeature"]
+        if listed is None or raw or sorted(set(listed)) != sorted(deep):
+            why = (f"holds RawFeature {raw[0]!r}" if raw else f"lists {', '.join(listed)}") if listed is not None \
+                else "is not a DEEP group"
+            raise self.fail(source, "inputs", f"group {group!r} {why}: our dot_interaction dots every sparse "
+                            f"feature of the DEEP groups ({', '.join(deep)}), so the group must list exactly those")
+        # skip_gather only zero-fills the other triangle (n^2 outputs): the same products; ours are gathered
+        params = self.st_params(b.msg("keras_layer"), {"self_interaction": bool, "skip_gather": bool})
+        return {"self_interaction": params.get("self_interaction", False)}
+
+    def deep_sparse(self) -> list[str]:
+        """The sparse features of the DEEP groups, each once, in input order (Schema.deep_sparse)."""
+        return list(dict.fromkeys(n for g in self.groups.values() for n in g
+                                  if self.feature_types.get(n, "IdFeature") != "RawFeature"))
+
+    def st_params(self, layer: Msg, allowed: dict[str, type]) -> dict:
+        """A keras_layer's ``st_params`` (google.protobuf.Struct) as {key: value}; a key outside
+        ``allowed`` or a value not of its type (float: number_value, bool: bool_value) is an error
+        naming its line."""
+        out: dict[str, Any] = {}
+        for f in layer.fields:
+            if f.name not in ("class_name", "st_params"):
+                raise self.fail(layer, f.name, f"is not read on a {layer.get('class_name')} layer (its parameters "
+                                "are st_params)")
+        st = layer.msg("st_params")
+        for f in st.values("fields") if st is not None else []:
+            key, value = f.get("key"), f.msg("value")
+            if key not in allowed:
+                raise self.fail(f, "key", f"{layer.get('class_name')} parameter {key!r} is not supported here; "
+                                f"supported: {', '.join(allowed)}")
+            kind = {float: "number_value", bool: "bool_value"}[allowed[key]]
+            if value is None or [v.name for v in value.fields] != [kind]:
+                raise self.fail(f, "value", f"{layer.get('class_name')} parameter {key!r} takes one {kind}")
+            out[key] = value.get(kind)
+        return out
 
     def aitm_block(self, params: list[tuple[Msg, Msg]], towers: list[tuple[Msg, dict]]) -> dict:
         """AITMTower blocks -> ait_attention cross (own tower queries), stop_gradient (EasyRec's
@@ -675,6 +901,10 @@ class _Converter:
              "wide_deep": g.get("wide_deep", "DEEP")}
             for g in mc.values("feature_groups")]
         wide = {g["group_name"] for g in model["feature_groups"] if g["wide_deep"] == "WIDE"}
+        # what the backbone's DotInteraction block is checked against
+        self.groups = {g["group_name"]: g["feature_names"] for g in model["feature_groups"] if g["group_name"] not in wide}
+        self.feature_types = {f.get("feature_name") or f["input_names"][0]: f.get("feature_type", "IdFeature")
+                              for f in raw["feature_config"]["features"]}
         for block in (mc.msg("backbone").values("blocks") if mc.has("backbone") and wide else []):
             for i in block.values("inputs"):
                 if i.get("feature_group_name") in wide:

@@ -1,7 +1,7 @@
 """Model: AITM (Xi et al., KDD 2021) over an EmbeddingBagCollection.
 
     v      = concat(pooled embeddings and raw values of the feature groups)
-    b      = backbone(v)                                  shared MLP (may be empty)
+    b      = backbone(v)                                  shared MLP (may be empty; + cross / dots: backbone.py)
     q_t    = tower_t(b)                                   one MLP per task
     p_rt   = transfer_rt(z_r)                             for each relation tower r of t
     z_t    = AIT([q_t] + [p_rt for r]) if use_ait and t has relation towers
@@ -130,7 +130,8 @@ class MultiTaskModel(nn.Module):
             but the zch features'; None when every sparse feature is zch.
         groups: feature names per feature group, concatenated in order into the model input.
         dense_slices: RawFeature name -> (start, stop) columns of the dense input.
-        backbone: shared MLP over the model input (B x input_dim -> B x H; may have no layers).
+        backbone: shared MLP over the model input (B x input_dim -> B x H; may have no layers), or
+            ``backbone.InteractionBackbone``, which reads the sparse embeddings from their columns of v.
         head: the model class's towers (B x H -> B x T logits), e.g. ``AITMHead``.
         mc_ebc: the zch features' tables (``zch.build_mc_ebc``), or None.
         wide_ebc: the wide tables (one per WIDE-group feature, all of one width >= T), or None.

@@ -1,6 +1,8 @@
 """Models by name, and the model built from a config.
 
-Every model is a ``MultiTaskModel`` (input side -> backbone -> head); only the head differs.
+Every model is a ``MultiTaskModel`` (input side -> backbone -> head); only the head differs. The
+backbone (``build_backbone``) is the config's MLP, with ``backbone.py``'s interaction blocks when
+``model_config.backbone`` has them; every head takes its B x H output.
 ``MODELS`` maps ``model_config.model_class`` to a builder of the head: it takes the schema (tower
 order and relations), the config's ``model_params`` and the backbone's output width, and returns
 the head (B x H -> B x T logits). Adding a model class is one head class and one entry in
@@ -20,6 +22,7 @@ import torch
 from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
+from aitm_torchrec.backbone import DotInteraction, InteractionBackbone, cross_net
 from aitm_torchrec.baselines import DBMTLHead, ESMMHead, ExtractionSpec, MMoEHead, PLEHead, SharedBottomHead
 from aitm_torchrec.config import MODEL_CLASSES, Config
 from aitm_torchrec.model import MLP, AITMHead, Device, MLPSpec, MultiTaskModel, TowerSpec
@@ -105,13 +108,31 @@ def build_model(cfg: Config, device: torch.device | str = "meta",
     schema, mc = cfg.schema, cfg.model_config
     plain = embedding_bag_configs(cfg, zch=False)
     ebc = EmbeddingBagCollection(tables=plain, device=torch.device(device)) if plain else None
-    backbone = MLP(schema.input_dim, mlp_spec(mc.backbone.mlp), dense_device)
+    backbone = build_backbone(schema, mc.backbone, dense_device)
     head = MODELS[mc.model_class](schema, mc.model_params, backbone.out_dim, dense_device)
     mc_ebc = build_mc_ebc(schema, device, embedding_bag_configs(cfg, zch=True))
     wide = wide_embedding_bag_configs(cfg)
     wide_ebc = EmbeddingBagCollection(tables=wide, device=torch.device(device)) if wide else None
     return MultiTaskModel(ebc, schema.groups, schema.dense_slices, backbone, head, mc_ebc,
                           wide_ebc, len(schema.tasks))
+
+
+def build_backbone(schema: Schema, bb: Any, device: Device) -> nn.Module:
+    """The config's ``model_config.backbone`` over the model input (``backbone.py``): the plain
+    MLP without interaction blocks (the modules and state dict keys a model had before them),
+    else an ``InteractionBackbone`` of the MLP, the cross network and the dot products of
+    ``Schema.deep_sparse`` (their columns of the model input)."""
+    mlp = MLP(schema.input_dim, mlp_spec(bb.mlp), device)
+    if bb.cross is None and bb.dot_interaction is None:
+        return mlp
+    cross = cross_net(schema.input_dim, bb.cross.num_layers, bb.cross.low_rank, device) if bb.cross else None
+    dot = None
+    if bb.dot_interaction is not None:
+        slices = schema.input_slices
+        names = schema.deep_sparse
+        columns = [c for n in names for c in range(*slices[n])]
+        dot = DotInteraction(columns, schema.feature_dim(names[0]), bb.dot_interaction.self_interaction, device)
+    return InteractionBackbone(mlp, cross, dot, mlp_spec(bb.top_mlp), schema.input_dim, device)
 
 
 # The wide tables start near zero, so the wide part begins as a small correction to the deep

@@ -221,6 +221,25 @@ class Schema:
         return sum(self.feature_dim(n) for g in self.groups for n in g)
 
     @property
+    def input_slices(self) -> dict[str, tuple[int, int]]:
+        """Feature name -> its (start, stop) columns in the model input, in input order (a
+        feature in two DEEP groups: its first place)."""
+        out: dict[str, tuple[int, int]] = {}
+        offset = 0
+        for n in (n for g in self.groups for n in g):
+            dim = self.feature_dim(n)
+            out.setdefault(n, (offset, offset + dim))
+            offset += dim
+        return out
+
+    @property
+    def deep_sparse(self) -> tuple[str, ...]:
+        """The sparse features of the DEEP groups, each once, in input order: what the backbone's
+        ``dot_interaction`` dots."""
+        sparse = {f.name for f in self.sparse}
+        return tuple(n for n in self.input_slices if n in sparse)
+
+    @property
     def zch(self) -> tuple[SparseFeature, ...]:
         """The sparse features with managed-collision (zch) tables."""
         return tuple(f for f in self.sparse if f.is_zch)

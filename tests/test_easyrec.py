@@ -329,6 +329,106 @@ def test_the_two_forms_map_to_the_models_they_describe():
 
 
 # --------------------------------------------------------------------------------------------
+# Backbone interaction blocks: Cross (DCN-v2) and DotInteraction (DLRM) beside the MLP block.
+
+MLP_BLOCK = ('blocks { name: "deep" inputs { feature_group_name: "all" } keras_layer { class_name: "MLP" '
+             'mlp { hidden_units: [16] use_bn: false use_final_bn: false } } }')
+CROSS_BLOCK = """blocks { name: "dcn" inputs { feature_group_name: "all" input_fn: 'lambda x: [x, x]' }
+           recurrent { num_steps: 3 fixed_input_index: 0 keras_layer { class_name: "Cross"
+             st_params { fields { key: "projection_dim" value { number_value: 4 } } } } } }"""
+DOT_BLOCKS = """blocks { name: "sparse" inputs { feature_group_name: "all" } input_layer { only_output_feature_list: true } }
+  blocks { name: "dot" inputs { block_name: "sparse" } keras_layer { class_name: "DotInteraction"
+           st_params { fields { key: "self_interaction" value { bool_value: true } } } } }"""
+INTERACT = f"""backbone {{
+  {MLP_BLOCK}
+  {CROSS_BLOCK}
+  {DOT_BLOCKS}
+  concat_blocks: ["deep", "dcn", "dot"]
+  top_mlp {{ hidden_units: [8] }}
+}}"""
+
+
+def test_cross_and_dot_interaction_blocks_map_to_our_backbone(tmp_path):
+    from aitm_torchrec.config import DNN, Backbone, Cross, DotInteraction
+
+    path = write_config(tmp_path, backbone=INTERACT, cvr=CVR_AIT)
+    cfg = load_config(path)
+    assert cfg.model_config.backbone == Backbone(mlp=DNN((16,)), cross=Cross(num_layers=3, low_rank=4),
+                                                 dot_interaction=DotInteraction(self_interaction=True),
+                                                 top_mlp=DNN((8,), use_bn=True))  # EasyRec's MLP default
+    assert tower(cfg, 1).relation_tower_names == ("ctr",)  # the seed's towers read the backbone's output
+    model = build_model(cfg)
+    assert model.backbone.top_mlp[0].in_features == 16 + 16 + 1 + 2  # mlp, cross(v), <uid, tags>, the squares
+    out = tmp_path / "interact.yaml"
+    assert easyrec.main([str(path), "--to-yaml", str(out)]) == 0
+    assert load_config(out) == cfg
+    # one Cross layer as a plain keras_layer; the feature list as slice [1] of the 2D tensor and
+    # list; concat_blocks left out: the DAG's leaves, as EasyRec takes them
+    one = INTERACT.replace(CROSS_BLOCK, 'blocks { name: "dcn" inputs { feature_group_name: "all" } '
+                                        'keras_layer { class_name: "Cross" } }')
+    one = one.replace("only_output_feature_list: true", "output_2d_tensor_and_feature_list: true")
+    one = one.replace('inputs { block_name: "sparse" }', "inputs { block_name: \"sparse\" input_slice: '[1]' }")
+    one = one.replace('concat_blocks: ["deep", "dcn", "dot"]', "").replace("top_mlp { hidden_units: [8] }", "")
+    bb = load_config(write_config(tmp_path, "one.config", backbone=one)).model_config.backbone
+    assert (bb.cross, bb.dot_interaction, bb.top_mlp) == (Cross(1, 0), DotInteraction(True), DNN())
+
+
+TWO_GROUPS = 'feature_groups { group_name: "user" feature_names: "uid" wide_deep: DEEP }'
+
+
+@pytest.mark.parametrize("change, field, message", [
+    (("fixed_input_index: 0", "fixed_input_index: 1"), r"blocks\[1\]\.recurrent\.fixed_input_index", "must be 0"),
+    (("input_fn: 'lambda x: [x, x]'", ""), r"blocks\[1\]\.inputs", "a recurrent Cross block takes \\[x0, x\\]"),
+    (('"deep", "dcn", "dot"', '"dcn", "dot"'), "concat_blocks",
+     "concat_blocks must name deep, dcn, dot, each once; got dcn, dot"),
+    (('key: "projection_dim" value { number_value: 4 }', 'key: "preactivation" value { string_value: "relu" }'),
+     r"blocks\[1\]\.recurrent\.keras_layer\.st_params\.fields\[0\]\.key",
+     "Cross parameter 'preactivation' is not supported here; supported: projection_dim, use_bias, diag_scale"),
+    (('key: "projection_dim" value { number_value: 4 }', 'key: "use_bias" value { bool_value: false }'),
+     r"blocks\[1\]\.recurrent\.keras_layer\.st_params", "use_bias: false is not supported"),
+    (('inputs { block_name: "sparse" }', 'inputs { block_name: "deep" input_fn: "lambda x: [x]" } inputs { block_name: "sparse" }'),
+     r"blocks\[3\]\.inputs", "EasyRec's DLRM form, which adds a bottom MLP's output to the dotted vectors, is not supported"),
+    (("concat_blocks", 'output_blocks: ["deep", "deep"] concat_blocks'), "output_blocks", "no per-task output_blocks"),
+    (('class_name: "DotInteraction"', 'class_name: "DotInteraction" mlp { hidden_units: 4 }'),
+     r"blocks\[3\]\.keras_layer\.mlp", "is not read on a DotInteraction layer"),
+    (('feature_group_name: "all" } keras_layer { class_name: "MLP"', 'feature_group_name: "user" } keras_layer { class_name: "MLP"'),
+     r"blocks\[0\]\.inputs", "the MLP block beside Cross / DotInteraction blocks reads every DEEP group once \\(all\\)"),
+])
+def test_interaction_blocks_that_cannot_be_mapped_are_errors_naming_the_line(tmp_path, change, field, message):
+    path = write_config(tmp_path, backbone=INTERACT.replace(*change))
+    with pytest.raises(ConfigError, match=rf"x\.config:\d+: model_config\.backbone\.{field}: .*{message}"):
+        load_config(path)
+
+
+def test_a_dot_interaction_on_a_group_without_every_sparse_feature_is_an_error(tmp_path):
+    both = 'inputs { feature_group_name: "all" } inputs { feature_group_name: "user" }'
+    backbone = INTERACT.replace('inputs { feature_group_name: "all" } keras_layer', f"{both} keras_layer")
+    backbone = backbone.replace("""inputs { feature_group_name: "all" input_fn: 'lambda x: [x, x]' }""",
+                                f"{both} extra_input_fn: 'lambda x: [x, x]'")
+    path = write_config(tmp_path, backbone=backbone, model=TWO_GROUPS)
+    assert load_config(path).model_config.backbone.cross.num_layers == 3  # the MLP and Cross on both groups
+    path = write_config(tmp_path, backbone=backbone.replace('name: "sparse" inputs { feature_group_name: "all" }',
+                                                             'name: "sparse" inputs { feature_group_name: "user" }'),
+                        model=TWO_GROUPS)
+    with pytest.raises(ConfigError, match=r"x\.config:\d+: model_config\.backbone\.blocks\[2\]\.inputs: group 'user' "
+                                          r"lists uid: our dot_interaction dots every sparse feature of the DEEP groups "
+                                          r"\(uid, tags\)"):
+        load_config(path)
+
+
+def test_interaction_fields_elsewhere_in_the_backbone_are_errors(tmp_path):
+    lambda_on_mlp = (BLOCKS % "").replace('inputs { block_name: "bottom" } keras_layer { class_name: "MLP" mlp { hidden_units: 12 } }',
+                                          "inputs { block_name: \"bottom\" input_fn: 'lambda x: x' } "
+                                          'keras_layer { class_name: "MLP" mlp { hidden_units: 12 } }', 1)
+    with pytest.raises(ConfigError, match=r"blocks\[1\]\.inputs\[0\]\.input_fn: is read on the inputs of Cross and "
+                                          r"DotInteraction blocks only"):
+        load_config(write_config(tmp_path, backbone=lambda_on_mlp))
+    top_alone = f"backbone {{ {MLP_BLOCK} top_mlp {{ hidden_units: [8] }} }}"
+    with pytest.raises(ConfigError, match=r"backbone\.top_mlp: is supported beside Cross / DotInteraction blocks only"):
+        load_config(write_config(tmp_path, "top.config", backbone=top_alone))
+
+
+# --------------------------------------------------------------------------------------------
 # EasyRec's PLE: model_class "PLE", its parameters in ple { }.
 
 PLE_CONFIG = """\

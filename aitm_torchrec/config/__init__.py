@@ -40,7 +40,9 @@ from aitm_torchrec.config.types import (
     SPARSE_OPTIMIZERS,
     Backbone,
     Config,
+    Cross,
     DataConfig,
+    DotInteraction,
     EvalConfig,
     ExtractionNetwork,
     Feature,
@@ -78,7 +80,7 @@ __all__ = [
     "COMPUTE_KERNELS", "SPARSE_OPTIMIZERS", "DENSE_OPTIMIZERS",
     # the dataclasses, outermost first
     "Config", "FeatureConfig", "Feature", "Zch", "Normalizer", "ModelConfig", "FeatureGroup", "Backbone",
-    "DNN", "ModelParams", "ExtractionNetwork", "TaskTower", "Loss", "MetricsSet", "Gauc", "DataConfig", "InputField",
+    "Cross", "DotInteraction", "DNN", "ModelParams", "ExtractionNetwork", "TaskTower", "Loss", "MetricsSet", "Gauc", "DataConfig", "InputField",
     "TrainConfig",
     "Optimizer", "LearningRateSchedule", "LearningRateScaling", "EvalConfig", "ShardingConfig",
     "TableConstraint",

@@ -112,10 +112,31 @@ class DNN:
 
 
 @dataclass(frozen=True)
+class Cross:
+    """DCN-v2's cross network over the model input (EasyRec backbone block ``Cross``, stacked
+    ``num_layers`` times as its ``recurrent`` block does): x_{l+1} = x_0 * (W_l x_l + b_l) + x_l."""
+
+    num_layers: int = 1
+    low_rank: int = 0  # 0: full-rank W_l (TorchRec CrossNet); r > 0: W_l = U_l V_l of rank r (LowRankCrossNet)
+
+
+@dataclass(frozen=True)
+class DotInteraction:
+    """DLRM's pairwise dot products of the DEEP groups' sparse features' pooled embeddings (EasyRec
+    backbone block ``DotInteraction``); they must share one embedding_dim."""
+
+    self_interaction: bool = False  # also each feature's dot product with itself
+
+
+@dataclass(frozen=True)
 class Backbone:
-    """Shared MLP over the concatenated feature groups (EasyRec backbone block ``mlp``)."""
+    """Shared layers over the concatenated feature groups (EasyRec's backbone): the ``mlp`` block,
+    and optionally interaction blocks beside it, b = top_mlp(concat(mlp(v), cross(v), dot)) (docs/model.md)."""
 
     mlp: DNN = DNN()
+    cross: Cross | None = None  # none: no cross network
+    dot_interaction: DotInteraction | None = None  # none: no dot products
+    top_mlp: DNN = DNN()  # over the concatenation; only with cross or dot_interaction
 
 
 @dataclass(frozen=True)

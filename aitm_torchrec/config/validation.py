@@ -8,8 +8,9 @@ apply the same one is always reported:
 1. ``check_features``: names unique, one id space per table (hash_bucket_size, num_buckets or zch),
    RawFeature / TagFeature-only keys, zch sizes, embedding_dim.
 2. ``check_model``: model_class, feature_groups naming defined features (WIDE groups: id features
-   without zch, each once, at least one DEEP group), the backbone / transfer / expert MLPs,
-   num_expert, PLE's extraction_networks.
+   without zch, each once, at least one DEEP group), the backbone MLP, its interaction blocks
+   (cross sizes, dot_interaction's sparse features of one embedding_dim, top_mlp beside them), the
+   transfer / expert MLPs, num_expert, PLE's extraction_networks.
 3. ``check_towers``: per task tower: name and label unique, its MLPs, relation_tower_names naming
    other towers (at most one for ESMM), losses; then no cycle among the relations.
 4. ``check_data``: label_fields in tower order, sizes, CSVInput columns, no label used as a feature.
@@ -127,6 +128,7 @@ def check_model(cfg: Config, where: str) -> None:
                      f"names unknown feature {name!r}; defined: {', '.join(sorted(seen))}")
     _check_wide_groups(fail, cfg)
     _check_dnn(fail, "model_config.backbone.mlp", mc.backbone.mlp)
+    _check_interaction(fail, cfg)
     mp = mc.model_params
     _check_dnn(fail, "model_config.model_params.transfer_mlp", mp.transfer_mlp)
     _check_dnn(fail, "model_config.model_params.expert_dnn", mp.expert_dnn,
@@ -161,6 +163,39 @@ def _check_extraction_networks(fail: Fail, model_class: str, networks: tuple[Ext
             fail(f"{k}.share_expert_net.hidden_units", f"({name}) must end in task_expert_net's last size "
                  f"{task_size}, got {list(net.share_expert_net.hidden_units)}: the gates mix task and "
                  "shared experts' outputs")
+
+
+def _check_interaction(fail: Fail, cfg: Config) -> None:
+    """The backbone's interaction blocks: cross sizes; dot_interaction over at least two sparse
+    features of the DEEP groups (one with self_interaction), all of one embedding_dim; top_mlp
+    only beside them (it runs on their concatenation with the mlp's output)."""
+    bb = cfg.model_config.backbone
+    key = "model_config.backbone"
+    if bb.cross is not None:
+        if bb.cross.num_layers < 1:
+            fail(f"{key}.cross.num_layers", f"must be >= 1, got {bb.cross.num_layers} (no cross network: leave "
+                 "cross out)")
+        if bb.cross.low_rank < 0:
+            fail(f"{key}.cross.low_rank", f"must be >= 0 (0: full-rank kernels), got {bb.cross.low_rank}")
+    if bb.dot_interaction is not None:
+        features = cfg.features
+        # The same rule as Schema.deep_sparse: each sparse feature of the DEEP groups once, in input order.
+        names = list(dict.fromkeys(n for g in cfg.model_config.feature_groups if g.wide_deep != "WIDE"
+                                   for n in g.feature_names if features[n].feature_type != "RawFeature"))
+        need = 1 if bb.dot_interaction.self_interaction else 2
+        if len(names) < need:
+            fail(f"{key}.dot_interaction", f"dots the pooled embeddings of the DEEP groups' sparse features and needs "
+                 f"at least {need}; they have {len(names)}{': ' + ', '.join(names) if names else ''}")
+        dims: dict[int, list[str]] = {}
+        for n in names:
+            dims.setdefault(features[n].embedding_dim, []).append(n)
+        if len(dims) > 1:
+            fail(f"{key}.dot_interaction", "dots the pooled embeddings of the DEEP groups' sparse features, which "
+                 "must share one embedding_dim; got " + ", ".join(f"{d} ({', '.join(ns)})" for d, ns in dims.items()))
+    _check_dnn(fail, f"{key}.top_mlp", bb.top_mlp)
+    if bb.top_mlp.hidden_units and bb.cross is None and bb.dot_interaction is None:
+        fail(f"{key}.top_mlp", "is read with cross or dot_interaction only (it runs on their concatenation with "
+             "the mlp's output); without them, add its sizes to backbone.mlp")
 
 
 def _check_wide_groups(fail: Fail, cfg: Config) -> None:
