@@ -57,6 +57,7 @@ from aitm_torchrec.config.types import (
     Optimizer,
     ShardingConfig,
     TableConstraint,
+    TaskEmbeddings,
     TaskTower,
     TrainConfig,
     Zch,
@@ -78,7 +79,7 @@ __all__ = [
     "COMPUTE_KERNELS", "SPARSE_OPTIMIZERS", "DENSE_OPTIMIZERS",
     # the dataclasses, outermost first
     "Config", "FeatureConfig", "Feature", "Zch", "Normalizer", "ModelConfig", "FeatureGroup", "Backbone",
-    "DNN", "ModelParams", "ExtractionNetwork", "TaskTower", "Loss", "MetricsSet", "Gauc", "DataConfig", "InputField",
+    "DNN", "ModelParams", "ExtractionNetwork", "TaskTower", "TaskEmbeddings", "Loss", "MetricsSet", "Gauc", "DataConfig", "InputField",
     "TrainConfig",
     "Optimizer", "LearningRateSchedule", "LearningRateScaling", "EvalConfig", "ShardingConfig",
     "TableConstraint",
