@@ -238,9 +238,9 @@ def _check_task_embeddings(fail: Fail, cfg: Config) -> None:
                 fail(f"{key}.features", f"feature {name!r} would get the task table {table!r} (tower "
                      f"{tower!r}), which is also a feature's name (and table's): rename that feature")
             if table in tables:
-                fail(f"{key}.features", f"tower {tower!r}'s table of feature {name!r} and tower "
-                     f"{tables[table][0]!r}'s of {tables[table][1]!r} would both be {table!r}: rename a "
-                     "tower or feature")
+                fail(f"{key}.features", f"the task tables of tower {tower!r} and feature {name!r} and of tower "
+                     f"{tables[table][0]!r} and feature {tables[table][1]!r} would both be named {table!r}: "
+                     "rename a tower or feature")
             tables[table] = (tower, name)
 
 
