@@ -100,6 +100,16 @@ def test_each_tower_reads_its_task_embeddings_beside_the_shared_representation(g
     assert not np.allclose(logits_by_hand(False), logits_by_hand(True)), "the gate must change the numbers"
 
 
+def test_embedding_regularization_covers_the_task_embeddings_of_the_batch():
+    model, batch = hand_model(gate=True), hand_batch()
+    shared = np.hstack([pooled(SHARED["a"], A_IDS), pooled(SHARED["b"], B_IDS)])
+    task = [pooled(TASK[n], A_IDS) for n in ("task_t0_a", "task_t1_a")]
+    by_hand = 0.5 * sum(float((m ** 2).sum()) for m in [shared, *task])  # three rows of weight 1
+    plain, regularised = (MultiTaskTrain(model, MultiTaskLoss([1.0, 1.0], []), embedding_regularization=c)(batch)[0]
+                          for c in (0.0, 1.0))
+    assert float(regularised - plain) == pytest.approx(by_hand, rel=1e-5)
+
+
 def _grads(model: MultiTaskModel, batch: Batch, task: int) -> dict[str, torch.Tensor]:
     model.zero_grad(set_to_none=True)
     model(batch.dense, batch.sparse)[:, task].sum().backward()
