@@ -19,6 +19,11 @@ wrapper, DistributedModelParallel and the train pipeline run them unchanged.
                            h = softmax(W_s s^(l-1) + c_s)   (not in the last layer);
                    logit_t = output_t(tower_t(x_t^L))
     DBMTL          AITM's head with every tower's use_ait false: relation dnn over concat(own, relations)
+
+Every head takes ``extra_dims`` and ``forward(..., extra=None)`` as ``AITMHead`` does: with task
+embeddings (STEM) tower t's input is concat(its shared representation, u_t), where the shared
+representation is b (SharedBottom, ESMM), t's expert mixture (MMoE) or t's output of the last
+extraction layer (PLE).
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aitm_torchrec.model import MLP, AITMHead, Device, MLPSpec, TowerSpec
+from aitm_torchrec.model import MLP, AITMHead, Device, MLPSpec, TowerSpec, extra_dim, with_extra
 from aitm_torchrec.schema import topological_order
 
 # Marginal probabilities are capped at exp(MAX_LOG_PROB) ~ 1 - 1e-6 so their logits stay finite.
@@ -38,15 +43,17 @@ MAX_LOG_PROB = -1e-6
 
 
 class SharedBottomHead(nn.Module):
-    """One tower and output layer per task. forward(b: B x H) -> B x T logits."""
+    """One tower and output layer per task. forward(b: B x H, extra=None) -> B x T logits."""
 
-    def __init__(self, in_dim: int, towers: Sequence[MLPSpec], device: Device = None) -> None:
+    def __init__(self, in_dim: int, towers: Sequence[MLPSpec], device: Device = None,
+                 extra_dims: Sequence[int] = ()) -> None:
         super().__init__()
-        self.towers = nn.ModuleList(MLP(in_dim, s, device) for s in towers)
+        self.towers = nn.ModuleList(MLP(in_dim + extra_dim(extra_dims, t), s, device) for t, s in enumerate(towers))
         self.outputs = nn.ModuleList(nn.Linear(t.out_dim, 1, device=device) for t in self.towers)
 
-    def forward(self, b: torch.Tensor) -> torch.Tensor:
-        return torch.cat([out(tower(b)) for tower, out in zip(self.towers, self.outputs)], dim=1)
+    def forward(self, b: torch.Tensor, extra: list[torch.Tensor] | None = None) -> torch.Tensor:
+        return torch.cat([out(tower(with_extra(b, extra, t))) for t, (tower, out) in enumerate(zip(self.towers, self.outputs))],
+                         dim=1)
 
 
 def log1mexp(log_p: torch.Tensor) -> torch.Tensor:
@@ -81,25 +88,26 @@ class ESMMHead(SharedBottomHead):
     bottom towers whose outputs are conditional logits, chained into marginals.
 
     ``parents[t]``: the tower whose step must happen before step t (None for a first step).
-    forward(b, wide=None) -> B x T logits of the marginal probabilities over all impressions;
-    ``wide`` (B x T, the model's wide part) is added to the conditional logits.
+    forward(b, wide=None, extra=None) -> B x T logits of the marginal probabilities over all
+    impressions; ``wide`` (B x T, the model's wide part) is added to the conditional logits.
     """
 
     takes_wide = True  # MultiTaskModel passes the wide part in instead of adding it to the output
 
     def __init__(self, in_dim: int, towers: Sequence[MLPSpec], parents: Sequence[int | None],
-                 device: Device = None) -> None:
+                 device: Device = None, extra_dims: Sequence[int] = ()) -> None:
         if len(parents) != len(towers):
             raise ValueError(f"ESMM needs one parent entry per tower: {len(parents)} for {len(towers)}")
-        super().__init__(in_dim, towers, device)
+        super().__init__(in_dim, towers, device, extra_dims)
         self.parents = list(parents)
 
-    def conditional_logits(self, b: torch.Tensor) -> torch.Tensor:
+    def conditional_logits(self, b: torch.Tensor, extra: list[torch.Tensor] | None = None) -> torch.Tensor:
         """B x T logits of each step given its parent step."""
-        return super().forward(b)
+        return super().forward(b, extra)
 
-    def forward(self, b: torch.Tensor, wide: torch.Tensor | None = None) -> torch.Tensor:
-        conditional = self.conditional_logits(b)
+    def forward(self, b: torch.Tensor, wide: torch.Tensor | None = None,
+                extra: list[torch.Tensor] | None = None) -> torch.Tensor:
+        conditional = self.conditional_logits(b, extra)
         if wide is not None:
             conditional = conditional + wide
         return marginal_logits(conditional, self.parents)
@@ -107,15 +115,15 @@ class ESMMHead(SharedBottomHead):
 
 class MMoEHead(nn.Module):
     """Multi-gate mixture of experts (Ma et al., KDD 2018) over the backbone output.
-    forward(b: B x H) -> B x T logits."""
+    forward(b: B x H, extra=None) -> B x T logits."""
 
     def __init__(self, in_dim: int, expert: MLPSpec, num_expert: int, towers: Sequence[MLPSpec],
-                 device: Device = None) -> None:
+                 device: Device = None, extra_dims: Sequence[int] = ()) -> None:
         super().__init__()
         self.experts = nn.ModuleList(MLP(in_dim, expert, device) for _ in range(num_expert))
         self.gates = nn.ModuleList(nn.Linear(in_dim, num_expert, device=device) for _ in towers)
         expert_dim = self.experts[0].out_dim
-        self.towers = nn.ModuleList(MLP(expert_dim, s, device) for s in towers)
+        self.towers = nn.ModuleList(MLP(expert_dim + extra_dim(extra_dims, t), s, device) for t, s in enumerate(towers))
         self.outputs = nn.ModuleList(nn.Linear(t.out_dim, 1, device=device) for t in self.towers)
 
     def gate_weights(self, b: torch.Tensor) -> torch.Tensor:
@@ -127,10 +135,10 @@ class MMoEHead(nn.Module):
         experts = torch.stack([e(b) for e in self.experts], dim=1)  # B x E x D
         return torch.einsum("bte,bed->btd", self.gate_weights(b), experts)
 
-    def forward(self, b: torch.Tensor) -> torch.Tensor:
+    def forward(self, b: torch.Tensor, extra: list[torch.Tensor] | None = None) -> torch.Tensor:
         mixed = self.mix(b)
-        return torch.cat([out(tower(mixed[:, t])) for t, (tower, out) in enumerate(zip(self.towers, self.outputs))],
-                         dim=1)
+        return torch.cat([out(tower(with_extra(mixed[:, t], extra, t)))
+                          for t, (tower, out) in enumerate(zip(self.towers, self.outputs))], dim=1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,11 +201,11 @@ class PLEHead(nn.Module):
     Linear (with bias) and a softmax over the layer input, the last layer has no shared gate, and
     a layer may have no shared experts (EasyRec's default ``share_num`` 0, which its last layer
     often keeps: then task t's last gate mixes only task t's experts, where the paper also mixes
-    the shared ones). forward(b: B x H) -> B x T logits.
+    the shared ones). forward(b: B x H, extra=None) -> B x T logits.
     """
 
     def __init__(self, in_dim: int, layers: Sequence[ExtractionSpec], towers: Sequence[MLPSpec],
-                 device: Device = None) -> None:
+                 device: Device = None, extra_dims: Sequence[int] = ()) -> None:
         super().__init__()
         if not layers:
             raise ValueError("PLE needs at least one extraction layer")
@@ -206,19 +214,22 @@ class PLEHead(nn.Module):
             layer = ExtractionLayer(in_dim, spec, len(towers), shared_gate=i < len(layers) - 1, device=device)
             self.layers.append(layer)
             in_dim = layer.out_dim
-        self.towers = nn.ModuleList(MLP(in_dim, s, device) for s in towers)
+        self.towers = nn.ModuleList(MLP(in_dim + extra_dim(extra_dims, t), s, device) for t, s in enumerate(towers))
         self.outputs = nn.ModuleList(nn.Linear(t.out_dim, 1, device=device) for t in self.towers)
 
-    def forward(self, b: torch.Tensor) -> torch.Tensor:
+    def forward(self, b: torch.Tensor, extra: list[torch.Tensor] | None = None) -> torch.Tensor:
         tasks, shared = [b] * len(self.towers), b
         for layer in self.layers:
             tasks, shared = layer(tasks, shared)
-        return torch.cat([out(tower(x)) for x, tower, out in zip(tasks, self.towers, self.outputs)], dim=1)
+        return torch.cat([out(tower(with_extra(x, extra, t)))
+                          for t, (x, tower, out) in enumerate(zip(tasks, self.towers, self.outputs))], dim=1)
 
 
 class DBMTLHead(AITMHead):
     """DBMTL (Bayesian-network multi-task): AITM's towers with a relation dnn for every tower
     that has relation towers, never AIT."""
 
-    def __init__(self, in_dim: int, towers: Sequence[TowerSpec], device: Device = None) -> None:
-        super().__init__(in_dim, [dataclasses.replace(s, use_ait=False) for s in towers], device=device)
+    def __init__(self, in_dim: int, towers: Sequence[TowerSpec], device: Device = None,
+                 extra_dims: Sequence[int] = ()) -> None:
+        super().__init__(in_dim, [dataclasses.replace(s, use_ait=False) for s in towers], device=device,
+                         extra_dims=extra_dims)

@@ -10,7 +10,7 @@
 beside ``DIR`` and renamed into place (``outputs.publish_dir``), so ``DIR`` is never half-written:
 
 - ``DIR/scripted_model.pt``: ``ServingModel`` around the model, its EmbeddingBagCollections
-  (the wide tables' too) swapped for TorchRec's quantized ones (``quantize_inference_model``;
+  (the wide and the task tables' too) swapped for TorchRec's quantized ones (``quantize_inference_model``;
   ``none`` keeps fp32 tables), its ``nn.Linear`` layers dynamically quantized to int8 with ``dense_quant="int8"``
   (``quantize_dense``; ``none`` keeps them fp32), fx-traced (``torchrec.fx.symbolic_trace``) and
   TorchScripted.
@@ -258,6 +258,8 @@ def export(model: nn.Module, schema: Schema, output: Path, quant: str = "int8", 
                 SCHEMA_FILE: (tmp / SCHEMA_FILE).stat().st_size,
                 "tables_fp32": sum(4 * f.num_embeddings * f.embedding_dim for f in schema.sparse),
                 "wide_tables_fp32": sum(4 * f.num_embeddings * schema.wide_dim for f in schema.wide_tables.values()),
+                "task_tables_fp32": sum(4 * f.num_embeddings * schema.task_embedding_dim
+                                        for _, f in schema.task_tables.values()),
                 "dense_params_fp32": sum(4 * p.numel() for n, p in model.named_parameters() if "ebc." not in n),
             },
             "versions": {"torch": torch.__version__, "torchrec": _version("torchrec"),

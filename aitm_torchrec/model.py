@@ -11,6 +11,10 @@
            + w_t                                          with a wide part (WIDE feature groups)
     w_t    = sum over wide features f of column t of f's pooled wide table row(s)
 
+With task-specific embeddings (STEM, ``task_embeddings``) tower t reads concat(b, u_t) instead of
+b: u_t = e_t, task t's own tables' pooled rows of the listed features (B x F*d), or with the stem
+gate u_t = s_t, the gated mix of every task's e_k (``stem.py``).
+
 AIT scores each candidate u: ``self`` (the paper, its official code):
 s_u = <h2(u), h3(u)> / sqrt(k); ``cross`` (EasyRec): s_u = <h2(q_t), h3(u)> / sqrt(k). Then
 w = softmax over candidates, z_t = sum_u w_u h1(u). h1, h2, h3 are bias-free maps to k dims.
@@ -22,7 +26,11 @@ are testable without tables. ``AITMHead`` is here; the baselines' heads are in `
 ``registry.py`` maps ``model_class`` to a head. The wide part (``wide_ebc``, its own
 EmbeddingBagCollection) is added to every head's logits here, after the head; a head whose
 logits are not its tasks' own (ESMM: marginals of a chain) sets ``takes_wide`` and adds it
-inside (``forward(b, wide)``). Nothing here knows of distribution, files or logging:
+inside (``forward(b, wide)``). The task embeddings (``task_ebc``, another collection, and the
+optional ``task_gate``) reach the heads as a per-task extra input: every head takes ``extra_dims``
+(the width each tower's input gains) and ``forward(b, ..., extra=None)`` (T x [B x extra_dims[t]]),
+concatenated to each tower's input (``with_extra``); without them the heads are as before, state
+dict and output alike. Nothing here knows of distribution, files or logging:
 DistributedModelParallel shards the model from outside.
 """
 
@@ -35,7 +43,7 @@ from typing import Literal
 
 import torch
 from torch import nn
-from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, get_embedding_names_by_table
 from torchrec.modules.mc_embedding_modules import ManagedCollisionEmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
@@ -46,6 +54,18 @@ Device = torch.device | str | None
 # The wide part's EmbeddingBagCollection: its attribute name on MultiTaskModel, which sharding
 # (its own table optimizer) and the checkpoint keys (``...wide_ebc.embedding_bags.<t>.weight``) use.
 WIDE_EBC = "wide_ebc"
+# The task-specific embeddings' EmbeddingBagCollection (``...task_ebc.embedding_bags.<t>.weight``).
+TASK_EBC = "task_ebc"
+
+
+def extra_dim(extra_dims: Sequence[int], t: int) -> int:
+    """Width task t's tower input gains (``extra_dims`` empty: none)."""
+    return extra_dims[t] if extra_dims else 0
+
+
+def with_extra(x: torch.Tensor, extra: Sequence[torch.Tensor] | None, t: int) -> torch.Tensor:
+    """Task t's tower input: ``x`` (B x D), with task t's extra input concatenated (B x (D + E_t))."""
+    return x if extra is None else torch.cat([x, extra[t]], dim=1)
 
 
 @dataclass(frozen=True)
@@ -136,13 +156,19 @@ class MultiTaskModel(nn.Module):
         mc_ebc: the zch features' tables (``zch.build_mc_ebc``), or None.
         wide_ebc: the wide tables (one per WIDE-group feature, all of one width >= T), or None.
         wide_columns: T, the wide tables' columns read: column t is added to task t's logit.
+        task_ebc: the task tables (``Schema.task_embedding_bag_configs``), or None.
+        task_tables: per task, the names of its tables in ``task_ebc``, in feature order.
+        task_gate: ``stem.TaskGate`` over the tasks' embeddings and the shared embeddings of the
+            same features (their columns of the model input), or None: each task reads its own.
     forward(dense: B x D_dense, sparse: KJT) -> B x T logits.
     """
 
     def __init__(self, ebc: EmbeddingBagCollection | None, groups: Sequence[Sequence[str]],
                  dense_slices: dict[str, tuple[int, int]], backbone: nn.Module, head: nn.Module,
                  mc_ebc: ManagedCollisionEmbeddingBagCollection | None = None,
-                 wide_ebc: EmbeddingBagCollection | None = None, wide_columns: int = 0) -> None:
+                 wide_ebc: EmbeddingBagCollection | None = None, wide_columns: int = 0,
+                 task_ebc: EmbeddingBagCollection | None = None, task_tables: Sequence[Sequence[str]] = (),
+                 task_gate: nn.Module | None = None) -> None:
         super().__init__()
         self.ebc = ebc
         self.mc_ebc = mc_ebc  # None: a plain attribute, so other models' state dicts are unchanged
@@ -164,6 +190,23 @@ class MultiTaskModel(nn.Module):
                              for n in self.inputs)
         self.backbone = backbone
         self.head = head
+        self.task_ebc = task_ebc  # None: plain attributes, as mc_ebc
+        self.task_gate = task_gate
+        self.task_keys: list[list[str]] = []  # per task, its tables' keys in the pooled output
+        self.task_shared_columns: list[tuple[int, int]] = []  # the gate's v: columns of the model input
+        if task_ebc is not None:
+            configs = task_ebc.embedding_bag_configs()
+            # a feature read by several tables is pooled under "<feature>@<table>" (TorchRec's rule)
+            key = {c.name: names[0] for c, names in zip(configs, get_embedding_names_by_table(configs))}
+            self.task_keys = [[key[t] for t in tables] for tables in task_tables]
+            if task_gate is not None:
+                feature = {c.name: c.feature_names[0] for c in configs}
+                starts, at = {}, 0
+                for n in self.inputs:
+                    width = dims[n] if n in dims else dense_slices[n][1] - dense_slices[n][0]
+                    starts.setdefault(n, (at, at + width))
+                    at += width
+                self.task_shared_columns = [starts[feature[t]] for t in task_tables[0]]
 
     def embed(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (model input B x input_dim, pooled embeddings B x E of all sparse features).
@@ -191,18 +234,37 @@ class MultiTaskModel(nn.Module):
         # Every wide table has the same width, so the pooled values are B x (features * width).
         return self.wide_ebc(sparse).values().reshape(-1, features, width).sum(1)[:, :tasks]
 
-    def predict(self, x: torch.Tensor, wide: torch.Tensor | None = None) -> torch.Tensor:
-        """Model input B x input_dim (and the wide part B x T) -> B x T logits."""
+    def task_embeddings(self, sparse: KeyedJaggedTensor) -> list[torch.Tensor] | None:
+        """Per task t, e_t: B x (F * d), its own tables' pooled rows of the listed features in
+        order; None without task tables. Reads the whole KJT, as ``embed``'s tables do."""
+        if self.task_ebc is None:
+            return None
+        pooled = self.task_ebc(sparse).to_dict()  # by key: a sharded collection's order is its own
+        return [torch.cat([pooled[k] for k in keys], dim=1) for keys in self.task_keys]
+
+    def task_inputs(self, x: torch.Tensor, task: list[torch.Tensor]) -> list[torch.Tensor]:
+        """What tower t reads beside its shared representation: e_t, or with the gate s_t
+        (``stem.TaskGate``, its v the listed features' columns of the model input ``x``)."""
+        if self.task_gate is None:
+            return task
+        shared = torch.cat([x[:, a:b] for a, b in self.task_shared_columns], dim=1)
+        return self.task_gate(task, shared)
+
+    def predict(self, x: torch.Tensor, wide: torch.Tensor | None = None,
+                task: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Model input B x input_dim (and the wide part B x T, the task embeddings T x [B x F*d],
+        ``task_embeddings``) -> B x T logits."""
         b = self.backbone(x)
+        extra = {} if task is None else {"extra": self.task_inputs(x, task)}
         if wide is None:
-            return self.head(b)
+            return self.head(b, **extra)
         if getattr(self.head, "takes_wide", False):
-            return self.head(b, wide)
-        return self.head(b) + wide
+            return self.head(b, wide, **extra)
+        return self.head(b, **extra) + wide
 
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
         """B x T logits."""
-        return self.predict(self.embed(dense, sparse)[0], self.wide_logits(sparse))
+        return self.predict(self.embed(dense, sparse)[0], self.wide_logits(sparse), self.task_embeddings(sparse))
 
 
 class AITMHead(nn.Module):
@@ -212,15 +274,17 @@ class AITMHead(nn.Module):
         in_dim: H, the backbone's output width.
         towers: one spec per task, in config order; relations must form a DAG.
         ait_attention: "self" (paper) or "cross" (EasyRec).
-    forward(b: B x H) -> B x T logits.
+        extra_dims: per task, the width its tower input gains (task embeddings; empty: none).
+    forward(b: B x H, extra: T x [B x extra_dims[t]] or None) -> B x T logits.
     """
 
     def __init__(self, in_dim: int, towers: Sequence[TowerSpec], ait_attention: Literal["self", "cross"] = "self",
-                 device: Device = None) -> None:
+                 device: Device = None, extra_dims: Sequence[int] = ()) -> None:
         super().__init__()
         self.specs = list(towers)
         self.order = topological_order([s.relations for s in self.specs])
-        self.towers = nn.ModuleList(MLP(in_dim, s.dnn, device) for s in self.specs)
+        self.towers = nn.ModuleList(MLP(in_dim + extra_dim(extra_dims, t), s.dnn, device)
+                                    for t, s in enumerate(self.specs))
         out_dims = [0] * len(self.specs)  # dim of z_t
         self.transfers = nn.ModuleDict()
         self.aits = nn.ModuleDict()
@@ -248,12 +312,12 @@ class AITMHead(nn.Module):
         self.output_dnns = nn.ModuleList(MLP(out_dims[t], s.output, device) for t, s in enumerate(self.specs))
         self.outputs = nn.ModuleList(nn.Linear(o.out_dim, 1, device=device) for o in self.output_dnns)
 
-    def forward(self, b: torch.Tensor) -> torch.Tensor:
+    def forward(self, b: torch.Tensor, extra: list[torch.Tensor] | None = None) -> torch.Tensor:
         """Backbone output B x H -> B x T logits."""
         z: list[torch.Tensor | None] = [None] * len(self.specs)
         for t in self.order:
             s = self.specs[t]
-            q = self.towers[t](b)
+            q = self.towers[t](with_extra(b, extra, t))
             received = [z[r].detach() if s.stop_gradient else z[r] for r in s.relations]
             if s.relations and s.use_ait:
                 moved = [self.transfers[f"{r}_{t}"](v) for r, v in zip(s.relations, received)]

@@ -11,6 +11,9 @@ model all take a ``Schema``; none of them recomputes any of it:
 - the (DEEP) feature groups, concatenated in order into the model input (``input_dim`` wide);
 - the features with a wide part (WIDE groups): each has a wide table ``wide_<feature>`` of
   ``wide_dim`` columns whose first T (one per task) are added to the task logits;
+- the features with task-specific embeddings (``model_config.task_embeddings``, STEM): each task
+  (tower) t has a table ``task_<tower>_<feature>`` of ``task_embedding_dim`` columns per listed
+  feature (the feature's rows, id rule and pooling), read into task t's tower input;
 - tasks (towers) in config order, with their label, relation towers (indices), BCE weight and
   calibrator weight; ``label_relations`` are the label-chain rules the reader enforces.
 
@@ -39,6 +42,12 @@ WIDE_ALIGNMENT = 4
 def wide_table_name(feature: str) -> str:
     """The wide table of a WIDE group's feature (its own EmbeddingBagCollection, ``wide_ebc``)."""
     return f"wide_{feature}"
+
+
+def task_table_name(tower: str, feature: str) -> str:
+    """Task ``tower``'s own table of ``feature`` (STEM's task-specific embeddings, in their own
+    EmbeddingBagCollection, ``task_ebc``)."""
+    return f"task_{tower}_{feature}"
 
 # The id hash of ``hash_bucket_size`` features (implemented in ``features.py``). Bump the version
 # whenever the function changes: every exported table and model records the one it was built with.
@@ -145,6 +154,8 @@ class Schema:
     tasks: tuple[Task, ...]
     version: int = SCHEMA_VERSION
     wide: tuple[str, ...] = ()  # sparse features with a wide table (the WIDE groups'), in order
+    task_features: tuple[str, ...] = ()  # sparse features with a table per task (task_embeddings), in order
+    task_embedding_dim: int = 0  # columns of every task table
 
     def __post_init__(self) -> None:
         names = [f.name for f in self.sparse + self.dense]
@@ -156,6 +167,11 @@ class Schema:
         plain = {f.name for f in self.sparse if not f.is_zch}
         if len(set(self.wide)) != len(self.wide) or not set(self.wide) <= plain:
             raise ValueError(f"wide features must be distinct sparse features without zch, got {list(self.wide)}")
+        if len(set(self.task_features)) != len(self.task_features) or not set(self.task_features) <= plain:
+            raise ValueError(f"task embedding features must be distinct sparse features without zch, got "
+                             f"{list(self.task_features)}")
+        if self.task_features and self.task_embedding_dim < 1:
+            raise ValueError(f"task embeddings need a positive embedding dim, got {self.task_embedding_dim}")
         topological_order([t.relations for t in self.tasks])  # ValueError on a cycle
 
     # ---- derived facts (each in one place) ----------------------------------------------------
@@ -265,6 +281,29 @@ class Schema:
                                    embedding_dim=self.wide_dim, pooling=pooling[f.combiner])
                 for name, f in self.wide_tables.items()]
 
+    @property
+    def task_tables(self) -> dict[str, tuple[str, SparseFeature]]:
+        """Task table name -> (its tower, the feature whose ids it reads: same rows and id rule),
+        tower by tower in tower order, each tower's in ``task_features`` order."""
+        by_name = {f.name: f for f in self.sparse}
+        return {task_table_name(t, n): (t, by_name[n]) for t in self.tower_names for n in self.task_features}
+
+    @property
+    def task_width(self) -> int:
+        """Width of one task's embeddings e_t: ``task_embedding_dim`` per listed feature (0: none)."""
+        return len(self.task_features) * self.task_embedding_dim
+
+    def task_embedding_bag_configs(self) -> list:
+        """TorchRec ``EmbeddingBagConfig``s of the task tables (``task_tables`` order:
+        ``task_embedding_dim`` columns, the feature's rows and pooling). A feature read by several
+        tables is a TorchRec shared feature: its pooled keys are ``<feature>@<table>``."""
+        from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+
+        pooling = {"sum": PoolingType.SUM, "mean": PoolingType.MEAN}
+        return [EmbeddingBagConfig(name=name, feature_names=[f.name], num_embeddings=f.num_embeddings,
+                                   embedding_dim=self.task_embedding_dim, pooling=pooling[f.combiner])
+                for name, (_, f) in self.task_tables.items()]
+
     def embedding_bag_configs(self, zch: bool | None = None) -> list:
         """TorchRec ``EmbeddingBagConfig``s, one table per sparse feature, named after it: all of
         them (``zch`` None), or only the zch tables (True) or only the others (False)."""
@@ -280,11 +319,15 @@ class Schema:
     @classmethod
     def from_config(cls, cfg: Any) -> Schema:
         """From a validated ``config.Config``: DEEP groups are the model input, WIDE groups'
-        features get wide tables."""
+        features get wide tables, ``task_embeddings``' features a table per task."""
         groups = cfg.model_config.feature_groups
-        return cls.from_features(cfg.feature_config.features, cfg.model_config.model_params.task_towers,
-                                 [g.feature_names for g in groups if g.wide_deep != "WIDE"],
-                                 [n for g in groups if g.wide_deep == "WIDE" for n in g.feature_names])
+        schema = cls.from_features(cfg.feature_config.features, cfg.model_config.model_params.task_towers,
+                                   [g.feature_names for g in groups if g.wide_deep != "WIDE"],
+                                   [n for g in groups if g.wide_deep == "WIDE" for n in g.feature_names])
+        te = cfg.model_config.task_embeddings
+        if te is None:
+            return schema
+        return dataclasses.replace(schema, task_features=tuple(te.features), task_embedding_dim=te.embedding_dim)
 
     @classmethod
     def from_features(cls, features: Sequence[Any], towers: Sequence[Any] = (),
@@ -324,6 +367,11 @@ class Schema:
         if self.wide:  # for readers outside this project; derived, ignored on load
             d["wide_tables"] = {name: {"feature": f.name, "dim": self.wide_dim, "logit_columns": self.tower_names}
                                 for name, f in self.wide_tables.items()}
+        if self.task_features:  # derived, ignored on load, as wide_tables
+            d["task_tables"] = {name: {"feature": f.name, "dim": self.task_embedding_dim, "tower": tower}
+                                for name, (tower, f) in self.task_tables.items()}
+        else:  # a schema without task embeddings writes the same file as before they existed
+            del d["task_features"], d["task_embedding_dim"]
         return d
 
     @classmethod
@@ -340,7 +388,8 @@ class Schema:
                           for f in d["dense"])
             tasks = tuple(Task(**{**t, "relations": tuple(t["relations"])}) for t in d["tasks"])
             return cls(sparse, dense, tuple(tuple(g) for g in d["groups"]), tasks, d["version"],
-                       tuple(d.get("wide", ())))  # files written before wide parts have none
+                       tuple(d.get("wide", ())),  # files written before wide parts have none
+                       tuple(d.get("task_features", ())), int(d.get("task_embedding_dim", 0)))
         except (KeyError, TypeError, ValueError) as e:
             if isinstance(e, SchemaError):
                 raise

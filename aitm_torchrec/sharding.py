@@ -3,8 +3,10 @@
 The planner only estimates, so ``plan_for_topology`` plans for any cluster (2 hosts x 8 GPUs)
 from a CPU machine; ``shard`` plans collectively for the running job and wraps the train module
 in DistributedModelParallel, with the fused embedding optimizer applied in backward. Two table
-optimizers: ``train_config.sparse_optimizer`` for the feature tables, and the wide tables' own
-(``TrainConfig.wide_tables_optimizer``) for the ``wide_ebc`` collection of WIDE feature groups.
+optimizers: ``train_config.sparse_optimizer`` for the feature tables (and the task tables of
+``model_config.task_embeddings``, the ``task_ebc`` collection: the same kernel, sharding and
+optimizer route), and the wide tables' own (``TrainConfig.wide_tables_optimizer``) for the
+``wide_ebc`` collection of WIDE feature groups.
 """
 
 from __future__ import annotations
@@ -56,10 +58,12 @@ def topology(cfg: Config, world_size: int, local_world_size: int, compute_device
 
 def planned_tables(cfg: Config) -> dict[str, tuple[str, Optimizer]]:
     """Planned table name -> (its optimizer's config key, the optimizer): the feature tables
-    (zch ones aside: ``zch.zch_plan`` plans them) take ``sparse_optimizer``, the WIDE groups'
-    tables (``wide_<feature>``) the wide tables' optimizer."""
+    (zch ones aside: ``zch.zch_plan`` plans them) and the task tables (``task_<tower>_<feature>``)
+    take ``sparse_optimizer``, the WIDE groups' tables (``wide_<feature>``) the wide tables' optimizer."""
     tc = cfg.train_config
     out = {f.name: ("train_config.sparse_optimizer", tc.sparse_optimizer) for f in cfg.schema.sparse if not f.is_zch}
+    for name in cfg.schema.task_tables:
+        out[name] = ("train_config.sparse_optimizer", tc.sparse_optimizer)
     for name in cfg.schema.wide:
         out[wide_table_name(name)] = ("train_config.wide_optimizer", tc.wide_tables_optimizer)
     return out
@@ -67,8 +71,9 @@ def planned_tables(cfg: Config) -> dict[str, tuple[str, Optimizer]]:
 
 def constraints(cfg: Config, compute_device: str) -> dict[str, ParameterConstraints]:
     """Per-table planner constraints (tables are named after their feature; wide tables
-    ``wide_<feature>``: ``sharding_config.sharding_types`` / ``compute_kernels`` apply to them
-    too, and ``sharding_config.tables`` may name them). Unless asked otherwise, a wide table is
+    ``wide_<feature>``, task tables ``task_<tower>_<feature>``: ``sharding_config.sharding_types`` /
+    ``compute_kernels`` apply to them too, and ``sharding_config.tables`` may name them; task
+    tables are constrained exactly as feature tables). Unless asked otherwise, a wide table is
     table-wise (or row-wise on CUDA): replicated (data_parallel), it would be trained by the dense
     optimizer instead of its own; split by columns, its 4 columns gain nothing and its
     checkpoint could not move to another world size."""
@@ -168,8 +173,9 @@ def _with_zch_plan(plan: ShardingPlan, cfg: Config, module: nn.Module, world_siz
 def table_modules(cfg: Config, module: nn.Module) -> list[tuple[str, nn.Module, str, Optimizer]]:
     """The table collections in ``module`` as (fqn, module, optimizer key, optimizer): the
     feature tables' EmbeddingBagCollection and managed-collision collection take
-    ``sparse_optimizer``, the wide tables' (``model.WIDE_EBC``) the wide tables' optimizer. The
-    fqns are the sharding plan's (a managed-collision collection is planned as itself)."""
+    ``sparse_optimizer``, as does the task tables' (``model.TASK_EBC``), the wide tables'
+    (``model.WIDE_EBC``) the wide tables' optimizer. The fqns are the sharding plan's (a
+    managed-collision collection is planned as itself)."""
     tc = cfg.train_config
     out = []
     for fqn, m in module.named_modules():
@@ -233,7 +239,8 @@ def plan_for_topology(cfg: Config, hosts: int, procs_per_host: int, compute_devi
 
     Returns {"tables": {table: {sharding_type, compute_kernel, ranks, shards: [[rows, cols], ...],
     hbm_gb, ddr_gb (the planner's estimate over all shards; not for zch tables), wide (a WIDE
-    group's table)}}, "ranks": [{"rank", "hbm_gb", "ddr_gb", "tables"}...], "topology": {...}}.
+    group's table), task (a task table's tower, else None)}}, "ranks": [{"rank", "hbm_gb",
+    "ddr_gb", "tables"}...], "topology": {...}}.
     """
     from aitm_torchrec.task import build_train_module
 
@@ -249,8 +256,10 @@ def plan_for_topology(cfg: Config, hosts: int, procs_per_host: int, compute_devi
     for f in cfg.schema.zch:  # row-wise, evenly: no planner estimate
         tables[f.name]["shards"] = [[f.zch_size // world, f.embedding_dim]] * world
     wide = set(cfg.schema.wide_tables)
+    task = cfg.schema.task_tables
     for name, t in tables.items():
         t["wide"] = name in wide
+        t["task"] = task[name][0] if name in task else None
     for option in p._best_plan or []:  # the planner's own storage estimates (weights, optimizer, buffers)
         if option.name in {f.name for f in cfg.schema.zch}:
             continue

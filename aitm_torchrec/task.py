@@ -8,7 +8,8 @@ detached but the first.
                                                                   weight_t: tower x CLASSIFICATION weight)
       + sum_t alpha_t * mean( sum_{r in relations(t)} max(p_t - p_r, 0) )   ORDER_CALIBRATE_LOSS
       + l2_regularization * sum ||dense kernel||^2 / 2
-      + embedding_regularization * ||pooled embeddings of this batch's rows||^2 / 2   (EasyRec: a sum)
+      + embedding_regularization * ||pooled embeddings of this batch's rows||^2 / 2   (EasyRec: a sum;
+                                                                  the task embeddings' too)
 """
 
 from __future__ import annotations
@@ -66,15 +67,18 @@ class MultiTaskTrain(nn.Module):
     def forward(self, batch: Batch) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         x, emb = self.model.embed(batch.dense, batch.sparse)
         wide = self.model.wide_logits(batch.sparse)  # fp32 table lookups, outside autocast
+        task = self.model.task_embeddings(batch.sparse)  # the same
         with torch.autocast(self.device_type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None):
-            logits = self.model.predict(x, wide)
+            logits = self.model.predict(x, wide, task)
         logits = logits.float()
         loss = self.loss_fn(logits, batch.labels, batch.weights)
         if self.l2:
             loss = loss + self.l2 * sum(w.pow(2).sum() for w in self.kernels) / 2
         if self.emb_reg:
             # Only the rows this batch looked up (pooled), never whole tables.
+            if task is not None:
+                emb = torch.cat([emb, *task], dim=1)
             loss = loss + self.emb_reg * (emb.pow(2).sum(1) * batch.weights).sum() / 2
         return loss, (loss.detach(), logits.detach(), batch.labels.detach(), batch.weights.detach())
 

@@ -61,7 +61,8 @@ def dense_optimizer(dmp: DistributedModelParallel, opt: Optimizer,
 def table_optimizer(dmp: DistributedModelParallel, opt: Optimizer, wide: bool = False) -> ShardedTableOptimizer:
     """The torch optimizer of the tables on the dense kernel (adam on CPU): every model-parallel
     table weight (``...embedding_bags.<t>.weight``, a ShardedTensor in the state dict) of the
-    feature tables, or (``wide``) of the wide tables (``...wide_ebc.``)."""
+    feature tables (the task tables' among them: the sparse optimizer trains both), or (``wide``)
+    of the wide tables (``...wide_ebc.``)."""
     state = dmp.state_dict()
     tables = {k: (p, state[k]) for k, p in dmp.named_parameters()
               if ".embedding_bags." in k and isinstance(state.get(k), ShardedTensor)

@@ -37,8 +37,12 @@ def linear_gemms(cfg, batch_size: int) -> list[tuple[str, int, int, int]]:
         lambda mod, inp, out, name=name: found.append(
             (name, inp[0].numel() // mod.in_features, mod.in_features, mod.out_features)))
         for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    # task embeddings (model_config.task_embeddings): zeros of their width, so their gate and the
+    # towers' wider inputs are counted too
+    task = [torch.zeros(batch_size, w) for w in [cfg.schema.task_width] * len(cfg.schema.tasks)] \
+        if cfg.schema.task_features else None
     with torch.no_grad():
-        model.predict(torch.zeros(batch_size, model.input_dim))
+        model.predict(torch.zeros(batch_size, model.input_dim), task=task)
     for h in hooks:
         h.remove()
     return found

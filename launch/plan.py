@@ -6,8 +6,10 @@
 TorchRec's planner only estimates, so a CPU machine can plan a 2-host x 8-GPU job. Storage caps
 come from ``--hbm-gb`` / ``--ddr-gb`` (per rank), else ``sharding_config.hbm_cap_gb`` /
 ``ddr_cap_gb``, else this machine's. Exits non-zero with the planner's reason when nothing fits.
-Prints each table (the WIDE groups' ``wide_<feature>`` tables among them) with its sharding and the
-planner's memory estimate over all its shards, the wide tables' total, and each rank's memory.
+Prints each table (the WIDE groups' ``wide_<feature>`` tables and the task tables
+``task_<tower>_<feature>`` of ``model_config.task_embeddings`` among them) with its sharding and the
+planner's memory estimate over all its shards, the wide and the task tables' totals, and each
+rank's memory.
 """
 
 from __future__ import annotations
@@ -57,17 +59,19 @@ def main(argv: list[str] | None = None) -> dict:
     t = result["topology"]
     print(f"plan for {t['hosts']} host(s) x {t['procs_per_host']} {t['compute_device']} = {t['world_size']} ranks "
           f"(caps per rank: HBM {t['hbm_cap_gb']:.1f} GB, DDR {t['ddr_cap_gb']:.1f} GB)")
-    print(f"{'table':<24}{'sharding':<20}{'kernel':<20}{'HBM MB':>10}{'DDR MB':>10}  ranks")
+    w = max([24] + [len(n) + 2 for n in result["tables"]])  # task tables' names run long
+    print(f"{'table':<{w}}{'sharding':<20}{'kernel':<20}{'HBM MB':>10}{'DDR MB':>10}  ranks")
     for name, tp in sorted(result["tables"].items()):
         ranks = tp["ranks"]
         shown = ",".join(map(str, ranks)) if len(ranks) <= 8 else f"{ranks[0]}..{ranks[-1]} ({len(ranks)})"
         memory = f"{tp['hbm_gb'] * MB_PER_GB:>10.1f}{tp['ddr_gb'] * MB_PER_GB:>10.1f}" if "hbm_gb" in tp \
             else f"{'-':>10}{'-':>10}"  # zch tables: no planner estimate
-        print(f"{name:<24}{tp['sharding_type']:<20}{tp['compute_kernel']:<20}{memory}  {shown}")
-    wide = [tp for tp in result["tables"].values() if tp.get("wide")]
-    if wide:
-        hbm, ddr = (sum(t.get(k, 0.0) for t in wide) * MB_PER_GB for k in ("hbm_gb", "ddr_gb"))
-        print(f"wide tables (WIDE feature groups): {len(wide)}, HBM {hbm:.1f} MB, DDR {ddr:.1f} MB in all")
+        print(f"{name:<{w}}{tp['sharding_type']:<20}{tp['compute_kernel']:<20}{memory}  {shown}")
+    for kind, label in (("wide", "wide tables (WIDE feature groups)"), ("task", "task tables (task_embeddings)")):
+        some = [tp for tp in result["tables"].values() if tp.get(kind)]
+        if some:
+            hbm, ddr = (sum(t.get(k, 0.0) for t in some) * MB_PER_GB for k in ("hbm_gb", "ddr_gb"))
+            print(f"{label}: {len(some)}, HBM {hbm:.1f} MB, DDR {ddr:.1f} MB in all")
     print(f"{'rank':<6}{'HBM GB':>10}{'DDR GB':>10}  tables")
     for r in result["ranks"]:
         print(f"{r['rank']:<6}{r['hbm_gb']:>10.3f}{r['ddr_gb']:>10.3f}  {len(r['tables'])}")

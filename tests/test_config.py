@@ -297,3 +297,58 @@ def test_wide_errors_name_the_file_the_key_and_the_feature(overrides, wide, mess
     with pytest.raises(ConfigError) as e:
         wide_config(*overrides, wide=wide)
     assert message in str(e.value) and "aitm_taobao.yaml" in str(e.value)
+
+
+# --------------------------------------------------------------------------------------------
+# model_config.task_embeddings (STEM): a table per tower of each listed feature
+
+
+def task_config(task: str, *overrides: str):
+    return load_config(None, [f"model_config.feature_groups=[{DEEP}]", f"model_config.task_embeddings={task}",
+                              *overrides])
+
+
+def test_task_embeddings_give_a_table_per_tower_and_feature_with_the_features_rows():
+    cfg = task_config("{features: [user_id, price]}")
+    te, s = cfg.model_config.task_embeddings, cfg.schema
+    assert (te.embedding_dim, te.gate) == (16, "none")  # the defaults
+    assert s.task_features == ("user_id", "price") and s.task_width == 2 * 16
+    assert {n: (t, f.name, f.id_rule) for n, (t, f) in s.task_tables.items()} == {
+        f"task_{t}_{n}": (t, n, s.sparse[[g.name for g in s.sparse].index(n)].id_rule)
+        for t in ("ctr", "cvr") for n in ("user_id", "price")}
+    assert s.input_dim == 4 * 16  # not model input
+    assert load_config().model_config.task_embeddings is None and load_config().schema.task_tables == {}
+    # the task tables may be constrained by name
+    task_config("{features: [user_id], gate: stem, embedding_dim: 8}",
+                "sharding_config.tables={task_cvr_user_id: {sharding_types: [table_wise]}}")
+
+
+@pytest.mark.parametrize("task,overrides,message", [
+    ("{features: []}", [], "model_config.task_embeddings.features must list at least one sparse feature"),
+    ("{embedding_dim: 8}", [], "model_config.task_embeddings.features is required"),
+    ("{features: [nope]}", [], "model_config.task_embeddings.features[0] names unknown feature 'nope'"),
+    ("{features: [final_gender_code]}",
+     ["feature_config.features.9={input_names: [final_gender_code], feature_type: RawFeature}"],
+     "model_config.task_embeddings.features[0] names RawFeature 'final_gender_code'"),
+    ("{features: [brand, user_id]}",
+     ["feature_config.features.6.zch={zch_size: 64}", "feature_config.features.6.hash_bucket_size=0"],
+     "model_config.task_embeddings.features[1] names zch feature 'user_id'"),
+    ("{features: [user_id, brand, user_id]}", [], "model_config.task_embeddings.features[2] names feature 'user_id' twice"),
+    ("{features: [cate_id]}", [], "model_config.task_embeddings.features[0] names feature 'cate_id', which no DEEP group lists"),
+    ("{features: [user_id], embedding_dim: 10}", [], "model_config.task_embeddings.embedding_dim must be a positive multiple of 4"),
+    ("{features: [user_id], gate: mmoe}", [], "model_config.task_embeddings.gate is 'mmoe'; allowed: none, stem"),
+    ("{features: [user_id]}", ["feature_config.features.9.feature_name=task_ctr_user_id"],
+     "feature 'user_id' would get the task table 'task_ctr_user_id' (tower 'ctr')"),
+    ("{features: [b_c, c]}", ["feature_config.features.9.feature_name=b_c", "feature_config.features.10.feature_name=c",
+                              "model_config.feature_groups=[{group_name: all, feature_names: [b_c, c, user_id]}]",
+                              "model_config.model_params.task_towers.0.tower_name=a",
+                              "model_config.model_params.task_towers.1.tower_name=a_b",
+                              "model_config.model_params.task_towers.1.relation_tower_names=[a]"],
+     "task tables of tower 'a_b' and feature 'c' and of tower 'a' and feature 'b_c' would both be named 'task_a_b_c'"),
+    ("{features: [user_id]}", ["sharding_config.tables={task_ctr_brand: {sharding_types: [table_wise]}}"],
+     "sharding_config.tables.task_ctr_brand names no feature"),
+])
+def test_task_embedding_errors_name_the_file_the_key_and_the_feature(task, overrides, message):
+    with pytest.raises(ConfigError) as e:
+        task_config(task, *overrides)
+    assert message in str(e.value) and "aitm_taobao.yaml" in str(e.value)

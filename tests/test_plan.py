@@ -96,3 +96,17 @@ def test_plan_shows_the_wide_tables_and_their_memory(capsys):
     assert 0 < tables["wide_user_id"]["ddr_gb"] < tables["user_id"]["ddr_gb"]
     out = capsys.readouterr().out
     assert "wide_user_id" in out and "wide tables (WIDE feature groups): 2, HBM 0.0 MB, DDR " in out
+
+
+def test_plan_shows_the_task_tables_and_their_memory(capsys):
+    task = "model_config.task_embeddings={features: [user_id, pid], embedding_dim: 8, gate: stem}"
+    result = plan.main(["--hosts", "1", "--procs-per-host", "2", "--device", "cpu", "--ddr-gb", "8", task])
+    tables = result["tables"]
+    assert {n: t["task"] for n, t in tables.items() if t["task"]} == {
+        "task_ctr_user_id": "ctr", "task_ctr_pid": "ctr", "task_cvr_user_id": "cvr", "task_cvr_pid": "cvr"}
+    # planned as the feature tables are: the same choices for the same rows
+    assert tables["task_ctr_pid"]["sharding_type"] == tables["pid"]["sharding_type"] == "data_parallel"
+    assert tables["task_cvr_user_id"]["shards"] == [[100000, 8]]
+    assert 0 < tables["task_cvr_user_id"]["ddr_gb"] < tables["user_id"]["ddr_gb"]
+    out = capsys.readouterr().out
+    assert "task_cvr_user_id" in out and "task tables (task_embeddings): 4, HBM 0.0 MB, DDR " in out

@@ -59,6 +59,7 @@ from aitm_torchrec.config.types import (
     Optimizer,
     ShardingConfig,
     TableConstraint,
+    TaskEmbeddings,
     TaskTower,
     TrainConfig,
     Zch,
@@ -80,7 +81,8 @@ __all__ = [
     "COMPUTE_KERNELS", "SPARSE_OPTIMIZERS", "DENSE_OPTIMIZERS",
     # the dataclasses, outermost first
     "Config", "FeatureConfig", "Feature", "Zch", "Normalizer", "ModelConfig", "FeatureGroup", "Backbone",
-    "Cross", "DotInteraction", "DNN", "ModelParams", "ExtractionNetwork", "TaskTower", "Loss", "MetricsSet", "Gauc", "DataConfig", "InputField",
+    "Cross", "DotInteraction", "DNN", "ModelParams", "ExtractionNetwork", "TaskTower", "TaskEmbeddings", "Loss",
+    "MetricsSet", "Gauc", "DataConfig", "InputField",
     "TrainConfig",
     "Optimizer", "LearningRateSchedule", "LearningRateScaling", "EvalConfig", "ShardingConfig",
     "TableConstraint",

@@ -220,6 +220,18 @@ class ModelParams:
 
 
 @dataclass(frozen=True)
+class TaskEmbeddings:
+    """STEM's task-specific embeddings (Su et al., AAAI 2024): every task (tower) gets its own
+    table (``task_<tower>_<feature>``) of each listed feature beside the shared one, read into its
+    tower's input; ``gate: stem`` mixes every task's embeddings into each tower's, with gradient
+    only to the tower's own (docs/model.md, "Task-specific embeddings")."""
+
+    features: tuple[str, ...]  # sparse features of the DEEP groups, each once
+    embedding_dim: int = 16  # columns of every task table (a multiple of 4, as FBGEMM's kernels take)
+    gate: Literal["none", "stem"] = "none"  # none: each tower reads its own; stem: the all-forward gate
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     feature_groups: tuple[FeatureGroup, ...]
     model_params: ModelParams
@@ -227,9 +239,10 @@ class ModelConfig:
     model_name: str = ""
     backbone: Backbone = Backbone()
     embedding_regularization: float = 0.0
-    # Feature tables start uniform in [-s, s]; 0: TorchRec's default [-sqrt(1/rows), sqrt(1/rows)] per table
-    # (wide tables: registry.WIDE_INIT_SCALE).
+    # Feature (and task) tables start uniform in [-s, s]; 0: TorchRec's default [-sqrt(1/rows),
+    # sqrt(1/rows)] per table (wide tables: registry.WIDE_INIT_SCALE).
     embedding_init_scale: float = 0.0
+    task_embeddings: TaskEmbeddings | None = None  # none: every task reads the shared tables only
 
 
 @dataclass(frozen=True)

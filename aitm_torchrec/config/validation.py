@@ -8,9 +8,10 @@ apply the same one is always reported:
 1. ``check_features``: names unique, one id space per table (hash_bucket_size, num_buckets or zch),
    RawFeature / TagFeature-only keys, zch sizes, embedding_dim.
 2. ``check_model``: model_class, feature_groups naming defined features (WIDE groups: id features
-   without zch, each once, at least one DEEP group), the backbone MLP, its interaction blocks
-   (cross sizes, dot_interaction's sparse features of one embedding_dim, top_mlp beside them), the
-   transfer / expert MLPs, num_expert, PLE's extraction_networks.
+   without zch, each once, at least one DEEP group), task_embeddings (id features of the DEEP
+   groups without zch, each once; the width; table names free), the backbone MLP, its interaction
+   blocks (cross sizes, dot_interaction's sparse features of one embedding_dim, top_mlp beside
+   them), the transfer / expert MLPs, num_expert, PLE's extraction_networks.
 3. ``check_towers``: per task tower: name and label unique, its MLPs, relation_tower_names naming
    other towers (at most one for ESMM), losses; then no cycle among the relations.
 4. ``check_data``: label_fields in tower order, sizes, CSVInput columns, no label used as a feature.
@@ -20,7 +21,8 @@ apply the same one is always reported:
    counts, the learning rate scaling and schedule.
 7. ``check_eval``: step counts.
 8. ``check_sharding``: cache_load_factor, per-table constraints naming non-zch tables (a feature,
-   or ``wide_<feature>`` of a WIDE group), allowed sharding types and compute kernels.
+   ``wide_<feature>`` of a WIDE group, or a task table ``task_<tower>_<feature>``), allowed
+   sharding types and compute kernels.
 9. ``check_metrics``: per task tower, each ``metrics_set`` entry names one metric (auc or gauc), at
    most one gauc, its uid_field not empty and, for CSVInput, one of the input_fields (Parquet
    columns are checked when the files are opened).
@@ -45,6 +47,7 @@ from aitm_torchrec.config.types import (
     ExtractionNetwork,
     TableConstraint,
 )
+from aitm_torchrec.schema import task_table_name
 
 Fail = Callable[[str, str], NoReturn]
 
@@ -127,6 +130,7 @@ def check_model(cfg: Config, where: str) -> None:
                 fail(f"model_config.feature_groups[{i}].feature_names",
                      f"names unknown feature {name!r}; defined: {', '.join(sorted(seen))}")
     _check_wide_groups(fail, cfg)
+    _check_task_embeddings(fail, cfg)
     _check_dnn(fail, "model_config.backbone.mlp", mc.backbone.mlp)
     _check_interaction(fail, cfg)
     mp = mc.model_params
@@ -227,6 +231,52 @@ def _check_wide_groups(fail: Fail, cfg: Config) -> None:
                 fail(key, f"({g.group_name}, WIDE) feature {name!r} would get the wide table 'wide_{name}', "
                      "which is also a feature's name (and table's): rename that feature")
             wide[name] = i
+
+
+def _check_task_embeddings(fail: Fail, cfg: Config) -> None:
+    """task_embeddings: a table per task of each listed id feature (``task_<tower>_<feature>``),
+    so each feature once, only sparse features without zch (ids their own table remaps) that a
+    DEEP group lists (the task embeddings sit beside their shared ones, which the stem gate reads),
+    a width FBGEMM takes, and table names no feature or other task table has. Runs before the
+    schema is built (check_towers), which would refuse such features less clearly."""
+    te = cfg.model_config.task_embeddings
+    if te is None:
+        return
+    key = "model_config.task_embeddings"
+    features = cfg.features
+    if not te.features:
+        fail(f"{key}.features", "must list at least one sparse feature of a DEEP group")
+    deep = {n for g in cfg.model_config.feature_groups if g.wide_deep != "WIDE" for n in g.feature_names}
+    for i, name in enumerate(te.features):
+        k = f"{key}.features[{i}]"
+        f = features.get(name)
+        if f is None:
+            fail(k, f"names unknown feature {name!r}; defined: {', '.join(sorted(features))}")
+        if f.feature_type == "RawFeature":
+            fail(k, f"names RawFeature {name!r}; a task embedding is a table of ids: list sparse features only")
+        if f.zch is not None:
+            fail(k, f"names zch feature {name!r}; task tables of a managed-collision feature are not "
+                 "supported: give it hash_bucket_size or num_buckets, or leave it out")
+        if name in te.features[:i]:
+            fail(k, f"names feature {name!r} twice: a feature has one table per task")
+        if name not in deep:
+            fail(k, f"names feature {name!r}, which no DEEP group lists: task embeddings sit beside the "
+                 "shared embeddings of the model input")
+    if te.embedding_dim < 1 or te.embedding_dim % 4:
+        fail(f"{key}.embedding_dim", f"must be a positive multiple of 4 (FBGEMM's training kernels take "
+             f"no other widths), got {te.embedding_dim}")
+    tables: dict[str, tuple[str, str]] = {}
+    for tower in dict.fromkeys(t.tower_name for t in cfg.towers):  # repeated names: check_towers says so
+        for name in te.features:
+            table = task_table_name(tower, name)
+            if table in features:
+                fail(f"{key}.features", f"feature {name!r} would get the task table {table!r} (tower "
+                     f"{tower!r}), which is also a feature's name (and table's): rename that feature")
+            if table in tables:
+                fail(f"{key}.features", f"the task tables of tower {tower!r} and feature {name!r} and of tower "
+                     f"{tables[table][0]!r} and feature {tables[table][1]!r} would both be named {table!r}: "
+                     "rename a tower or feature")
+            tables[table] = (tower, name)
 
 
 def check_towers(cfg: Config, where: str) -> None:
@@ -365,9 +415,11 @@ def check_sharding(cfg: Config, where: str) -> None:
     constraints = [("sharding_config", TableConstraint(sc.sharding_types, sc.compute_kernels))]
     zch_features = {f.name for f in features if f.zch is not None}
     wide_tables = {f"wide_{n}" for n in cfg.schema.wide}
+    task_tables = set(cfg.schema.task_tables)
     for name, c in sc.tables:
-        if name not in seen and name not in wide_tables:
-            fail(f"sharding_config.tables.{name}", "names no feature (nor the wide table of a WIDE group's feature)")
+        if name not in seen and name not in wide_tables and name not in task_tables:
+            fail(f"sharding_config.tables.{name}", "names no feature (nor the wide table of a WIDE group's feature, "
+                 "nor a task table of task_embeddings)")
         if name in zch_features:
             fail(f"sharding_config.tables.{name}", "is a zch table; zch tables are always row-wise, "
                  "split evenly over the ranks")

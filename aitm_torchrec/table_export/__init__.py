@@ -34,6 +34,9 @@ Layout (``DIR``):
   feature's rows and id rule, ``embedding`` of T columns (column t joins tower t's logit; the
   stored table is ``Schema.wide_dim`` wide, the columns past T are never read); ``--ids-from``
   takes them like their feature's table.
+  Task tables of ``model_config.task_embeddings`` (``task_<tower>_<feature>``, stored under
+  ``TASK_TABLE_KEY``): the feature's rows and id rule, ``embedding`` of ``task_embedding_dim``
+  columns; the manifest names the tower each belongs to; ``--ids-from`` takes them too.
 - ``<table>/_part-<rank>-<k>.json``: the part's sidecar (rows, bytes, sha256), written after the
   part was renamed into place: a part with its sidecar is complete.
 - ``_export.json``: what this export is (checkpoint, step, schema hash, tables, format, dtype,
@@ -44,6 +47,6 @@ Layout (``DIR``):
 
 from aitm_torchrec.table_export.job import run
 from aitm_torchrec.table_export.plan import ExportOptions
-from aitm_torchrec.table_export.storage import TABLE_KEY, WIDE_TABLE_KEY, ExportError, table_chunks
+from aitm_torchrec.table_export.storage import TABLE_KEY, TASK_TABLE_KEY, WIDE_TABLE_KEY, ExportError, table_chunks
 
-__all__ = ["TABLE_KEY", "WIDE_TABLE_KEY", "ExportError", "ExportOptions", "run", "table_chunks"]
+__all__ = ["TABLE_KEY", "TASK_TABLE_KEY", "WIDE_TABLE_KEY", "ExportError", "ExportOptions", "run", "table_chunks"]

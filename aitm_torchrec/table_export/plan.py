@@ -42,7 +42,8 @@ class ExportOptions:
 @dataclass
 class Table:
     """A table to export: a feature's own, or (``logit_columns``) the feature's wide table, whose
-    stored rows are ``stored_dim`` wide and whose first T columns (one per tower) are exported."""
+    stored rows are ``stored_dim`` wide and whose first T columns (one per tower) are exported, or
+    (``tower``) one of the feature's task tables, ``task_table``, ``stored_dim`` wide."""
 
     feature: SparseFeature
     dtype: np.dtype  # as stored
@@ -50,10 +51,14 @@ class Table:
     ids: Ids | None = None
     zch: ZchMap | None = None
     logit_columns: tuple[str, ...] = ()  # a wide table: the towers whose logits its columns join
-    stored_dim: int = 0  # a wide table: its stored width (Schema.wide_dim)
+    stored_dim: int = 0  # a wide table: its stored width (Schema.wide_dim); a task table: its width
+    tower: str = ""  # a task table: the tower (task) it belongs to
+    task_table: str = ""  # a task table: its name (task_<tower>_<feature>)
 
     @property
     def name(self) -> str:
+        if self.task_table:
+            return self.task_table
         return wide_table_name(self.feature.name) if self.logit_columns else self.feature.name
 
     @property
@@ -62,7 +67,7 @@ class Table:
 
     @property
     def dim(self) -> int:
-        return len(self.logit_columns) or self.feature.embedding_dim
+        return len(self.logit_columns) or self.stored_dim or self.feature.embedding_dim
 
     def read(self, start: int, stop: int) -> np.ndarray:
         """Rows [start, stop), (stop - start) x dim (a wide table's first T stored columns)."""
@@ -96,8 +101,9 @@ def prepare(opts: ExportOptions, cfg: Config) -> tuple[list[Table], dict[str, An
     if opts.chunk_rows <= 0:
         raise ExportError(f"--chunk-rows must be positive, got {opts.chunk_rows}")
     schema = cfg.schema
-    # table name -> the feature whose ids it reads: the features' tables, then the wide tables
-    features = {f.name: f for f in schema.sparse} | schema.wide_tables
+    # table name -> the feature whose ids it reads: the features' tables, the wide tables, the task tables
+    features = {f.name: f for f in schema.sparse} | schema.wide_tables | {
+        name: f for name, (_, f) in schema.task_tables.items()}
     names = list(features)
     if opts.tables:
         names = list(opts.tables)
@@ -123,6 +129,11 @@ def prepare(opts: ExportOptions, cfg: Config) -> tuple[list[Table], dict[str, An
             dtype, chunks = table_chunks(path, features[name], schema.wide_dim)
             tables.append(Table(features[name], dtype, chunks, logit_columns=tuple(schema.tower_names),
                                 stored_dim=schema.wide_dim))
+            continue
+        if name in schema.task_tables:
+            dtype, chunks = table_chunks(path, features[name], task_table=name, task_dim=schema.task_embedding_dim)
+            tables.append(Table(features[name], dtype, chunks, stored_dim=schema.task_embedding_dim,
+                                tower=schema.task_tables[name][0], task_table=name))
             continue
         dtype, chunks = table_chunks(path, features[name])
         tables.append(Table(features[name], dtype, chunks))

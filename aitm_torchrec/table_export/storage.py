@@ -30,6 +30,8 @@ ZCH_TABLE_KEY = "model.model.mc_ebc._embedding_module.embedding_bags.{}.weight"
 ZCH_MAP_KEY = "model.model.mc_ebc._managed_collision_collection._managed_collision_modules.{}.{}"
 # The wide tables of WIDE feature groups (``wide_<feature>``): their own collection.
 WIDE_TABLE_KEY = "model.model.wide_ebc.embedding_bags.{}.weight"
+# The task tables of task_embeddings (``task_<tower>_<feature>``): theirs.
+TASK_TABLE_KEY = "model.model.task_ebc.embedding_bags.{}.weight"
 
 
 class ExportError(ValueError):
@@ -99,15 +101,19 @@ class _FileSlice(io.RawIOBase):
         return got
 
 
-def table_chunks(path: Path, feature: SparseFeature, wide_dim: int = 0) -> tuple[np.dtype, list[Chunk]]:
+def table_chunks(path: Path, feature: SparseFeature, wide_dim: int = 0, task_table: str = "",
+                 task_dim: int = 0) -> tuple[np.dtype, list[Chunk]]:
     """Where the checkpoint at ``path`` stores ``feature``'s table (``wide_dim`` > 0: the
-    feature's wide table, ``wide_dim`` columns): dtype and stored chunks.
+    feature's wide table, ``wide_dim`` columns; ``task_table``: that task table of the feature,
+    ``task_dim`` columns): dtype and stored chunks.
 
     Each chunk's header is read with ``torch.load(map_location="meta")`` (no tensor data), which
     gives the byte offset of its storage; DCP saves every chunk as its own contiguous tensor."""
     reader = FileSystemReader(str(path))
     md = reader.read_metadata()
-    if wide_dim:
+    if task_table:
+        name, key, dim = task_table, TASK_TABLE_KEY.format(task_table), task_dim
+    elif wide_dim:
         name, key, dim = wide_table_name(feature.name), WIDE_TABLE_KEY.format(wide_table_name(feature.name)), wide_dim
     else:
         name, key, dim = feature.name, (ZCH_TABLE_KEY if feature.is_zch else TABLE_KEY).format(feature.name), \

@@ -102,6 +102,7 @@ def manifest(out: Path, tables: list[Table], identity: dict, world_size: int) ->
             "columns": _columns(w_table) if fmt == "parquet" else None,
             "wide": None if not w_table.logit_columns else {
                 "logit_columns": list(w_table.logit_columns), "stored_dim": w_table.stored_dim},
+            "task": {"tower": w_table.tower} if w_table.tower else None,
             "zch": None if w_table.zch is None else {
                 "held_rows": int((w_table.zch.sorted_keys != EMPTY_KEY).sum()),
                 "trained_world_size": w_table.zch.world_size,
