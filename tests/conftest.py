@@ -32,6 +32,7 @@ def tiny_config_dict(data: Path, model_dir: Path) -> dict:
     # fp32 on every host: the default (auto) would be bf16 on CPUs with AMX and change the
     # numbers the tests compare; tests/test_precision.py covers auto.
     raw["train_config"].update(num_steps=40, log_step_count_steps=1, mixed_precision="none")
+    raw["train_config"]["learning_rate_scaling"] = {"rule": "none"}  # the same rates on 1 and 2 ranks
     for f in raw["feature_config"]["features"]:
         if "hash_bucket_size" in f:
             f["hash_bucket_size"] = min(f["hash_bucket_size"], 500)

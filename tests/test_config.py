@@ -272,7 +272,7 @@ def test_wide_groups_give_wide_tables_and_stay_out_of_the_model_input():
     assert (given.wide_tables_optimizer.name, given.wide_tables_optimizer.learning_rate) == ("sgd", 0.5)
     from aitm_torchrec.config import scaled_learning_rates
 
-    scaled = scaled_learning_rates(wide_config("train_config.learning_rate_scaling.rule=linear"), 4).train_config
+    scaled = scaled_learning_rates(wide_config("train_config.learning_rate_scaling={rule: linear, reference_batch_size: 8192}"), 4).train_config
     assert scaled.wide_tables_optimizer.learning_rate == pytest.approx(0.05 * 4096 * 4 / 8192)
     assert scaled.sparse_optimizer.learning_rate == pytest.approx(0.01 * 2)
     # the wide tables may be constrained by name

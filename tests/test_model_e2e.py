@@ -54,6 +54,7 @@ def shrink(name: str, data: Path, model_dir: Path) -> dict:
     raw["model_dir"] = str(model_dir)
     raw["data_config"].update(batch_size=128, prefetch_size=2)
     raw["train_config"].update(num_steps=STEPS, log_step_count_steps=1, mixed_precision="none")  # fp32 on every host
+    raw["train_config"]["learning_rate_scaling"] = {"rule": "none"}  # the same rates on 1 and 2 ranks
     # learning rates that show learning within STEPS
     raw["train_config"]["sparse_optimizer"]["learning_rate"] = 0.2
     raw["train_config"]["dense_optimizer"]["learning_rate"] = 0.01

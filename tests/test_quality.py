@@ -59,15 +59,18 @@ def test_embedding_init_scale_reaches_the_tables():
 
 
 def test_learning_rate_scaling_rules():
-    cfg = load_config(None)
-    assert scaled_learning_rates(cfg, 16) is cfg  # rule none
+    cfg = load_config(None, ["train_config.learning_rate_scaling.rule=none"])
+    assert scaled_learning_rates(cfg, 16) is cfg
+    shipped = load_config(None)  # sqrt from a global batch of 2048: 4096 x 2 doubles the rates
+    assert scaled_learning_rates(shipped, 2).train_config.sparse_optimizer.learning_rate == pytest.approx(
+        shipped.train_config.sparse_optimizer.learning_rate * 2)
     sqrt = load_config(None, ["train_config.learning_rate_scaling.rule=sqrt",
                               "train_config.learning_rate_scaling.reference_batch_size=8192"])
     s16 = scaled_learning_rates(sqrt, 16)  # 4096 x 16 = 65536 = 8 x 8192
     tc, base = s16.train_config, sqrt.train_config
     assert tc.dense_optimizer.learning_rate == pytest.approx(base.dense_optimizer.learning_rate * 8 ** 0.5)
     assert tc.sparse_optimizer.learning_rate == pytest.approx(base.sparse_optimizer.learning_rate * 8 ** 0.5)
-    lin = load_config(None, ["train_config.learning_rate_scaling.rule=linear"])
+    lin = load_config(None, ["train_config.learning_rate_scaling={rule: linear, reference_batch_size: 8192}"])
     assert scaled_learning_rates(lin, 1).train_config.dense_optimizer.learning_rate == pytest.approx(
         lin.train_config.dense_optimizer.learning_rate / 2)
     with pytest.raises(ConfigError, match="rule"):
