@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 from pathlib import Path
 
@@ -108,6 +109,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also train the research-style peer (benchmarks/peer.py) on every preset and seed")
     p.add_argument("--data-root", default=str(REPO / "data"), help="where the generated sets live")
     p.add_argument("--out", help="results JSON (kept: a rerun skips its runs); OUT.md gets the table")
+    p.add_argument("--plot", help="PNG: each setting's (and the peer's) distance to the oracle per preset and task")
     add_overrides(p, "config overrides for every run")
 
 
@@ -145,8 +147,38 @@ def cmd(args: argparse.Namespace) -> dict:
     rep = report(results)
     if out:
         out.with_suffix(".md").write_text(markdown(rep))
+    if args.plot:
+        shown = [*settings, *([PEER] if args.peer else [])]
+        plot(rep, [p for p in presets if p in rep["presets"]], shown, Path(args.plot),
+             f"one epoch of {args.rows:,} rows per preset, seeds {args.seeds}")
     print(markdown(rep))
     return rep
+
+
+def plot(rep: dict, presets: list[str], settings: list[str], path: Path, title: str) -> None:
+    """Grouped bars: each setting's distance to the oracle AUC per preset, one panel per task."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(rep["presets"][presets[0]])
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 3.8), sharey=True, squeeze=False)
+    width = 0.8 / len(settings)
+    for ax, task in zip(axes[0], tasks):
+        for i, setting in enumerate(settings):
+            gaps = [rep["presets"][p][task]["to_oracle"].get(setting, float("nan")) for p in presets]
+            ax.bar([x + (i - (len(settings) - 1) / 2) * width for x in range(len(presets))], gaps, width, label=setting)
+        ax.set_xticks(range(len(presets)), presets, rotation=20)
+        ax.set_title(f"{task}: distance to the oracle AUC")
+    axes[0][0].set_ylabel("oracle AUC - AUC (lower is better)")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(settings), 4), fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout(rect=(0, 0.06 * math.ceil(len(settings) / 4) + 0.04, 1, 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
 
 
 def _peer_epoch(config: str | None, data: Path, seed: int) -> dict:

@@ -80,7 +80,7 @@ def test_every_subcommand_has_its_section_in_the_benchmarks_page():
         assert f"### `{name}`" in text, name
 
 
-def test_family_report_regrets_and_the_worst_case_choice():
+def _family_report() -> dict:
     from benchmarks.family import PEER, report
 
     def rec(preset, setting, seed, clk, buy):
@@ -98,6 +98,29 @@ def test_family_report_regrets_and_the_worst_case_choice():
     assert y["cvr"]["best"] == "b" and y["cvr"]["regret"]["a"] == 0.08 and y["ctr"]["auc"][PEER] == 0.76
     assert PEER not in y["ctr"]["regret"]  # the peer is reported, never chosen
     assert rep["worst_regret"] == {"a": 0.08, "b": 0.01} and rep["choice"] == "b"
+    return rep
+
+
+def test_family_report_regrets_and_the_worst_case_choice():
+    _family_report()
+
+
+def test_family_plot_draws_one_bar_per_setting_preset_and_task(tmp_path, monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from benchmarks.family import PEER, plot
+
+    drawn = {}
+    monkeypatch.setattr(plt, "close", lambda fig: drawn.update(fig=fig))  # keep the figure to read its bars
+    plot(_family_report(), ["x", "y"], ["a", "b", PEER], tmp_path / "family.png", "t")
+    assert (tmp_path / "family.png").stat().st_size > 0
+    ctr, cvr = drawn["fig"].axes
+    heights = [round(bar.get_height(), 4) for bar in ctr.patches]  # per setting, the presets in order
+    assert heights[:4] == [0.04, 0.1, 0.05, 0.06]  # "a": x 0.8 - 0.76, y 0.8 - 0.70; "b": 0.75, 0.74
+    assert heights[5] == 0.04 and len(cvr.patches) == 6  # the peer on y: 0.8 - 0.76 (none on x)
 
 
 def test_gemm_roofline_measures_the_model_shapes_in_fp32_and_bf16(tiny_config):
