@@ -27,6 +27,7 @@ from aitm_torchrec.features import Source, ids_to_rows
 from aitm_torchrec.from_checkpoint import local_model, resolve_checkpoint
 from aitm_torchrec.serving import Predictor
 from tests.conftest import tiny_config_dict
+from tests.extra_tables import check_restored, export_embeddings, export_model, restored_on_one_rank, score, train
 from tests.multiprocess import run_ranks
 
 pytestmark = pytest.mark.slow  # every test trains on 2 ranks or uses the module's 2-rank training
@@ -48,12 +49,6 @@ def stem_config_dict(data: Path, model_dir: Path, gate: str = "stem") -> dict:
     return raw
 
 
-def _train(config: str, overrides: list[str]) -> dict:
-    from launch.train import main
-
-    return main(["--config", config, *overrides])
-
-
 @pytest.fixture(scope="module")
 def trained(tiny_data, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("stem_jobs")
@@ -61,7 +56,7 @@ def trained(tiny_data, tmp_path_factory) -> dict:
     raw["train_config"].update(num_steps=8, save_checkpoints_steps=4)
     config = root / "stem.yaml"
     config.write_text(yaml.safe_dump(raw))
-    summary = run_ranks(_train, str(config), [])[0]
+    summary = run_ranks(train, str(config), [])[0]
     cfg = load_config(config)
     model = local_model(cfg, resolve_checkpoint(cfg))
     table = pq.read_table(tiny_data / "eval").slice(0, ROWS)
@@ -114,11 +109,11 @@ def test_task_tables_train_with_adam_on_the_cpu_and_resume_on_one_rank(tiny_data
                                sparse_optimizer={"name": "adam", "learning_rate": 0.01})
     config = tmp_path / "adam.yaml"
     config.write_text(yaml.safe_dump(raw))
-    out = run_ranks(_train, str(config), [])[0]
+    out = run_ranks(train, str(config), [])[0]
     assert {out["plan"][t]["compute_kernel"] for t in TABLES} == {"dense"}
     one, two = _tables(config, 1), _tables(config, 2)
     assert len(one) == len(TABLES) and all(not np.array_equal(one[k], two[k]) for k in one)
-    again = run_ranks(_train, str(config), ["train_config.num_steps=3"], nproc=1)[0]
+    again = run_ranks(train, str(config), ["train_config.num_steps=3"], nproc=1)[0]
     assert again["train"]["resumed_from_step"] == 2 and again["world_size"] == 1
     three = _tables(config, 3)
     assert all(not np.array_equal(two[k], three[k]) for k in two)
@@ -126,70 +121,22 @@ def test_task_tables_train_with_adam_on_the_cpu_and_resume_on_one_rank(tiny_data
 
 # ---- checkpoint: 2 ranks -> 1 --------------------------------------------------------------------
 
-def _restored_on_one_rank(config: str) -> dict:
-    """The module's checkpoint restored into a 1-rank job: its task weights and their optimizer
-    state as this job holds them."""
-    from aitm_torchrec import checkpoint
-    from aitm_torchrec import dist as aitm_dist
-    from aitm_torchrec.train import build, restore
-
-    cfg = load_config(config)
-    with aitm_dist.job() as env:
-        dmp, optimizer, _ = build(cfg, env)
-        path = checkpoint.latest(Path(cfg.model_dir) / "checkpoints")
-        pos = restore(path, dmp, optimizer, env, cfg.data_config.batch_size)
-
-        def full(v) -> np.ndarray:
-            return (v.local_shards()[0].tensor if hasattr(v, "local_shards") else v).detach().numpy().copy()
-
-        weights = {k: full(v) for k, v in dmp.state_dict().items() if ".task_ebc." in k}
-        state = {f"{k}.{n}": full(v) for k, entry in optimizer.state_dict()["state"].items() if ".task_ebc." in k
-                 for n, v in entry.items()}
-    return {"step": pos.step, "path": str(path), "weights": weights, "state": state}
-
-
 def test_two_rank_checkpoint_restores_on_one_rank_with_task_tables_and_their_state(trained):
-    import torch.distributed.checkpoint as dcp
-
-    got = run_ranks(_restored_on_one_rank, str(trained["config"]), nproc=1)[0]
+    got = run_ranks(restored_on_one_rank, str(trained["config"]), "task_ebc", nproc=1)[0]
     assert got["step"] == 8
-    local = trained["model"].task_ebc.state_dict()
-    assert len(got["weights"]) == len(TABLES)
-    for key, value in got["weights"].items():  # model.model.task_ebc.embedding_bags.<t>.weight
-        np.testing.assert_array_equal(value, local[key.split("task_ebc.", 1)[1]].numpy())
-    assert len(got["state"]) == len(TABLES)  # rowwise Adagrad: one momentum per task table
-    saved = {f"optim.state.{k}": torch.zeros(v.shape, dtype=torch.float32) for k, v in got["state"].items()}
-    dcp.load(saved, checkpoint_id=got["path"], no_dist=True)
-    for key, value in got["state"].items():
-        assert np.abs(value).max() > 0, f"{key}: the task tables' optimizer has state"
-        np.testing.assert_array_equal(value, saved[f"optim.state.{key}"].numpy())
+    check_restored(got, trained["model"].task_ebc.state_dict(), len(TABLES), "task_ebc")
 
 
 # ---- scoring ------------------------------------------------------------------------------------
-
-def _score(argv: list[str]) -> dict:
-    from launch.score import main
-
-    return main(argv)
-
-
-def _export_model(trained: dict, name: str, *flags: str) -> Path:
-    from launch.export import main
-
-    out = trained["root"] / name
-    if not out.exists():
-        main(["model", "--config", str(trained["config"]), "--output", str(out), *flags])
-    return out
-
 
 def test_scoring_on_two_ranks_one_and_the_artefact_agree_with_the_local_model(trained):
     root = trained["root"]
     args = ["--config", str(trained["config"]), "--input", str(trained["input"]), "--reserved_columns", "rid",
             "--batch_size", "256"]
-    run_ranks(_score, [*args, "--output", str(root / "s2")])
-    _score([*args, "--output", str(root / "s1")])
-    artefact = _export_model(trained, "a_none_none", "--quant", "none", "--dense-quant", "none")
-    _score([*args, "--output", str(root / "sm"), "--model", str(artefact), "--threads", "1"])
+    run_ranks(score, [*args, "--output", str(root / "s2")])
+    score([*args, "--output", str(root / "s1")])
+    artefact = export_model(trained, "a_none_none", "--quant", "none", "--dense-quant", "none")
+    score([*args, "--output", str(root / "sm"), "--model", str(artefact), "--threads", "1"])
     expected = _reference(trained, trained["input"] / "a.parquet")
     for out in ("s2", "s1", "sm"):
         t = pa.concat_tables([pq.read_table(p) for p in sorted((root / out).glob("part-*.parquet"))])
@@ -200,19 +147,13 @@ def test_scoring_on_two_ranks_one_and_the_artefact_agree_with_the_local_model(tr
 
 # ---- table export ---------------------------------------------------------------------------------
 
-def _export(argv: list[str]) -> dict:
-    from launch.export import main
-
-    return main(["embeddings", *argv])
-
-
 def test_table_export_on_two_and_one_ranks_writes_each_task_table_and_its_tower(trained, tiny_data):
     root, model, cfg = trained["root"], trained["model"], trained["cfg"]
     users = root / "users.parquet"
     pq.write_table(pa.table({"uid": pq.read_table(tiny_data / "eval", columns=["user_id"]).column("user_id")}), users)
     common = ["--config", str(trained["config"]), "--chunk-rows", "128"]
-    run_ranks(_export, [*common, "--output", str(root / "e2")])
-    _export([*common, "--output", str(root / "e1"), "--tables", "task_cvr_user_id,user_id",
+    run_ranks(export_embeddings, [*common, "--output", str(root / "e2")])
+    export_embeddings([*common, "--output", str(root / "e1"), "--tables", "task_cvr_user_id,user_id",
              "--ids-from", f"task_cvr_user_id={users}:uid"])
     for out, tables in (("e2", TABLES), ("e1", ["task_cvr_user_id"])):
         manifest = json.loads((root / out / "manifest.json").read_text())["tables"]
@@ -249,7 +190,7 @@ def manifest_towers(out: Path) -> dict[str, str]:
 def test_serving_artefact_carries_the_task_embeddings(trained, quant, dense_quant, tol):
     """Against the checkpoint's model: exact with fp32 tables and Linear layers; quantized within
     test_serving's bounds (int8 Linears: DENSE_INT8_ATOL; int8 / fp16 tables; int4 loosely)."""
-    artefact = _export_model(trained, f"a_{quant}_{dense_quant}", "--quant", quant, "--dense-quant", dense_quant)
+    artefact = export_model(trained, f"a_{quant}_{dense_quant}", "--quant", quant, "--dense-quant", dense_quant)
     p = Predictor(artefact, threads=1)
     assert p.schema.task_features == tuple(TASK) and p.schema.task_embedding_dim == DIM
     assert p.meta["sizes_bytes"]["task_tables_fp32"] == 4 * DIM * len(TOWERS) * sum(
