@@ -159,7 +159,9 @@ class MultiTaskModel(nn.Module):
         task_ebc: the task tables (``Schema.task_embedding_bag_configs``), or None.
         task_tables: per task, the names of its tables in ``task_ebc``, in feature order.
         task_gate: ``stem.TaskGate`` over the tasks' embeddings and the shared embeddings of the
-            same features (their columns of the model input), or None: each task reads its own.
+            same features, or None: each task reads its own.
+        task_shared_columns: with ``task_gate``, the (start, stop) columns of the model input that
+            hold those shared embeddings, in the task tables' feature order (``Schema.input_slices``).
     forward(dense: B x D_dense, sparse: KJT) -> B x T logits.
     """
 
@@ -168,7 +170,7 @@ class MultiTaskModel(nn.Module):
                  mc_ebc: ManagedCollisionEmbeddingBagCollection | None = None,
                  wide_ebc: EmbeddingBagCollection | None = None, wide_columns: int = 0,
                  task_ebc: EmbeddingBagCollection | None = None, task_tables: Sequence[Sequence[str]] = (),
-                 task_gate: nn.Module | None = None) -> None:
+                 task_gate: nn.Module | None = None, task_shared_columns: Sequence[tuple[int, int]] = ()) -> None:
         super().__init__()
         self.ebc = ebc
         self.mc_ebc = mc_ebc  # None: a plain attribute, so other models' state dicts are unchanged
@@ -193,20 +195,14 @@ class MultiTaskModel(nn.Module):
         self.task_ebc = task_ebc  # None: plain attributes, as mc_ebc
         self.task_gate = task_gate
         self.task_keys: list[list[str]] = []  # per task, its tables' keys in the pooled output
-        self.task_shared_columns: list[tuple[int, int]] = []  # the gate's v: columns of the model input
+        self.task_shared_columns = list(task_shared_columns)  # the gate's v: columns of the model input
+        if task_gate is not None and not self.task_shared_columns:
+            raise ValueError("a task gate needs task_shared_columns: the shared embeddings it reads")
         if task_ebc is not None:
             configs = task_ebc.embedding_bag_configs()
             # a feature read by several tables is pooled under "<feature>@<table>" (TorchRec's rule)
             key = {c.name: names[0] for c, names in zip(configs, get_embedding_names_by_table(configs))}
             self.task_keys = [[key[t] for t in tables] for tables in task_tables]
-            if task_gate is not None:
-                feature = {c.name: c.feature_names[0] for c in configs}
-                starts, at = {}, 0
-                for n in self.inputs:
-                    width = dims[n] if n in dims else dense_slices[n][1] - dense_slices[n][0]
-                    starts.setdefault(n, (at, at + width))
-                    at += width
-                self.task_shared_columns = [starts[feature[t]] for t in task_tables[0]]
 
     def embed(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (model input B x input_dim, pooled embeddings B x E of all sparse features).

@@ -125,7 +125,8 @@ def build_model(cfg: Config, device: torch.device | str = "meta",
         shared = sum(schema.feature_dim(n) for n in schema.task_features)
         task_gate = TaskGate(len(schema.tasks), schema.task_width, shared, dense_device)
     return MultiTaskModel(ebc, schema.groups, schema.dense_slices, backbone, head, mc_ebc,
-                          wide_ebc, len(schema.tasks), task_ebc, task_tables(schema), task_gate)
+                          wide_ebc, len(schema.tasks), task_ebc, task_tables(schema), task_gate,
+                          [schema.input_slices[n] for n in schema.task_features] if task_gate else ())
 
 
 def task_tables(schema: Schema) -> list[list[str]]:

@@ -78,7 +78,7 @@ def hand_model(gate: bool) -> MultiTaskModel:
             g.bias.copy_(torch.from_numpy(GATE_B[t]))
     return MultiTaskModel(_ebc(SHARED, {"a": "a", "b": "b"}), [["a", "b"]], {}, MLP(4, MLPSpec(())), head,
                           task_ebc=_ebc(TASK, {n: "a" for n in TASK}), task_tables=[["task_t0_a"], ["task_t1_a"]],
-                          task_gate=task_gate)
+                          task_gate=task_gate, task_shared_columns=[(0, 2)] if gate else ())  # a: columns 0-1
 
 
 def hand_batch() -> Batch:
