@@ -1,10 +1,10 @@
 """Every shipped model config trains end to end on 2 real gloo ranks, from config alone.
 
 The 3-step chain and the DAG train on 3-label data, the baselines on the seed's 2 labels, each
-for a few steps on tiny tables (about 5 s per config). Each config gets its own ``run_ranks``
-call: calling ``main`` twice in one worker re-creates the default process group on the elastic
-agent's store under the same key prefix, and the second rendezvous can read the first one's stale
-addresses and hang. The checkpoints of the baselines whose output path differs from AITM's
+for a few steps on tiny tables (about 5 s per config), one after the other in one pair of
+processes: the process group is set up once before the first ``main`` and kept by every job
+(``aitm_torchrec.dist.job``), so no second rendezvous runs on the elastic agent's store. The
+checkpoints of the baselines whose output path differs from AITM's
 (ESMM, MMoE, PLE) then go through the jobs that run without
 training (scoring, the serving export, table export), which must give the checkpoint's own
 scores and tables; AITM's go through them in test_score.py, test_serving.py and
@@ -79,25 +79,33 @@ def shrink(name: str, data: Path, model_dir: Path) -> dict:
     return raw
 
 
-def _train(config_path: str) -> dict:
+def _train_each(config_paths: list[str]) -> list[dict]:
+    """One rank: ``launch/train.py --config P`` for each path in turn, in one process group."""
+    from aitm_torchrec import dist as aitm_dist
     from launch.train import main
 
-    return main(["--config", config_path])
+    aitm_dist.setup()  # kept by every job below: one rendezvous for all the configs
+    try:
+        return [main(["--config", path]) for path in config_paths]
+    finally:
+        aitm_dist.teardown()
 
 
 @pytest.fixture(scope="module")
 def trained(chain_data, tiny_data, tmp_path_factory) -> dict[str, tuple[dict, dict]]:
     """config name -> (its shrunk raw config, the summary.json it wrote)."""
     root = tmp_path_factory.mktemp("model_e2e")
+    names = CHAIN_CONFIGS + TAOBAO_CONFIGS
+    raws = {}
+    for name in names:
+        raws[name] = shrink(name, chain_data if name in CHAIN_CONFIGS else tiny_data, root / Path(name).stem)
+        (root / name).write_text(yaml.safe_dump(raws[name]))
+    results = run_ranks(_train_each, [str(root / name) for name in names])[0]
     out = {}
-    for name in CHAIN_CONFIGS + TAOBAO_CONFIGS:
-        raw = shrink(name, chain_data if name in CHAIN_CONFIGS else tiny_data, root / Path(name).stem)
-        path = root / name
-        path.write_text(yaml.safe_dump(raw))
-        results = run_ranks(_train, str(path))
-        summary = json.loads((Path(raw["model_dir"]) / "summary.json").read_text())
-        assert summary == json.loads(json.dumps(results[0])), f"{name}: summary.json is rank 0's summary"
-        out[name] = (raw, summary)
+    for name, result in zip(names, results, strict=True):
+        summary = json.loads((Path(raws[name]["model_dir"]) / "summary.json").read_text())
+        assert summary == json.loads(json.dumps(result)), f"{name}: summary.json is rank 0's summary"
+        out[name] = (raws[name], summary)
     return out
 
 
