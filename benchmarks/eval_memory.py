@@ -7,7 +7,15 @@ labels drawn from sigmoid(logit). Figures per rank and form: the peak RSS growth
 seconds of the pass (update and compute), and per task the AUC of each form, their difference and
 the binned form's error bound; beside them the machine's load (``os.getloadavg``) before and after.
 
+``--input DIR`` runs the trainer's own eval instead (``aitm_torchrec.train.evaluate``: the eval
+reader, the sharded model's forward, ``TaskMetrics``): each rank trains the config for
+``--train-steps`` steps on ``DIR`` (no eval), restores that checkpoint into a fresh sharded model,
+and evaluates ``DIR`` listed ``--repeat`` times as its eval input (the reader reads the files again
+on each listing), so ``--repeat`` x the set's rows pass through, with the binned AUC and, when those
+rows are at most ``--exact-max-rows``, again with the exact one. Same figures per rank and form.
+
     python -m benchmarks eval_memory [--rows 10000000] [--world-size 2] [--exact-max-rows 2000000]
+    python -m benchmarks eval_memory --input DIR [--repeat 50] [--config C] [--train-steps 60] [key=value ...]
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,6 +38,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--exact-max-rows", type=int, default=2_000_000,
                    help="also run the exact AUC when --rows is at most this")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic scores")
+    p.add_argument("--input", help="Parquet set: evaluate it through the trainer's eval instead (see above)")
+    p.add_argument("--repeat", type=int, default=1, help="with --input: times the set is listed as eval input")
+    p.add_argument("--config", help="with --input: YAML config (default: the seed's)")
+    p.add_argument("--train-steps", type=int, default=60, help="with --input: training steps before the eval")
+    p.add_argument("overrides", nargs="*", metavar="key.path=value", help="with --input: config overrides")
 
 
 def _kib(field: str) -> int:
@@ -69,6 +83,64 @@ def _pass(form: str, rows: int, args: argparse.Namespace, rank: int) -> dict:
             "seconds": round(seconds, 2), "auc": {n: out[n]["auc"] for n in names}, "error_bound": m.error_bound}
 
 
+def _model_pass(form: str, dmp, cfg, env, args: argparse.Namespace) -> dict:
+    """The trainer's eval of ``--input`` x ``--repeat`` with AUC ``form``: peak RSS growth over it."""
+    import torch.distributed as dist
+
+    from aitm_torchrec.train import evaluate, make_reader
+
+    reader = make_reader(cfg, env, (args.input,) * args.repeat, train=False)
+    towers = cfg.schema.tower_names
+    dist.barrier()
+    Path("/proc/self/clear_refs").write_text("5")
+    before = _kib("VmRSS")
+    t0 = time.perf_counter()
+    out = evaluate(dmp, reader, towers, env, auc=form)
+    seconds = time.perf_counter() - t0
+    peak = _kib("VmHWM")
+    return {"peak_rss_growth_mib": round((peak - before) / 1024, 1), "rss_before_mib": round(before / 1024),
+            "seconds": round(seconds, 2), "auc": {t: out[t]["auc"] for t in towers}, "error_bound": None}
+
+
+def _model_rank(args: argparse.Namespace, model_dir: str) -> dict:
+    """One rank of ``--input``: train, restore into a fresh sharded model, evaluate per form."""
+    import logging
+
+    from aitm_torchrec import checkpoint
+    from aitm_torchrec import dist as aitm_dist
+    from aitm_torchrec.config import load_config
+    from aitm_torchrec.precision import resolve_for_job
+    from aitm_torchrec.train import TrainOptions, build, restore, run, with_precision
+
+    logging.basicConfig(level=logging.WARNING)
+    aitm_dist.quiet_libraries()
+    overrides = [*args.overrides, f"train_input_path={args.input}", "eval_input_path=[]", f"model_dir={model_dir}",
+                 f"train_config.num_steps={args.train_steps}"]
+    cfg = load_config(args.config, overrides)
+    env = aitm_dist.setup()
+    try:
+        run(cfg, env, TrainOptions(resume=False))
+        cfg = with_precision(cfg, resolve_for_job(cfg.train_config.mixed_precision, env.device))
+        dmp, optimizer, _ = build(cfg, env)
+        restore(checkpoint.latest(Path(model_dir) / "checkpoints"), dmp, optimizer, env,
+                cfg.data_config.batch_size)
+        rows = args.repeat * _set_rows(args.input)
+        out = {"rows": rows, "binned": _model_pass("binned", dmp, cfg, env, args)}
+        if rows <= args.exact_max_rows:
+            out["exact"] = _model_pass("exact", dmp, cfg, env, args)
+        return out
+    finally:
+        aitm_dist.teardown()
+
+
+def _set_rows(path: str) -> int:
+    import pyarrow.parquet as pq
+
+    from aitm_torchrec.files import expand_paths
+
+    return sum(pq.ParquetFile(f).metadata.num_rows for f in expand_paths([path]))
+
+
 def _rank(args: argparse.Namespace) -> dict:
     from aitm_torchrec import dist as aitm_dist
     from aitm_torchrec.metrics import TaskMetrics
@@ -88,17 +160,25 @@ def cmd(args: argparse.Namespace) -> dict:
 
     load_before = os.getloadavg()
     t0 = time.perf_counter()
-    ranks = run_local(_rank, args, nproc=args.world_size, threads=1)
+    if args.input:
+        with tempfile.TemporaryDirectory(prefix="eval_memory_") as model_dir:
+            ranks = run_local(_model_rank, args, model_dir, nproc=args.world_size, threads=1)
+        setup = {"through": "aitm_torchrec.train.evaluate", "input": args.input, "repeat": args.repeat,
+                 "config": args.config or "configs/aitm_taobao.yaml", "overrides": args.overrides,
+                 "train_steps": args.train_steps, "rows": ranks[0]["rows"]}
+    else:
+        ranks = run_local(_rank, args, nproc=args.world_size, threads=1)
+        setup = {"through": "TaskMetrics (synthetic scores)", "rows": args.rows, "tasks": args.tasks,
+                 "chunk_rows": args.chunk_rows}
     seconds = time.perf_counter() - t0
     first = ranks[0]
     result = {
-        "benchmark": "eval_memory",
-        "rows": args.rows, "world_size": args.world_size, "tasks": args.tasks, "chunk_rows": args.chunk_rows,
+        "benchmark": "eval_memory", **setup, "world_size": args.world_size,
         "seconds_incl_start": round(seconds, 1),
         "load_avg_1_5_15_before": [round(v, 2) for v in load_before],
         "load_avg_1_5_15_after": [round(v, 2) for v in os.getloadavg()],
-        "exact_state_mib_per_rank": round(args.rows * args.tasks * 12 / 2**20, 1),  # every row, gathered
-        "ranks": {rank: {"rows": r["rows"], **{form: {k: v for k, v in r[form].items() if k not in ("auc", "error_bound")}
+        "exact_state_mib_per_rank": round(setup["rows"] * len(first["binned"]["auc"]) * 12 / 2**20, 1),  # gathered
+        "ranks": {rank: {**({} if args.input else {"rows": r["rows"]}), **{form: {k: v for k, v in r[form].items() if k not in ("auc", "error_bound")}
                                                for form in ("binned", "exact") if form in r}}
                   for rank, r in sorted(ranks.items())},
         "auc": {"binned": first["binned"]["auc"], "binned_error_bound": first["binned"]["error_bound"]},

@@ -8,9 +8,11 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from benchmarks import all as all_benchmarks
 from benchmarks import run
+from tests.conftest import tiny_config_dict
 
 
 def test_bench_data_smoke(tmp_path):
@@ -28,6 +30,22 @@ def test_bench_eval_memory_smoke():
     assert sum(r["rows"] for r in out["ranks"].values()) == 20000
     for t, diff in out["auc"]["binned_minus_exact"].items():
         assert abs(diff) <= out["auc"]["binned_error_bound"][t] + 1e-6
+
+
+@pytest.mark.slow
+def test_bench_eval_memory_through_the_trainers_eval(tiny_data, tmp_path):
+    """``eval_memory --input``: the set listed twice goes through ``train.evaluate`` on 2 ranks
+    after a short training, binned and exact; the two AUCs agree and are a trained model's."""
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny_config_dict(tiny_data, tmp_path / "unused")))
+    out = run.main(["eval_memory", "--input", str(tiny_data / "eval"), "--repeat", "2", "--config", str(config),
+                    "--train-steps", "40", "--exact-max-rows", "100000", "--world-size", "2",
+                    "train_config.sparse_optimizer.learning_rate=0.2", "train_config.dense_optimizer.learning_rate=0.01"])
+    assert out["through"] == "aitm_torchrec.train.evaluate" and out["rows"] == 2 * 4000
+    assert set(out["ranks"]) == {0, 1} and all(set(r) == {"binned", "exact"} for r in out["ranks"].values())
+    for t, diff in out["auc"]["binned_minus_exact"].items():
+        assert abs(diff) <= 1e-3, (t, diff)
+    assert out["auc"]["exact"]["ctr"] > 0.58, "the restored model is the trained one"
 
 
 @pytest.mark.slow
