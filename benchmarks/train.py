@@ -41,8 +41,13 @@ missing). Figures:
   all tables hold at least ``--big-table-rows`` rows (default 14M): examples/s, ratio to the
   roofline and to the small-table figure (the fused row-wise optimizer touches only looked-up
   rows, so it should stay near 1).
+- ``precision_ab`` (``--alternate-fp32 N``): after the runs above, N pairs of runs at the seed's
+  table sizes, each pair fp32 (``train_config.mixed_precision=none``) then the config's own
+  precision (the default, auto: bf16 on CPUs with AMX), alternating so both see the same machine;
+  each run's examples/s and resolved precision, and the ratio of the summed examples/s (the config's
+  precision over fp32).
 
-    python -m benchmarks train [--steps 300] [--batch-size 0] [--no-big-tables] [--bare-steps 100]
+    python -m benchmarks train [--steps 300] [--batch-size 0] [--no-big-tables] [--bare-steps 100] [--alternate-fp32 0]
 """
 
 from __future__ import annotations
@@ -81,6 +86,8 @@ def add_arguments(t: argparse.ArgumentParser) -> None:
     add_ranks(t, "training processes", "also train with the large tables grown to --big-table-rows rows in all")
     t.add_argument("--bare-steps", type=int, default=100,
                    help="steps of the bare pipeline on pre-read batches after the run; 0: skip")
+    t.add_argument("--alternate-fp32", type=int, default=0, metavar="N",
+                   help="then N pairs of runs alternating fp32 and the config's precision; 0: skip")
     add_overrides(t)
 
 
@@ -253,5 +260,21 @@ def cmd(args: argparse.Namespace) -> dict:
             "cpu_during_run": big["cpu"],
             "memory": big["memory"],
         }
+    if args.alternate_fp32:
+        result["precision_ab"] = _alternate(one, args.alternate_fp32)
     print(json.dumps(result, indent=2))
     return result
+
+
+def _alternate(one, pairs: int) -> dict:
+    """``pairs`` x (fp32 run, run at the config's precision): examples/s of each and their ratio."""
+    runs = []
+    for _ in range(pairs):
+        for extra in (["train_config.mixed_precision=none"], []):
+            r = one(extra)
+            runs.append({"resolved": r["mixed_precision"]["resolved"], "examples_per_s": round(r["train"]["examples_per_s"]),
+                         "other_processes_cpu_s": r["cpu"]["other_processes_cpu_s"]})
+    fp32 = sum(r["examples_per_s"] for r in runs[0::2])
+    in_use = sum(r["examples_per_s"] for r in runs[1::2])
+    return {"what": "pairs of runs at the seed's table sizes, fp32 then the config's precision",
+            "precision": runs[1]["resolved"], "runs": runs, "ratio_to_fp32": round(in_use / fp32, 3)}

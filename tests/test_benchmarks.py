@@ -49,6 +49,25 @@ def test_bench_eval_memory_through_the_trainers_eval(tiny_data, tmp_path):
 
 
 @pytest.mark.slow
+def test_bench_train_alternates_fp32_and_the_configs_precision(tiny_data, tmp_path):
+    """``train --alternate-fp32 1``: one fp32 run, then one at the config's precision (auto here:
+    what this machine resolves it to), each run's figures and the ratio of their rates."""
+    from aitm_torchrec.precision import resolve_for_job
+
+    raw = tiny_config_dict(tiny_data, tmp_path / "unused")
+    raw["train_config"]["mixed_precision"] = "auto"
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    out = run.main(["train", "--config", str(config), "--data", str(tiny_data), "--steps", "4", "--no-big-tables",
+                    "--bare-steps", "0", "--alternate-fp32", "1"])
+    ab = out["precision_ab"]
+    assert [r["resolved"] for r in ab["runs"]] == ["none", resolve_for_job("auto", "cpu").resolved]
+    assert all(r["examples_per_s"] > 0 for r in ab["runs"])
+    assert ab["ratio_to_fp32"] == pytest.approx(ab["runs"][1]["examples_per_s"] / ab["runs"][0]["examples_per_s"],
+                                                abs=1e-3)
+
+
+@pytest.mark.slow
 def test_bench_quality_end_to_end_tiny(tmp_path, tiny_data):
     small = ["data_config.batch_size=256", "model_config.backbone.mlp.hidden_units=[32]"] + [
         f"feature_config.features.{i}.hash_bucket_size=500" for i in (1, 3, 4, 5, 6, 15, 16)]
