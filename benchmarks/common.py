@@ -26,6 +26,11 @@ def generated_set(path: Path, rows: int, string_ids: bool, row_group_size: int, 
     return path / "train"
 
 
+def load_avg() -> list[float]:
+    """The machine's load average over 1, 5 and 15 minutes (``os.getloadavg``), rounded."""
+    return [round(v, 2) for v in os.getloadavg()]
+
+
 def launch_ranks(fn, args: tuple, nproc: int, threads: int) -> dict:
     """``fn(*args)`` on ``nproc`` local gloo processes; returns rank 0's value."""
     from aitm_torchrec.dist import run_local

@@ -29,6 +29,7 @@ from benchmarks.common import (
     big_table_overrides,
     generated_set,
     launch_ranks,
+    load_avg,
     table_rows,
 )
 
@@ -72,6 +73,7 @@ def cmd(args: argparse.Namespace) -> dict:
     data = Path(args.data or REPO / "data" / f"bench_taobao_int64_{args.rows}")
     train = generated_set(data, args.rows, False, args.row_group_size, args.files)
     results = {}
+    load_before = load_avg()
     for label, grow in (("small_tables", []), ("big_tables", None)):
         if grow is None and not args.big_tables:
             continue
@@ -113,6 +115,7 @@ def cmd(args: argparse.Namespace) -> dict:
     result = {"benchmark": "score", "config": str(args.config or "configs/aitm_taobao.yaml"), "data": str(train),
               "world_size": args.world_size, "threads_per_rank": args.threads_per_rank, **results,
               "goal_score_over_train": 3.0,
+              "load_avg_1_5_15_before": load_before, "load_avg_1_5_15_after": load_avg(),
               "measured": "scoring: rows written / the slowest rank's scoring loop (read, forward, write "
                           "Parquet; model build and checkpoint load excluded); training: the trainer's "
                           "examples/s in the same ranks just before"}

@@ -70,6 +70,7 @@ from benchmarks.common import (
     cpu_seconds,
     generated_set,
     launch_ranks,
+    load_avg,
     pipeline_examples_per_s,
     table_rows,
 )
@@ -268,7 +269,7 @@ def cmd(args: argparse.Namespace) -> dict:
 
 def _alternate(one, pairs: int) -> dict:
     """``pairs`` x (fp32 run, run at the config's precision): examples/s of each and their ratio."""
-    runs = []
+    runs, load_before = [], load_avg()
     for _ in range(pairs):
         for extra in (["train_config.mixed_precision=none"], []):
             r = one(extra)
@@ -277,4 +278,5 @@ def _alternate(one, pairs: int) -> dict:
     fp32 = sum(r["examples_per_s"] for r in runs[0::2])
     in_use = sum(r["examples_per_s"] for r in runs[1::2])
     return {"what": "pairs of runs at the seed's table sizes, fp32 then the config's precision",
-            "precision": runs[1]["resolved"], "runs": runs, "ratio_to_fp32": round(in_use / fp32, 3)}
+            "precision": runs[1]["resolved"], "runs": runs, "ratio_to_fp32": round(in_use / fp32, 3),
+            "load_avg_1_5_15_before": load_before, "load_avg_1_5_15_after": load_avg()}
