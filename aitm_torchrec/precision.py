@@ -8,8 +8,8 @@
   autocast is slower than fp32: the casts around every layer cost more than the GEMMs gain;
 - anything else, or no ``/proc/cpuinfo`` to read: ``none`` (fp32).
 
-``none``, ``bf16`` and ``fp16`` are taken as written (fp16 needs CUDA: ``train.build`` refuses it
-on the CPU). ``resolve`` decides for one device; ``resolve_for_job`` makes every rank of a job
+``none``, ``bf16`` and ``fp16`` are taken as written (fp16 needs CUDA: training and scoring
+refuse it on the CPU with ``unsupported``'s message). ``resolve`` decides for one device; ``resolve_for_job`` makes every rank of a job
 agree (bf16 only where every rank resolved bf16). Training, scoring from a checkpoint and
 ``python -m benchmarks train`` all go through them; the serving artefact stays fp32
 (docs/serving.md).
@@ -89,6 +89,14 @@ def resolve(requested: str, device: torch.device | str, cpuinfo: str | Path = CP
             return Precision("auto", "bf16", "CPU with AMX")
         return Precision("auto", "none", "CPU without AMX")
     return Precision("auto", "none", f"{kind} device")
+
+
+def unsupported(resolved: str, device: torch.device | str) -> str | None:
+    """Why a job's dense layers cannot run in ``resolved`` on ``device`` (the error message that
+    names the key), or None: fp16 autocast needs CUDA."""
+    if resolved == "fp16" and torch.device(device).type != "cuda":
+        return "train_config.mixed_precision: fp16 needs CUDA; use bf16 or none on the CPU"
+    return None
 
 
 def resolve_for_job(requested: str, device: torch.device | str, cpuinfo: str | Path = CPUINFO) -> Precision:

@@ -68,7 +68,7 @@ from aitm_torchrec.files import atomic_write, sha256_file
 from aitm_torchrec.gauc import GaucSpec, GroupAUC, gauc_specs, uid_columns
 from aitm_torchrec.metrics import TaskMetrics
 from aitm_torchrec.outputs import JobOutput, describe_difference
-from aitm_torchrec.precision import Precision, autocast, resolve_for_job
+from aitm_torchrec.precision import Precision, autocast, resolve_for_job, unsupported
 
 logger = logging.getLogger(__name__)
 
@@ -238,8 +238,8 @@ def run(cfg: Config, env: DistEnv, opts: ScoreOptions, on_part_written: Callable
         precision = resolve_for_job(cfg.train_config.mixed_precision, env.device)
         if opts.dense_quant != "none" and precision.resolved != "none":  # int8 Linears take fp32 inputs
             precision = Precision(precision.requested, "none", f"--dense-quant {opts.dense_quant} runs in fp32")
-        if precision.resolved == "fp16" and env.device.type != "cuda":
-            raise ScoreError("train_config.mixed_precision: fp16 needs CUDA; use bf16 or none on the CPU")
+        if (why := unsupported(precision.resolved, env.device)) is not None:
+            raise ScoreError(why)
     columns = list(opts.reserved_columns)
     csv = csv_format(cfg.data_config)
     if columns == ["ALL"]:

@@ -35,7 +35,7 @@ from aitm_torchrec.files import write_json_atomic
 from aitm_torchrec.gauc import GaucSpec, GroupAUC, gauc_specs, uid_columns
 from aitm_torchrec.metrics import TaskMetrics
 from aitm_torchrec.model import WIDE_EBC
-from aitm_torchrec.precision import Precision, resolve_for_job
+from aitm_torchrec.precision import Precision, resolve_for_job, unsupported
 from aitm_torchrec.sharding import describe, shard
 from aitm_torchrec.table_optim import JobOptimizer, ShardedTableOptimizer, on_dense_kernel, torch_optimizer
 from aitm_torchrec.task import build_train_module
@@ -74,8 +74,8 @@ def build(cfg: Config, env: DistEnv) -> tuple[DistributedModelParallel, Combined
     """Model on meta -> planned, sharded DMP with fused table optimizer + dense optimizer.
     ``train_config.mixed_precision`` auto is resolved for ``env.device`` by ``build_train_module``
     (``run`` passes the value its ranks agreed on)."""
-    if cfg.train_config.mixed_precision == "fp16" and env.device.type != "cuda":
-        raise ConfigError("train_config.mixed_precision: fp16 needs CUDA; use bf16 or none on the CPU")
+    if (why := unsupported(cfg.train_config.mixed_precision, env.device)) is not None:
+        raise ConfigError(why)
     torch.manual_seed(cfg.train_config.seed)
     cfg = scaled_learning_rates(cfg, env.world_size)  # train_config.learning_rate_scaling
     module = build_train_module(cfg, device="meta", dense_device=env.device)

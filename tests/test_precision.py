@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from aitm_torchrec.config import ConfigError, TrainConfig, load_config
-from aitm_torchrec.precision import CPUINFO, Precision, cpu_flags, resolve
+from aitm_torchrec.precision import CPUINFO, Precision, cpu_flags, resolve, unsupported
 
 # The first processor's lines of /proc/cpuinfo on a CPU with AMX (abridged) and on one with
 # AVX-512 BF16 but no AMX.
@@ -83,6 +83,19 @@ def test_explicit_values_are_taken_as_written(value):
     assert got == Precision(value, value, "set in the config")
     assert resolve(value, "cpu", NO_AMX_CPUINFO) == got
     assert got.dtype == {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[value]
+
+
+def test_fp16_on_the_cpu_is_refused_by_training_naming_the_key(tiny_config):
+    from aitm_torchrec.dist import DistEnv
+    from aitm_torchrec.train import build
+
+    assert unsupported("fp16", "cpu") == "train_config.mixed_precision: fp16 needs CUDA; use bf16 or none on the CPU"
+    assert unsupported("fp16", torch.device("cuda", 0)) is None
+    assert all(unsupported(v, "cpu") is None for v in ("none", "bf16"))
+    cfg = load_config(str(tiny_config), ["train_config.mixed_precision=fp16"])
+    env = DistEnv(rank=0, world_size=1, local_rank=0, local_world_size=1, device=torch.device("cpu"), backend="gloo")
+    with pytest.raises(ConfigError, match="fp16 needs CUDA"):
+        build(cfg, env)  # refused before any table is planned or any collective runs
 
 
 def test_config_default_is_auto_and_unknown_values_name_the_key():
