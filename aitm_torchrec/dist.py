@@ -148,16 +148,20 @@ def job() -> Iterator[DistEnv]:
             teardown()
 
 
-def run_local(fn: Callable[..., Any], *args: Any, nproc: int = 2, threads: int = 1) -> dict[int, Any]:
-    """Calls ``fn(*args)`` in ``nproc`` spawned processes on this host (TorchElastic's launcher,
+def run_local(fn: Callable[..., Any], *args: Any, nproc: int = 2, threads: int = 1,
+              start_method: str = "spawn") -> dict[int, Any]:
+    """Calls ``fn(*args)`` in ``nproc`` new processes on this host (TorchElastic's launcher,
     a local c10d rendezvous, ``OMP_NUM_THREADS=threads`` as torchrun sets it); returns
     {rank: return value}. ``fn`` must be module-level (it is pickled into each process). A failure
-    on any rank stops all of them and raises ChildFailedError with that rank's traceback."""
+    on any rank stops all of them and raises ChildFailedError with that rank's traceback.
+    ``start_method``: ``spawn`` (a fresh interpreter per rank) or ``forkserver`` (forked from
+    multiprocessing's fork server, which imports what ``multiprocessing.set_forkserver_preload``
+    names once: the tests' launcher, so ranks start without importing torch again)."""
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
-                          monitor_interval=0.1, start_method="spawn")
+                          monitor_interval=0.1, start_method=start_method)
     saved = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = str(threads)
     try:
