@@ -157,6 +157,27 @@ def test_weights_count_rows_as_often_as_their_weight_and_zero_drops_them():
         assert got == pytest.approx(_exact(logits[keep], positive[keep]), abs=1e-4 if form == "binned" else 1e-6)
 
 
+def test_binned_auc_equals_sklearns_on_hand_made_ties_and_fractional_weights():
+    """scikit-learn's roc_auc_score (with sample_weight) as the reference: ties counted half,
+    weights as row multiplicities, including fractional ones."""
+    from sklearn.metrics import roc_auc_score
+
+    logits = torch.tensor([-2.0, -2.0, 0.5, 0.5, 0.5, 3.0, -7.0, 1.25])  # two tied groups
+    positive = torch.tensor([1, 0, 1, 0, 0, 1, 0, 1], dtype=torch.bool)
+    weights = torch.tensor([1.0, 2.0, 0.5, 1.5, 1.0, 3.0, 0.25, 1.0], dtype=torch.float64)
+    for w in (None, weights):
+        want = roc_auc_score(positive.numpy(), logits.numpy(), sample_weight=None if w is None else w.numpy())
+        got = _binned(logits, positive, w)[0]
+        assert got == pytest.approx(want, abs=1e-12), (w, got, want)
+        m = TaskMetrics(["a"], auc="binned")
+        m.update(logits[:, None], positive[:, None].float(), torch.ones(8) if w is None else w.float())
+        assert m.compute()["a"]["auc"] == pytest.approx(want, abs=1e-6)
+    # one class: sklearn refuses (the AUC is undefined); both forms give 0, as torchmetrics does
+    with pytest.raises(ValueError):
+        roc_auc_score(torch.ones(8).numpy(), logits.numpy())
+    assert _binned(logits, torch.ones(8, dtype=torch.bool))[0] == 0.0
+
+
 @pytest.mark.parametrize("mu,sd", [(-3.0, 1.5), (-5.0, 1.0), (0.0, 3.0)])
 def test_binned_auc_within_1e4_of_exact_on_a_million_skewed_scores(mu, sd):
     logits, positive = _skewed(1_000_000, mu=mu, sd=sd)
