@@ -169,12 +169,11 @@ def test_binned_auc_equals_sklearns_on_hand_made_ties_and_fractional_weights():
         want = roc_auc_score(positive.numpy(), logits.numpy(), sample_weight=None if w is None else w.numpy())
         got = _binned(logits, positive, w)[0]
         assert got == pytest.approx(want, abs=1e-12), (w, got, want)
-        m = TaskMetrics(["a"], auc="binned")
-        m.update(logits[:, None], positive[:, None].float(), torch.ones(8) if w is None else w.float())
-        assert m.compute()["a"]["auc"] == pytest.approx(want, abs=1e-6)
-    # one class: sklearn refuses (the AUC is undefined); both forms give 0, as torchmetrics does
-    with pytest.raises(ValueError):
-        roc_auc_score(torch.ones(8).numpy(), logits.numpy())
+    # TaskMetrics (eval, windows, scoring) reads its weights as the padding mask: rows count once
+    m = TaskMetrics(["a"], auc="binned")
+    m.update(logits[:, None], positive[:, None].float(), weights.float())
+    assert m.compute()["a"]["auc"] == pytest.approx(roc_auc_score(positive.numpy(), logits.numpy()), abs=1e-12)
+    # one class: the AUC is undefined (scikit-learn has no value for it); 0, as torchmetrics gives
     assert _binned(logits, torch.ones(8, dtype=torch.bool))[0] == 0.0
 
 
