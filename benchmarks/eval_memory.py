@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import tempfile
 import time
 from pathlib import Path
+
+from benchmarks.common import load_avg
 
 HELP = "eval metrics' peak RSS per rank, binned AUC vs exact, 1e7 synthetic rows"
 
@@ -63,54 +64,48 @@ def _chunks(rows: int, chunk: int, tasks: int, seed: int):
         yield logits, labels, torch.ones(n)
 
 
-def _pass(form: str, rows: int, args: argparse.Namespace, rank: int) -> dict:
+def _measured(compute) -> dict:
+    """``compute()`` (a dict) with, beside it, the peak RSS growth over it (``VmHWM`` reset before
+    it through ``/proc/self/clear_refs``, minus the RSS before it) and its seconds; ranks start
+    together."""
     import torch.distributed as dist
 
-    from aitm_torchrec.metrics import TaskMetrics
-
-    names = [f"t{i}" for i in range(args.tasks)]
     dist.barrier()
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
     before = _kib("VmRSS")
     t0 = time.perf_counter()
-    m = TaskMetrics(names, auc=form)
-    for logits, labels, weights in _chunks(rows, args.chunk_rows, args.tasks, args.seed * 1000 + rank):
-        m.update(logits, labels, weights)
-    out = m.compute()
+    out = compute()
     seconds = time.perf_counter() - t0
     peak = _kib("VmHWM")
     return {"peak_rss_growth_mib": round((peak - before) / 1024, 1), "rss_before_mib": round(before / 1024),
-            "seconds": round(seconds, 2), "auc": {n: out[n]["auc"] for n in names}, "error_bound": m.error_bound}
+            "seconds": round(seconds, 2), **out}
 
 
-def _model_pass(form: str, dmp, cfg, env, args: argparse.Namespace) -> dict:
-    """The trainer's eval of ``--input`` x ``--repeat`` with AUC ``form``: peak RSS growth over it."""
-    import torch.distributed as dist
+def _pass(form: str, rows: int, args: argparse.Namespace, rank: int) -> dict:
+    from aitm_torchrec.metrics import TaskMetrics
 
-    from aitm_torchrec.train import evaluate, make_reader
+    names = [f"t{i}" for i in range(args.tasks)]
 
-    reader = make_reader(cfg, env, (args.input,) * args.repeat, train=False)
-    towers = cfg.schema.tower_names
-    dist.barrier()
-    Path("/proc/self/clear_refs").write_text("5")
-    before = _kib("VmRSS")
-    t0 = time.perf_counter()
-    out = evaluate(dmp, reader, towers, env, auc=form)
-    seconds = time.perf_counter() - t0
-    peak = _kib("VmHWM")
-    return {"peak_rss_growth_mib": round((peak - before) / 1024, 1), "rss_before_mib": round(before / 1024),
-            "seconds": round(seconds, 2), "auc": {t: out[t]["auc"] for t in towers}, "error_bound": None}
+    def compute() -> dict:
+        m = TaskMetrics(names, auc=form)
+        for logits, labels, weights in _chunks(rows, args.chunk_rows, args.tasks, args.seed * 1000 + rank):
+            m.update(logits, labels, weights)
+        out = m.compute()
+        return {"auc": {n: out[n]["auc"] for n in names}, "error_bound": m.error_bound}
+
+    return _measured(compute)
 
 
 def _model_rank(args: argparse.Namespace, model_dir: str) -> dict:
-    """One rank of ``--input``: train, restore into a fresh sharded model, evaluate per form."""
+    """One rank of ``--input``: train, restore into a fresh sharded model, then the trainer's eval
+    of ``--input`` x ``--repeat`` once per AUC form."""
     import logging
 
     from aitm_torchrec import checkpoint
     from aitm_torchrec import dist as aitm_dist
     from aitm_torchrec.config import load_config
     from aitm_torchrec.precision import resolve_for_job
-    from aitm_torchrec.train import TrainOptions, build, restore, run, with_precision
+    from aitm_torchrec.train import TrainOptions, build, evaluate, make_reader, restore, run, with_precision
 
     logging.basicConfig(level=logging.WARNING)
     aitm_dist.quiet_libraries()
@@ -124,21 +119,20 @@ def _model_rank(args: argparse.Namespace, model_dir: str) -> dict:
         dmp, optimizer, _ = build(cfg, env)
         restore(checkpoint.latest(Path(model_dir) / "checkpoints"), dmp, optimizer, env,
                 cfg.data_config.batch_size)
-        rows = args.repeat * _set_rows(args.input)
-        out = {"rows": rows, "binned": _model_pass("binned", dmp, cfg, env, args)}
-        if rows <= args.exact_max_rows:
-            out["exact"] = _model_pass("exact", dmp, cfg, env, args)
+        reader = make_reader(cfg, env, (args.input,) * args.repeat, train=False)
+        towers = cfg.schema.tower_names
+
+        def one(form: str) -> dict:
+            out = evaluate(dmp, reader, towers, env, auc=form)
+            return {"auc": {t: out[t]["auc"] for t in towers}, "error_bound": None}
+
+        lo, hi = reader.rank_rows()
+        out = {"rows": hi - lo, "binned": _measured(lambda: one("binned"))}
+        if reader.num_rows <= args.exact_max_rows:
+            out["exact"] = _measured(lambda: one("exact"))
         return out
     finally:
         aitm_dist.teardown()
-
-
-def _set_rows(path: str) -> int:
-    import pyarrow.parquet as pq
-
-    from aitm_torchrec.files import expand_paths
-
-    return sum(pq.ParquetFile(f).metadata.num_rows for f in expand_paths([path]))
 
 
 def _rank(args: argparse.Namespace) -> dict:
@@ -158,14 +152,14 @@ def _rank(args: argparse.Namespace) -> dict:
 def cmd(args: argparse.Namespace) -> dict:
     from aitm_torchrec.dist import run_local
 
-    load_before = os.getloadavg()
+    load_before = load_avg()
     t0 = time.perf_counter()
     if args.input:
         with tempfile.TemporaryDirectory(prefix="eval_memory_") as model_dir:
             ranks = run_local(_model_rank, args, model_dir, nproc=args.world_size, threads=1)
         setup = {"through": "aitm_torchrec.train.evaluate", "input": args.input, "repeat": args.repeat,
                  "config": args.config or "configs/aitm_taobao.yaml", "overrides": args.overrides,
-                 "train_steps": args.train_steps, "rows": ranks[0]["rows"]}
+                 "train_steps": args.train_steps, "rows": sum(r["rows"] for r in ranks.values())}
     else:
         ranks = run_local(_rank, args, nproc=args.world_size, threads=1)
         setup = {"through": "TaskMetrics (synthetic scores)", "rows": args.rows, "tasks": args.tasks,
@@ -175,10 +169,10 @@ def cmd(args: argparse.Namespace) -> dict:
     result = {
         "benchmark": "eval_memory", **setup, "world_size": args.world_size,
         "seconds_incl_start": round(seconds, 1),
-        "load_avg_1_5_15_before": [round(v, 2) for v in load_before],
-        "load_avg_1_5_15_after": [round(v, 2) for v in os.getloadavg()],
+        "load_avg_1_5_15_before": load_before,
+        "load_avg_1_5_15_after": load_avg(),
         "exact_state_mib_per_rank": round(setup["rows"] * len(first["binned"]["auc"]) * 12 / 2**20, 1),  # gathered
-        "ranks": {rank: {**({} if args.input else {"rows": r["rows"]}), **{form: {k: v for k, v in r[form].items() if k not in ("auc", "error_bound")}
+        "ranks": {rank: {"rows": r["rows"], **{form: {k: v for k, v in r[form].items() if k not in ("auc", "error_bound")}
                                                for form in ("binned", "exact") if form in r}}
                   for rank, r in sorted(ranks.items())},
         "auc": {"binned": first["binned"]["auc"], "binned_error_bound": first["binned"]["error_bound"]},

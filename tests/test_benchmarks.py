@@ -42,7 +42,8 @@ def test_bench_eval_memory_through_the_trainers_eval(tiny_data, tmp_path):
                     "--train-steps", "40", "--exact-max-rows", "100000", "--world-size", "2",
                     "train_config.sparse_optimizer.learning_rate=0.2", "train_config.dense_optimizer.learning_rate=0.01"])
     assert out["through"] == "aitm_torchrec.train.evaluate" and out["rows"] == 2 * 4000
-    assert set(out["ranks"]) == {0, 1} and all(set(r) == {"binned", "exact"} for r in out["ranks"].values())
+    assert set(out["ranks"]) == {0, 1} and all(set(r) == {"rows", "binned", "exact"} for r in out["ranks"].values())
+    assert sum(r["rows"] for r in out["ranks"].values()) == 2 * 4000  # each row once, dealt over the ranks
     for t, diff in out["auc"]["binned_minus_exact"].items():
         assert abs(diff) <= 1e-3, (t, diff)
     assert out["auc"]["exact"]["ctr"] > 0.58, "the restored model is the trained one"
