@@ -28,7 +28,8 @@ beside ``DIR`` and renamed into place (``outputs.publish_dir``), so ``DIR`` is n
   TorchRec or this project; ``aitm_torchrec.serving.Predictor`` does that and the id rules.
 - ``DIR/schema.json``: the schema (features, id rules, dense layout, towers; ``Schema.save``).
 - ``DIR/meta.json``: checkpoint path and step, quantization (tables) and dense_quantization
-  (Linear layers), sizes in bytes, versions, input and output names, and a self-check: the
+  (Linear layers), mixed_precision (the config's ``train_config.mixed_precision`` as written,
+  e.g. ``auto``: the Predictor resolves it on the machine that loads the artefact), sizes in bytes, versions, input and output names, and a self-check: the
   loaded artefact against the checkpoint's eager fp32 model on a random batch (max absolute
   difference of the probabilities).
 
@@ -173,7 +174,9 @@ class ServingModel(nn.Module):
             lengths=torch.cat([inputs[n] for n in self.length_names]),
             stride=dense.size(0),
         )
-        probs = torch.sigmoid(self.model(dense, sparse))
+        # .float(): under a caller's bf16 autocast (Predictor) the logits are bf16; the
+        # probabilities stay float32 either way
+        probs = torch.sigmoid(self.model(dense, sparse).float())
         out: dict[str, torch.Tensor] = {}
         for i, name in enumerate(self.output_names):
             out[name] = probs[:, i]
@@ -318,5 +321,6 @@ def run(cfg: Config, opts: ModelExportOptions) -> dict:
     model = local_model(cfg, path)
     info = export(model, cfg.schema, Path(opts.output), opts.quant,
                   {"checkpoint": str(path.resolve()), "step": ckpt.get("step"),
-                   "trained_world_size": ckpt.get("world_size")}, opts.dense_quant)
+                   "trained_world_size": ckpt.get("world_size"),
+                   "mixed_precision": cfg.train_config.mixed_precision}, opts.dense_quant)
     return {"output": str(Path(opts.output).resolve()), **info}

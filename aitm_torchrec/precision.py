@@ -11,8 +11,9 @@
 ``none``, ``bf16`` and ``fp16`` are taken as written (fp16 needs CUDA: training and scoring
 refuse it on the CPU with ``unsupported``'s message). ``resolve`` decides for one device;
 ``resolve_for_job`` makes every rank of a job agree (bf16 only where every rank resolved bf16).
-Training, scoring from a checkpoint and ``python -m benchmarks train`` all go through them; the
-serving artefact stays fp32 (docs/serving.md).
+Training, scoring and ``python -m benchmarks train`` all go through them; the serving
+``Predictor`` resolves the precision its artefact records with ``resolve`` on the machine that
+loads it (``serving.serving_precision``; docs/serving.md).
 """
 
 from __future__ import annotations

@@ -19,7 +19,8 @@ differs, unless ``overwrite`` (which removes the old output first).
 Precision: from a checkpoint, the model's dense layers run under the autocast of
 ``train_config.mixed_precision`` resolved for this job's device and ranks (``precision``; auto:
 bf16 on CUDA with bf16 and on CPUs with AMX, else fp32), as in training; a serving artefact
-scores in fp32 (what it holds). The resolved value is part of the job's identity (``job.json``,
+(``model``) the same way on the CPU, unless its Linears are int8 (``serving.serving_precision``;
+fp32 then). The resolved value is part of the job's identity (``job.json``,
 so a resumed job's parts all come from one precision) and of ``manifest.json``.
 
 ``dense_quant="int8"`` (checkpoint only): the sharded model's ``nn.Linear`` layers (the unsharded
@@ -226,8 +227,12 @@ def run(cfg: Config, env: DistEnv, opts: ScoreOptions, on_part_written: Callable
         if opts.dense_quant != "none":
             raise ScoreError("--dense-quant applies to a checkpoint: a serving artefact runs as exported "
                              "(launch/export.py model --dense-quant)")
-        predictor = Predictor(opts.model, threads=opts.threads or None)
-        precision = Precision(cfg.train_config.mixed_precision, "none", "a serving artefact is fp32")
+        precision = resolve_for_job(cfg.train_config.mixed_precision, "cpu")  # the artefact runs on the CPU
+        if (why := unsupported(precision.resolved, "cpu")) is not None:
+            raise ScoreError(why)
+        predictor = Predictor(opts.model, threads=opts.threads or None, precision=precision.resolved, bf16_min_rows=1)
+        if predictor.precision.resolved != precision.resolved:  # int8 Linears: fp32
+            precision = Precision(precision.requested, predictor.precision.resolved, predictor.precision.reason)
         schema, model = predictor.schema, _identity(Path(opts.model), "meta.json", int(predictor.meta.get("step", -1)))
         source_text = f"serving model {opts.model}"
     else:

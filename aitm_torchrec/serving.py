@@ -4,7 +4,10 @@
 (``aitm_torchrec/export_model.py``): ``scripted_model.pt`` (TorchScript) and ``schema.json``. It
 turns raw rows (an Arrow table or record batch, or a list of dicts) into the model's input
 tensors with the training id rules and normalisers (``features.bag_column`` / ``raw_column``,
-the functions the Parquet reader uses), runs the model and returns {tower: B float32 numpy}.
+the functions the Parquet reader uses), runs the model and returns {tower: B float32 numpy}. The dense layers run in the precision the
+artefact records (the exporting config's ``train_config.mixed_precision``, default ``auto``),
+resolved on the machine that loads it: bf16 autocast on a CPU with AMX for batches of at least
+``BF16_MIN_ROWS`` rows, fp32 elsewhere (``serving_precision``; ``Predictor(precision=...)`` overrides).
 
     from aitm_torchrec.serving import Predictor
 
@@ -14,7 +17,7 @@ the functions the Parquet reader uses), runs the model and returns {tower: B flo
 
 Imports: numpy, pyarrow, torch, ``fbgemm_gpu`` (its operators must be registered before the
 TorchScript file loads: the KeyedJaggedTensor code and the quantized table lookups call them) and
-this project's torch-free ``schema`` / ``features``. Not TorchRec, not the trainer, no process
+this project's torch-free ``schema`` / ``features`` and ``precision``. Not TorchRec, not the trainer, no process
 group.
 
 A TorchScript file is code that runs when it is loaded and called: load only artefacts you trust
@@ -34,11 +37,17 @@ import pyarrow as pa
 import torch
 
 from aitm_torchrec.features import DataError, Source, bag_column, mix64, raw_column
+from aitm_torchrec.precision import CPUINFO, Precision, autocast, resolve
 from aitm_torchrec.schema import Schema
 
 MODEL_FILE = "scripted_model.pt"
 SCHEMA_FILE = "schema.json"
 META_FILE = "meta.json"
+
+# Smallest batch the Predictor runs in bf16 when its precision resolves to bf16: below it the casts
+# cost more than the AMX GEMMs gain (the seed model's dense part, one thread: fp32 0.32 ms against
+# bf16 0.59 ms at 1 row, 0.99 against 0.84 ms at 64; docs/serving.md, "Precision").
+BF16_MIN_ROWS = 64
 
 
 def input_names(schema: Schema) -> list[str]:
@@ -56,18 +65,45 @@ class ArtefactError(FileNotFoundError):
     """An export directory that cannot be served, with the path in the message."""
 
 
+def serving_precision(meta: Mapping[str, Any], requested: str | None = None,
+                      cpuinfo: str | Path = CPUINFO) -> Precision:
+    """The precision an artefact's dense layers run in on this machine: ``requested`` (auto, none,
+    bf16) or, when None, the ``mixed_precision`` its meta.json records (the exporting config's
+    ``train_config.mixed_precision``; ``none`` for artefacts that record none), resolved for the
+    CPU as training resolves it (``precision.resolve``: auto is bf16 on a CPU with AMX). int8
+    Linears (``dense_quantization`` int8) take fp32 inputs: such an artefact runs in fp32. fp16
+    needs CUDA and the artefact runs on the CPU: ValueError."""
+    requested = requested or str(meta.get("mixed_precision") or "none")
+    if requested == "fp16":
+        raise ValueError("precision fp16 needs CUDA; a serving artefact runs on the CPU: use auto, bf16 or none")
+    dense = meta.get("dense_quantization", "none")
+    if dense != "none":
+        if requested not in ("auto", "none", "bf16"):
+            raise ValueError(f"precision {requested!r} is not one of auto, none, bf16")
+        return Precision(requested, "none", f"int8 Linears (dense_quantization {dense}) take fp32 inputs")
+    return resolve(requested, "cpu", cpuinfo)
+
+
 class Predictor:
     """An exported serving model and its schema, callable on raw rows.
 
     Args:
         path: the directory ``launch/export.py model --output`` wrote.
         threads: ``torch.set_num_threads(threads)`` (process-wide) when given; None leaves it.
+        precision: the dense layers' precision, ``auto``, ``none`` (fp32) or ``bf16``; None: what
+            the artefact records (``serving_precision``). bf16 runs the model under bf16 autocast
+            (tables and probabilities stay as they are, float32 out).
+        bf16_min_rows: with bf16, batches of fewer rows run in fp32 (faster there). A row's
+            probability then depends on the batch it came in by up to bf16's rounding; pass
+            ``precision="none"`` where every call must give the same bits.
 
     Attributes: ``schema`` (``Schema``), ``tower_names`` (output order), ``columns`` (the input
-    columns the features read), ``meta`` (meta.json: checkpoint, step, quantization, versions).
+    columns the features read), ``meta`` (meta.json: checkpoint, step, quantization, versions),
+    ``precision`` (``precision.Precision``: asked, resolved, why).
     """
 
-    def __init__(self, path: str | Path, threads: int | None = None) -> None:
+    def __init__(self, path: str | Path, threads: int | None = None, precision: str | None = None,
+                 bf16_min_rows: int = BF16_MIN_ROWS) -> None:
         self.path = Path(path)
         for name in (MODEL_FILE, SCHEMA_FILE, META_FILE):
             if not (self.path / name).is_file():
@@ -81,6 +117,8 @@ class Predictor:
                                 f"schema.json's towers give {expected}; the files are from different exports")
         if threads is not None:
             torch.set_num_threads(threads)
+        self.precision = serving_precision(self.meta, precision)
+        self.bf16_min_rows = bf16_min_rows
         self.model = torch.jit.load(str(self.path / MODEL_FILE), map_location="cpu")
         self.model.eval()
         self._int_ids = _IntIds(self.schema)
@@ -143,8 +181,11 @@ class Predictor:
     # ---- prediction ---------------------------------------------------------------------------
 
     def predict_inputs(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
-        """Model input dict -> {tower: B float32 probabilities}."""
-        with torch.no_grad():  # not inference_mode: its tensors break later autograd in the caller
+        """Model input dict -> {tower: B float32 probabilities}, under the autocast of
+        ``precision`` for batches of at least ``bf16_min_rows`` rows."""
+        bf16 = self.precision.resolved == "bf16" and inputs["dense"].size(0) >= self.bf16_min_rows
+        # not inference_mode: its tensors break later autograd in the caller
+        with torch.no_grad(), autocast("cpu", self.precision if bf16 else "none"):
             out = self.model(dict(inputs))
         return {t: out[f"probs_{t}"].numpy() for t in self.tower_names}
 

@@ -12,10 +12,13 @@ to end on one core: at 512 candidates p50 at most 4 ms and p99 at most 8 ms, at 
 most 2 ms; int8 at most 30% of the fp32 size. ``--quants`` picks the
 table quantizations (the fp32 export is always made: the reference); ``--dense-quant int8`` exports with int8 Linear layers (``launch/export.py
 model --dense-quant``), ``both`` each table quantization twice (keys ``<quant>`` and
-``<quant>+dense_int8``), for the dense layers' speed and accuracy beside fp32 ones.
+``<quant>+dense_int8``), for the dense layers' speed and accuracy beside fp32 ones. The
+Predictor runs in the precision each artefact records (the config's ``train_config.mixed_precision``,
+``auto`` by default: bf16 on a CPU with AMX for batches of 64+ rows) or ``--precision``; each
+entry says which ("precision"). "diff vs fp32" is against the fp32-table export in that precision.
 
     python -m benchmarks serve [--iters 200] [--string-ids] [--train-steps 2] [--quants none,int8]
-                               [--dense-quant none|int8|both]
+                               [--dense-quant none|int8|both] [--precision auto|none|bf16]
 """
 
 from __future__ import annotations
@@ -43,6 +46,9 @@ def add_arguments(s: argparse.ArgumentParser) -> None:
                    help="table quantizations to export, comma-separated (none, the fp32 reference, always)")
     s.add_argument("--dense-quant", choices=("none", "int8", "both"), default="none",
                    help="Linear layers of the exports: fp32, int8, or each export both ways")
+    s.add_argument("--precision", choices=("auto", "none", "bf16"), default=None,
+                   help="the Predictor's precision (default: what the artefact records, the config's "
+                        "train_config.mixed_precision; auto: bf16 on a CPU with AMX)")
     add_overrides(s)
 
 
@@ -113,12 +119,13 @@ def cmd(args: argparse.Namespace) -> dict:
                            "end_to_end_p99_ms_at_1": 2, "int8_size_vs_fp32": 0.3}, "quant": {}}
         reference = None
         for q, path in exports.items():
-            p = Predictor(path, threads=1)
+            p = Predictor(path, threads=1, precision=args.precision)
             probs = p.predict_arrow(rows)
             if reference is None:
                 reference = probs
             diff = np.concatenate([np.abs(probs[t] - reference[t]) for t in p.tower_names])
-            entry = {"mean_abs_diff_vs_fp32": float(diff.mean()), "max_abs_diff_vs_fp32": float(diff.max())}
+            entry = {"precision": p.precision.describe() + f", batches of {p.bf16_min_rows}+ rows",
+                     "mean_abs_diff_vs_fp32": float(diff.mean()), "max_abs_diff_vs_fp32": float(diff.max())}
             for b in (1, 64, 512):
                 batch = rows.slice(0, b)
                 inputs = p.inputs_from_arrow(batch)

@@ -180,6 +180,17 @@ def test_scoring_with_the_serving_artefact_gives_the_checkpoints_scores(trained,
                                    atol=1e-5)
     with pytest.raises(Exception, match="--output_columns logits needs a checkpoint"):
         _score(_args(trained, tmp_path / "l", "--model", str(tmp_path / "artefact"), "--output_columns", "logits"))
+    # bf16: the artefact under the same autocast as the checkpoint's model gives its bf16 scores
+    bf16 = "train_config.mixed_precision=bf16"
+    ckpt16 = _score(_args(trained, tmp_path / "ckpt16", bf16))
+    model16 = _score(_args(trained, tmp_path / "model16", "--model", str(tmp_path / "artefact"), bf16))
+    assert ckpt16["mixed_precision"]["resolved"] == model16["mixed_precision"]["resolved"] == "bf16"
+    assert from_model["mixed_precision"]["resolved"] == "none"  # the test config's none
+    c, d = _read(tmp_path / "ckpt16"), _read(tmp_path / "model16")
+    for tower in ("ctr", "cvr"):
+        x16, y16 = c.column(f"probs_{tower}").to_numpy(), d.column(f"probs_{tower}").to_numpy()
+        assert not np.array_equal(y16, b.column(f"probs_{tower}").to_numpy())  # bf16 did run
+        np.testing.assert_allclose(y16, x16, atol=2e-3)
 
 
 def test_a_damaged_checkpoint_stops_scoring_naming_the_file(trained, tmp_path):
@@ -246,6 +257,10 @@ def test_scoring_with_an_int8_dense_artefact(trained, tmp_path):
     from_checkpoint = _score(_args(trained, tmp_path / "ckpt"))
     from_model = _score(_args(trained, tmp_path / "model", "--model", str(tmp_path / "artefact"), "--threads", "1"))
     assert from_model["dense_quant"] == "int8" and from_checkpoint["dense_quant"] == "none"
+    # int8 Linears take fp32 inputs: bf16 asked, fp32 run, and the manifest says why
+    bf16 = _score(_args(trained, tmp_path / "model16", "--model", str(tmp_path / "artefact"),
+                        "train_config.mixed_precision=bf16"))
+    assert bf16["mixed_precision"]["resolved"] == "none" and "int8 Linears" in bf16["mixed_precision"]["reason"]
     a, b = _read(tmp_path / "ckpt"), _read(tmp_path / "model")
     assert b.column("rid").to_pylist() == list(range(ROWS))
     for tower in ("ctr", "cvr"):
