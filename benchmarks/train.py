@@ -46,8 +46,13 @@ missing). Figures:
   precision (the default, auto: bf16 on CPUs with AMX), alternating so both see the same machine;
   each run's examples/s and resolved precision, and the ratio of the summed examples/s (the config's
   precision over fp32).
+- ``config_ab`` (``--alternate-config FILE``): then ``--alternate-pairs`` pairs of runs at the
+  seed's table sizes on the same data, ``--config`` then FILE (e.g. the seed config against
+  ``configs/aitm_taobao_best.yaml``): each run's examples/s, and ``ratio_to_config``, FILE's
+  summed examples/s over ``--config``'s.
 
     python -m benchmarks train [--steps 300] [--batch-size 0] [--no-big-tables] [--bare-steps 100] [--alternate-fp32 0]
+                               [--alternate-config FILE [--alternate-pairs 2]]
 """
 
 from __future__ import annotations
@@ -89,6 +94,9 @@ def add_arguments(t: argparse.ArgumentParser) -> None:
                    help="steps of the bare pipeline on pre-read batches after the run; 0: skip")
     t.add_argument("--alternate-fp32", type=int, default=0, metavar="N",
                    help="then N pairs of runs alternating fp32 and the config's precision; 0: skip")
+    t.add_argument("--alternate-config", metavar="FILE",
+                   help="then --alternate-pairs pairs of runs alternating --config and FILE (same data, steps, overrides)")
+    t.add_argument("--alternate-pairs", type=int, default=2, metavar="N", help="pairs of runs for --alternate-config")
     add_overrides(t)
 
 
@@ -193,9 +201,9 @@ def cmd(args: argparse.Namespace) -> dict:
     gemms = linear_gemms(cfg, batch_size)
     flops, groups = training_flops(gemms, batch_size)
 
-    def one(extra: list[str], bare_steps: int = 0) -> dict:
+    def one(extra: list[str], bare_steps: int = 0, config: str | None = args.config) -> dict:
         try:
-            return launch_ranks(_train_rank, (args.config, overrides + extra, bare_steps),
+            return launch_ranks(_train_rank, (config, overrides + extra, bare_steps),
                                  args.world_size, args.threads_per_rank)
         finally:
             shutil.rmtree(model_dir, ignore_errors=True)
@@ -262,21 +270,29 @@ def cmd(args: argparse.Namespace) -> dict:
             "memory": big["memory"],
         }
     if args.alternate_fp32:
-        result["precision_ab"] = _alternate(one, args.alternate_fp32)
+        ab = _alternate(lambda: one(["train_config.mixed_precision=none"]), lambda: one([]), args.alternate_fp32)
+        result["precision_ab"] = {"what": "pairs of runs at the seed's table sizes, fp32 then the config's precision",
+                                  "precision": ab["runs"][1]["resolved"], "runs": ab["runs"],
+                                  "ratio_to_fp32": ab["ratio"], **ab["load"]}
+    if args.alternate_config:
+        ab = _alternate(lambda: one([]), lambda: one([], config=args.alternate_config), args.alternate_pairs)
+        result["config_ab"] = {"what": "pairs of runs on the same data, --config then --alternate-config",
+                               "configs": [result["config"], args.alternate_config], "runs": ab["runs"],
+                               "ratio_to_config": ab["ratio"], **ab["load"]}
     print(json.dumps(result, indent=2))
     return result
 
 
-def _alternate(one, pairs: int) -> dict:
-    """``pairs`` x (fp32 run, run at the config's precision): examples/s of each and their ratio."""
+def _alternate(first, second, pairs: int) -> dict:
+    """``pairs`` x (``first()``, ``second()``), alternating so both see the same machine: each
+    run's examples/s and resolved precision, and the ratio of the second's summed examples/s to
+    the first's."""
     runs, load_before = [], load_avg()
     for _ in range(pairs):
-        for extra in (["train_config.mixed_precision=none"], []):
-            r = one(extra)
+        for run in (first, second):
+            r = run()
             runs.append({"resolved": r["mixed_precision"]["resolved"], "examples_per_s": round(r["train"]["examples_per_s"]),
                          "other_processes_cpu_s": r["cpu"]["other_processes_cpu_s"]})
-    fp32 = sum(r["examples_per_s"] for r in runs[0::2])
-    in_use = sum(r["examples_per_s"] for r in runs[1::2])
-    return {"what": "pairs of runs at the seed's table sizes, fp32 then the config's precision",
-            "precision": runs[1]["resolved"], "runs": runs, "ratio_to_fp32": round(in_use / fp32, 3),
-            "load_avg_1_5_15_before": load_before, "load_avg_1_5_15_after": load_avg()}
+    ratio = sum(r["examples_per_s"] for r in runs[1::2]) / sum(r["examples_per_s"] for r in runs[0::2])
+    return {"runs": runs, "ratio": round(ratio, 3),
+            "load": {"load_avg_1_5_15_before": load_before, "load_avg_1_5_15_after": load_avg()}}

@@ -50,22 +50,31 @@ def test_bench_eval_memory_through_the_trainers_eval(tiny_data, tmp_path):
 
 
 @pytest.mark.slow
-def test_bench_train_alternates_fp32_and_the_configs_precision(tiny_data, tmp_path):
+def test_bench_train_alternates_fp32_and_the_configs_precision_and_another_config(tiny_data, tmp_path):
     """``train --alternate-fp32 1``: one fp32 run, then one at the config's precision (auto here:
-    what this machine resolves it to), each run's figures and the ratio of their rates."""
+    what this machine resolves it to), each run's figures and the ratio of their rates.
+    ``--alternate-config F --alternate-pairs 1``: one run of the config, then one of F (here in
+    fp32, so its resolved precision tells the runs apart)."""
     from aitm_torchrec.precision import resolve_for_job
 
     raw = tiny_config_dict(tiny_data, tmp_path / "unused")
     raw["train_config"]["mixed_precision"] = "auto"
-    config = tmp_path / "tiny.yaml"
+    config, other = tmp_path / "tiny.yaml", tmp_path / "tiny_cross_fp32.yaml"
     config.write_text(yaml.safe_dump(raw))
+    raw["train_config"]["mixed_precision"] = "none"
+    raw["model_config"]["backbone"]["cross"] = {"num_layers": 2}
+    other.write_text(yaml.safe_dump(raw))
     out = run.main(["train", "--config", str(config), "--data", str(tiny_data), "--steps", "4", "--no-big-tables",
-                    "--bare-steps", "0", "--alternate-fp32", "1"])
-    ab = out["precision_ab"]
-    assert [r["resolved"] for r in ab["runs"]] == ["none", resolve_for_job("auto", "cpu").resolved]
-    assert all(r["examples_per_s"] > 0 for r in ab["runs"])
-    assert ab["ratio_to_fp32"] == pytest.approx(ab["runs"][1]["examples_per_s"] / ab["runs"][0]["examples_per_s"],
-                                                abs=1e-3)
+                    "--bare-steps", "0", "--alternate-fp32", "1", "--alternate-config", str(other),
+                    "--alternate-pairs", "1"])
+    auto = resolve_for_job("auto", "cpu").resolved
+    for key, resolved, ratio in (("precision_ab", ["none", auto], "ratio_to_fp32"),
+                                 ("config_ab", [auto, "none"], "ratio_to_config")):
+        ab = out[key]
+        assert [r["resolved"] for r in ab["runs"]] == resolved
+        assert all(r["examples_per_s"] > 0 for r in ab["runs"])
+        assert ab[ratio] == pytest.approx(ab["runs"][1]["examples_per_s"] / ab["runs"][0]["examples_per_s"], abs=1e-3)
+    assert out["config_ab"]["configs"] == [str(config), str(other)]
 
 
 @pytest.mark.slow

@@ -98,7 +98,25 @@ MODEL_CONFIGS = {
     "shared_bottom_taobao.yaml": ("SharedBottom", ["clk", "buy"]),
     "dbmtl_taobao.yaml": ("DBMTL", ["clk", "buy"]),
     "ple_taobao.yaml": ("PLE", ["clk", "buy"]),
+    "aitm_taobao_best.yaml": ("AITM", ["clk", "buy"]),
 }
+
+# The best configs: the seed config they name, and the options the family study kept
+# (docs/benchmarks.md, "The best configs"); nothing else differs.
+BEST_CONFIGS = {"aitm_taobao_best.yaml": "aitm_taobao.yaml"}
+KEPT_OPTIONS = {"cross": {"num_layers": 2}}
+
+
+@pytest.mark.parametrize("best", sorted(BEST_CONFIGS))
+def test_best_configs_are_their_seed_config_plus_the_kept_options(best):
+    raw = {name: yaml.safe_load(config_path(name).read_text()) for name in (best, BEST_CONFIGS[best])}
+    mine, seed = raw[best], raw[BEST_CONFIGS[best]]
+    assert {k: mine["model_config"]["backbone"].pop(k) for k in KEPT_OPTIONS} == KEPT_OPTIONS
+    for r in (mine, seed):
+        r.pop("model_dir")
+        r["model_config"].pop("model_name")
+    assert mine == seed
+    assert load_config(config_path(best)).model_config.backbone.cross.num_layers == 2
 
 
 def config_path(name: str):
