@@ -21,22 +21,35 @@ import time
 
 
 def linear_gemms(cfg, batch_size: int) -> list[tuple[str, int, int, int]]:
-    """(layer name, rows, in, out) of every ``nn.Linear`` in one forward of ``batch_size`` rows.
+    """(layer name, rows, in, out) of every ``nn.Linear`` in one forward of ``batch_size`` rows,
+    and of every layer of TorchRec's cross networks (``backbone.cross``: ``CrossNet``'s in x in
+    kernel, ``LowRankCrossNet``'s in x r and r x in ones; their elementwise terms not counted).
 
     Rows come from a forward hook on ``predict`` of the config's model (tables on ``meta``, dense
     layers on the CPU), so a layer applied to B x C inputs (AIT projections) has B*C rows.
     """
     import torch
     from torch import nn
+    from torchrec.modules.crossnet import CrossNet, LowRankCrossNet
 
     from aitm_torchrec.registry import build_model
 
     model = build_model(cfg, device="meta", dense_device="cpu")
     found: list[tuple[str, int, int, int]] = []
+
+    def cross_layers(name: str, mod: nn.Module, rows: int) -> None:
+        for i, w in enumerate(getattr(mod, "kernels", None) or []):  # CrossNet: x_l @ W_l^T, W_l in x in
+            found.append((f"{name}.kernels.{i}", rows, w.shape[1], w.shape[0]))
+        for i, (v, w) in enumerate(zip(getattr(mod, "V_kernels", None) or [], getattr(mod, "W_kernels", None) or [])):
+            found.extend([(f"{name}.V_kernels.{i}", rows, v.shape[1], v.shape[0]),
+                          (f"{name}.W_kernels.{i}", rows, w.shape[1], w.shape[0])])
+
     hooks = [m.register_forward_hook(
         lambda mod, inp, out, name=name: found.append(
             (name, inp[0].numel() // mod.in_features, mod.in_features, mod.out_features)))
         for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    hooks += [m.register_forward_hook(lambda mod, inp, out, name=name: cross_layers(name, mod, inp[0].shape[0]))
+              for name, m in model.named_modules() if isinstance(m, (CrossNet, LowRankCrossNet))]
     # task embeddings (model_config.task_embeddings): zeros of their width, so their gate and the
     # towers' wider inputs are counted too
     task = [torch.zeros(batch_size, w) for w in [cfg.schema.task_width] * len(cfg.schema.tasks)] \

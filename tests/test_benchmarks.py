@@ -182,3 +182,19 @@ def test_gemm_roofline_measures_the_model_shapes_in_fp32_and_bf16(tiny_config):
     # the same GEMMs (3 per Linear), whatever the dtype
     assert flops16 == flops32 == sum(3 * 2.0 * rows * k * n for _, rows, k, n in gemms)
     assert s32 > 0 and s16 > 0
+
+
+@pytest.mark.parametrize("low_rank", [0, 4])
+def test_roofline_counts_the_cross_networks_kernels(tiny_config, low_rank):
+    """backbone.cross: 2 layers over the model input (width D) add 2 GEMMs of D x D per row, or
+    with low_rank r 2 x (D x r and r x D), to the Linears of the config without it."""
+    from aitm_torchrec.config import load_config
+    from benchmarks.roofline import linear_gemms
+
+    plain = linear_gemms(load_config(tiny_config), 8)
+    crossed = linear_gemms(load_config(tiny_config, [f"model_config.backbone.cross={{num_layers: 2, low_rank: {low_rank}}}"]), 8)
+    extra = [g for g in crossed if ".cross." in g[0]]
+    d = load_config(tiny_config).schema.input_dim
+    shapes = [(8, d, d)] * 2 if not low_rank else [(8, d, low_rank), (8, low_rank, d)] * 2
+    assert [g[1:] for g in extra] == shapes
+    assert len(crossed) - len(extra) == len(plain)  # the Linears are still every one counted
