@@ -99,11 +99,12 @@ MODEL_CONFIGS = {
     "dbmtl_taobao.yaml": ("DBMTL", ["clk", "buy"]),
     "ple_taobao.yaml": ("PLE", ["clk", "buy"]),
     "aitm_taobao_best.yaml": ("AITM", ["clk", "buy"]),
+    "aitm_3step_best.yaml": ("AITM", ["clk", "cart", "buy"]),
 }
 
 # The best configs: the seed config they name, and the options the family study kept
 # (docs/benchmarks.md, "The best configs"); nothing else differs.
-BEST_CONFIGS = {"aitm_taobao_best.yaml": "aitm_taobao.yaml"}
+BEST_CONFIGS = {"aitm_taobao_best.yaml": "aitm_taobao.yaml", "aitm_3step_best.yaml": "aitm_3step.yaml"}
 KEPT_OPTIONS = {"cross": {"num_layers": 2}}
 
 
