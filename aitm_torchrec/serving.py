@@ -4,10 +4,11 @@
 (``aitm_torchrec/export_model.py``): ``scripted_model.pt`` (TorchScript) and ``schema.json``. It
 turns raw rows (an Arrow table or record batch, or a list of dicts) into the model's input
 tensors with the training id rules and normalisers (``features.bag_column`` / ``raw_column``,
-the functions the Parquet reader uses), runs the model and returns {tower: B float32 numpy}. The dense layers run in the precision the
-artefact records (the exporting config's ``train_config.mixed_precision``, default ``auto``),
-resolved on the machine that loads it: bf16 autocast on a CPU with AMX for batches of at least
-``BF16_MIN_ROWS`` rows, fp32 elsewhere (``serving_precision``; ``Predictor(precision=...)`` overrides).
+the functions the Parquet reader uses), runs the model and returns {tower: B float32 numpy}.
+The dense layers run in the precision the artefact records (the exporting config's
+``train_config.mixed_precision``, default ``auto``), resolved on the machine that loads it: bf16
+autocast on a CPU with AMX for batches of at least ``BF16_MIN_ROWS`` rows, fp32 elsewhere
+(``serving_precision``; ``Predictor(precision=...)`` overrides).
 
     from aitm_torchrec.serving import Predictor
 
@@ -17,8 +18,8 @@ resolved on the machine that loads it: bf16 autocast on a CPU with AMX for batch
 
 Imports: numpy, pyarrow, torch, ``fbgemm_gpu`` (its operators must be registered before the
 TorchScript file loads: the KeyedJaggedTensor code and the quantized table lookups call them) and
-this project's torch-free ``schema`` / ``features`` and ``precision``. Not TorchRec, not the trainer, no process
-group.
+this project's torch-free ``schema`` / ``features``, and its ``precision``. Not TorchRec, not the
+trainer, no process group.
 
 A TorchScript file is code that runs when it is loaded and called: load only artefacts you trust
 (ones you exported), as with any ``torch.jit.load``.
