@@ -30,8 +30,8 @@ beside ``DIR`` and renamed into place (``outputs.publish_dir``), so ``DIR`` is n
 - ``DIR/meta.json``: checkpoint path and step, quantization (tables) and dense_quantization
   (Linear layers), mixed_precision (the config's ``train_config.mixed_precision`` as written,
   e.g. ``auto``: the Predictor resolves it on the machine that loads the artefact), sizes in
-  bytes, versions, input and output names, and a self-check: the loaded artefact against the checkpoint's eager fp32 model on a random batch (max absolute
-  difference of the probabilities).
+  bytes, versions, input and output names, and a self-check: the loaded artefact against the
+  checkpoint's eager fp32 model on a random batch (max absolute difference of the probabilities).
 
 A TorchScript file is code: load only artefacts you trust (ones this project wrote).
 """
