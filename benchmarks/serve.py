@@ -13,9 +13,10 @@ most 2 ms; int8 at most 30% of the fp32 size. ``--quants`` picks the
 table quantizations (the fp32 export is always made: the reference); ``--dense-quant int8`` exports with int8 Linear layers (``launch/export.py
 model --dense-quant``), ``both`` each table quantization twice (keys ``<quant>`` and
 ``<quant>+dense_int8``), for the dense layers' speed and accuracy beside fp32 ones. The
-Predictor runs in the precision each artefact records (the config's ``train_config.mixed_precision``,
-``auto`` by default: bf16 on a CPU with AMX for batches of 64+ rows) or ``--precision``; each
-entry says which ("precision"). "diff vs fp32" is against the fp32-table export in that precision.
+Predictor runs in the precision each artefact records (the config's
+``train_config.mixed_precision``, ``auto`` by default: bf16 on a CPU with AMX for batches of 64+
+rows) or ``--precision``; each entry says which ("precision"). "diff vs fp32" is against the
+fp32-table export in that precision.
 
     python -m benchmarks serve [--iters 200] [--string-ids] [--train-steps 2] [--quants none,int8]
                                [--dense-quant none|int8|both] [--precision auto|none|bf16]

@@ -11,9 +11,9 @@ missing). Figures:
   fill and first row-group read of step 1, and the final checkpoint not included).
 - ``flops_per_example``: training FLOPs of one example counted from the layer shapes: every
   ``nn.Linear`` of the built model (backbone, towers, transfer layers, the AIT projections h1/h2/h3
-  once per candidate, heads) and every kernel of a ``backbone.cross`` network, at 2*in*out multiply-adds forward, x3 for forward + the two backward
-  GEMMs (input and weight gradients; every layer needs both, since gradients flow to the
-  embeddings). Not counted: biases, activations, batch norm, dropout, AIT scores and softmax, the
+  once per candidate, heads) and every kernel of a ``backbone.cross`` network, at 2*in*out
+  multiply-adds forward, x3 for forward + the two backward GEMMs (input and weight gradients;
+  every layer needs both, since gradients flow to the embeddings). Not counted: biases, activations, batch norm, dropout, AIT scores and softmax, the
   loss, embedding lookups and their fused update, the dense optimizer. The rows of each layer
   come from a forward hook on one B-row ``predict``, so a layer run on B x C candidates counts C.
   ``flops_breakdown``: the same per top-level module group.
@@ -226,8 +226,8 @@ def cmd(args: argparse.Namespace) -> dict:
         "table_rows_total": table_rows(cfg),
         "flops_per_example": round(flops),
         "flops_breakdown": {k: round(v) for k, v in groups.items()},
-        "flops_counted": "nn.Linear and cross-network kernels only (incl. AIT h1/h2/h3 per candidate, transfer, heads): "
-                         "2*rows*in*out x 3 (forward, input grad, weight grad); no biases, "
+        "flops_counted": "nn.Linear and cross-network kernels only (incl. AIT h1/h2/h3 per candidate, "
+                         "transfer, heads): 2*rows*in*out x 3 (forward, input grad, weight grad); no biases, "
                          "activations, softmax, loss, embeddings, optimizers",
         "gemm_flops_per_s": round(gemm),
         "gemm_flops_per_s_before_after": [round(small["gemm_before"]), round(small["gemm_after"])],
