@@ -53,7 +53,9 @@ import torch.nn.functional as F
 from benchmarks import quality
 from datasets.synthetic import (
     DEFAULT_KNOBS,
+    DEPENDENCE_GAIN,
     ID_FEATURES,
+    INTERACTION_SCALE,
     PRICE_BUCKETS,
     PRICE_SCALE,
     TAG_FEATURES,
@@ -65,7 +67,6 @@ HELP = "what one pass of the generator's own model, learned online, reaches on a
 DESCRIPTION = "What one pass can reach on the synthetic data: the generator's true model, learned online (not library code)."
 
 ID_COLUMNS = [*ID_FEATURES, "price"]
-DEPENDENCE_GAIN = 1.5  # the generator's: step t inherits d x 1.5 tanh(step t-1's centred logit)
 # the latent vectors the user's meets, by interaction: name (the generator's World attribute) -> id column
 LATENT_SIDES = {"category": {"item_vec": "cate_id"}, "item": {"adgroup_vec": "adgroup_id"},
                 "both": {"item_vec": "cate_id", "adgroup_vec": "adgroup_id"}}
@@ -178,7 +179,7 @@ class TrueForm(torch.nn.Module):
             for name in self.latent_names():
                 if sd > 0:  # a zero prior: the vectors are zero
                     self[name].normal_(0, 0.01, generator=g)
-        self.inter_scale = torch.linspace(1.0, 1.5, steps, dtype=torch.float64)  # the generator's, fixed
+        self.inter_scale = torch.linspace(*INTERACTION_SCALE, steps, dtype=torch.float64)  # the generator's, fixed
 
     def __getitem__(self, name: str) -> torch.nn.Parameter:
         return self.params[name.replace(":", "__")]

@@ -80,6 +80,8 @@ LATENT_SCALE = 0.5  # the default standard deviation of a latent component
 PRICE_SCALE = 0.3  # the price effects' standard deviation (x id_effect_scale)
 DEFAULT_BIAS = (-3.6, -2.2)  # the first step's bias, then every later step's, when no rates are set
 INTERACTIONS = ("category", "item", "both")
+INTERACTION_SCALE = (1.0, 1.5)  # the interaction's weight on the first and the last step (linear between)
+DEPENDENCE_GAIN = 1.5  # sequential dependence: step t inherits d x 1.5 tanh(step t-1's centred logit)
 CALIBRATION_ROWS = 100_000  # rows drawn (from their own stream) to solve the biases for target rates
 
 # knob -> the column whose vocabulary it sets
@@ -264,7 +266,7 @@ class World:
             inter = np.einsum("nd,nd->n", user, self.item_vec[raw_ids["cate_id"]])
         if self.adgroup_vec is not None:
             inter = inter + np.einsum("nd,nd->n", user, self.adgroup_vec[raw_ids["adgroup_id"]])
-        logit += inter[:, None] * np.linspace(1.0, 1.5, steps)
+        logit += inter[:, None] * np.linspace(*INTERACTION_SCALE, steps)
 
         if self.dependence:
             # Sequential dependence: step t's own effects shrink and it inherits the previous
@@ -274,7 +276,7 @@ class World:
             for t in range(1, steps):
                 own = logit[:, t] - self.bias[t]
                 prev = logit[:, t - 1] - self.bias[t - 1]
-                logit[:, t] = self.bias[t] + (1 - d) * own + d * 1.5 * np.tanh(prev)
+                logit[:, t] = self.bias[t] + (1 - d) * own + d * DEPENDENCE_GAIN * np.tanh(prev)
         return logit, {"ids": raw_ids, "tags": tags, "price": price}
 
     def sample(self, rng: np.random.Generator, n: int, string_ids: bool) -> pa.Table:
