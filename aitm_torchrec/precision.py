@@ -100,6 +100,14 @@ def unsupported(resolved: str, device: torch.device | str) -> str | None:
     return None
 
 
+def with_int8_linears(precision: Precision, why: str) -> Precision:
+    """``precision`` for dense layers whose Linears are int8 (dynamic quantization): they take fp32
+    inputs, so anything but fp32 becomes fp32, the reason ``why``; fp32 stays as it is."""
+    if precision.resolved == "none":
+        return precision
+    return Precision(precision.requested, "none", why)
+
+
 def resolve_for_job(requested: str, device: torch.device | str, cpuinfo: str | Path = CPUINFO) -> Precision:
     """``resolve`` on every rank (``cpuinfo`` as there), agreed: bf16 only when every rank
     resolved bf16 (ranks on different hardware run the same precision). Collective when

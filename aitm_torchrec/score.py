@@ -69,7 +69,7 @@ from aitm_torchrec.files import atomic_write, sha256_file
 from aitm_torchrec.gauc import GaucSpec, GroupAUC, gauc_specs, uid_columns
 from aitm_torchrec.metrics import TaskMetrics
 from aitm_torchrec.outputs import JobOutput, describe_difference
-from aitm_torchrec.precision import Precision, autocast, resolve_for_job, unsupported
+from aitm_torchrec.precision import Precision, autocast, resolve_for_job, unsupported, with_int8_linears
 
 logger = logging.getLogger(__name__)
 
@@ -231,8 +231,8 @@ def run(cfg: Config, env: DistEnv, opts: ScoreOptions, on_part_written: Callable
         if (why := unsupported(precision.resolved, "cpu")) is not None:
             raise ScoreError(why)
         predictor = Predictor(opts.model, threads=opts.threads or None, precision=precision.resolved, bf16_min_rows=1)
-        if predictor.precision.resolved != precision.resolved:  # int8 Linears: fp32
-            precision = Precision(precision.requested, predictor.precision.resolved, predictor.precision.reason)
+        if predictor.precision.resolved != precision.resolved:  # an artefact with int8 Linears
+            precision = with_int8_linears(precision, predictor.precision.reason)
         schema, model = predictor.schema, _identity(Path(opts.model), "meta.json", int(predictor.meta.get("step", -1)))
         source_text = f"serving model {opts.model}"
     else:
@@ -241,8 +241,8 @@ def run(cfg: Config, env: DistEnv, opts: ScoreOptions, on_part_written: Callable
         model = _identity(ckpt, "meta.json", int(from_checkpoint.checkpoint_meta(ckpt).get("step", -1)))
         source_text = f"{ckpt} (step {model['step']})"
         precision = resolve_for_job(cfg.train_config.mixed_precision, env.device)
-        if opts.dense_quant != "none" and precision.resolved != "none":  # int8 Linears take fp32 inputs
-            precision = Precision(precision.requested, "none", f"--dense-quant {opts.dense_quant} runs in fp32")
+        if opts.dense_quant != "none":
+            precision = with_int8_linears(precision, f"--dense-quant {opts.dense_quant} runs in fp32")
         if (why := unsupported(precision.resolved, env.device)) is not None:
             raise ScoreError(why)
     columns = list(opts.reserved_columns)

@@ -38,7 +38,7 @@ import pyarrow as pa
 import torch
 
 from aitm_torchrec.features import DataError, Source, bag_column, mix64, raw_column
-from aitm_torchrec.precision import CPUINFO, Precision, autocast, resolve
+from aitm_torchrec.precision import CPUINFO, Precision, autocast, resolve, unsupported, with_int8_linears
 from aitm_torchrec.schema import Schema
 
 MODEL_FILE = "scripted_model.pt"
@@ -74,15 +74,13 @@ def serving_precision(meta: Mapping[str, Any], requested: str | None = None,
     CPU as training resolves it (``precision.resolve``: auto is bf16 on a CPU with AMX). int8
     Linears (``dense_quantization`` int8) take fp32 inputs: such an artefact runs in fp32. fp16
     needs CUDA and the artefact runs on the CPU: ValueError."""
-    requested = requested or str(meta.get("mixed_precision") or "none")
-    if requested == "fp16":
-        raise ValueError("precision fp16 needs CUDA; a serving artefact runs on the CPU: use auto, bf16 or none")
+    precision = resolve(requested or str(meta.get("mixed_precision") or "none"), "cpu", cpuinfo)
+    if (why := unsupported(precision.resolved, "cpu")) is not None:
+        raise ValueError(why)
     dense = meta.get("dense_quantization", "none")
     if dense != "none":
-        if requested not in ("auto", "none", "bf16"):
-            raise ValueError(f"precision {requested!r} is not one of auto, none, bf16")
-        return Precision(requested, "none", f"int8 Linears (dense_quantization {dense}) take fp32 inputs")
-    return resolve(requested, "cpu", cpuinfo)
+        return with_int8_linears(precision, f"int8 Linears (dense_quantization {dense}) take fp32 inputs")
+    return precision
 
 
 class Predictor:
