@@ -38,11 +38,14 @@ def linear_gemms(cfg, batch_size: int) -> list[tuple[str, int, int, int]]:
     found: list[tuple[str, int, int, int]] = []
 
     def cross_layers(name: str, mod: nn.Module, rows: int) -> None:
-        for i, w in enumerate(getattr(mod, "kernels", None) or []):  # CrossNet: x_l @ W_l^T, W_l in x in
-            found.append((f"{name}.kernels.{i}", rows, w.shape[1], w.shape[0]))
-        for i, (v, w) in enumerate(zip(getattr(mod, "V_kernels", None) or [], getattr(mod, "W_kernels", None) or [])):
-            found.extend([(f"{name}.V_kernels.{i}", rows, v.shape[1], v.shape[0]),
-                          (f"{name}.W_kernels.{i}", rows, w.shape[1], w.shape[0])])
+        # CrossNet: x_l @ W_l^T with W_l in x in; LowRankCrossNet: x_l @ V_l^T (r x in), then @ W_l^T (in x r)
+        if isinstance(mod, CrossNet):
+            layers = [[("kernels", w)] for w in mod.kernels]
+        else:
+            layers = [[("V_kernels", v), ("W_kernels", w)] for v, w in zip(mod.V_kernels, mod.W_kernels)]
+        for i, layer in enumerate(layers):
+            for kind, w in layer:
+                found.append((f"{name}.{kind}.{i}", rows, w.shape[1], w.shape[0]))
 
     hooks = [m.register_forward_hook(
         lambda mod, inp, out, name=name: found.append(
