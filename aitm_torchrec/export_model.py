@@ -12,8 +12,9 @@ beside ``DIR`` and renamed into place (``outputs.publish_dir``), so ``DIR`` is n
 - ``DIR/scripted_model.pt``: ``ServingModel`` around the model, its EmbeddingBagCollections
   (the wide and the task tables' too) swapped for TorchRec's quantized ones (``quantize_inference_model``;
   ``none`` keeps fp32 tables), its ``nn.Linear`` layers dynamically quantized to int8 with ``dense_quant="int8"``
-  (``quantize_dense``; ``none`` keeps them fp32), fx-traced (``torchrec.fx.symbolic_trace``) and
-  TorchScripted.
+  (``quantize_dense``), or with ``none`` kept fp32 as ``serving_dense.ServingLinear`` layers (the
+  cross networks as ``ServingCrossNet``), which the Predictor packs for bf16 GEMMs where its
+  precision is bf16; fx-traced (``torchrec.fx.symbolic_trace``) and TorchScripted.
   forward(inputs: Dict[str, Tensor]) -> Dict[str, Tensor]:
     inputs  ``<feature>.values`` (int64 table rows, after the schema's id rule; zch features:
             the ids' zch keys, ``features.zch_keys``) and
@@ -57,6 +58,7 @@ from aitm_torchrec.from_checkpoint import checkpoint_meta, local_model, resolve_
 from aitm_torchrec.outputs import publish_dir
 from aitm_torchrec.schema import Schema
 from aitm_torchrec.serving import META_FILE, MODEL_FILE, SCHEMA_FILE, input_names, output_names
+from aitm_torchrec.serving_dense import ServingLinear, serving_layers
 
 ARTEFACT_VERSION = 1
 
@@ -190,13 +192,17 @@ def script_model(model: nn.Module, schema: Schema, quant: str = "int8",
     ``row_alignment``: bytes each quantized table row is padded to. ``zch_world_size``: ranks of
     the training run (where unheld zch keys' default rows are; see ``ZchLookup``).
     ``dense_quant``: the Linear layers (``quantize_dense``), quantized on the eager copy before
-    tracing (the dynamic quantized Linear is a leaf of the trace and scripts as it is)."""
+    tracing (the dynamic quantized Linear is a leaf of the trace and scripts as it is); with
+    ``none`` they and the cross networks become ``serving_dense`` layers (fp32 as exported; bf16
+    GEMMs on packed weights once the Predictor packs them)."""
     if quant not in QUANT_DTYPES:
         raise ValueError(f"quantization {quant!r} is not one of {', '.join(QUANT_DTYPES)}")
     if dense_quant not in DENSE_QUANTS:
         raise ValueError(f"dense quantization {dense_quant!r} is not one of {', '.join(DENSE_QUANTS)}")
     model = copy.deepcopy(model).eval()
     quantize_dense(model, dense_quant)
+    if dense_quant == "none":  # int8 Linears stay as they are: they run fp32 only
+        serving_layers(model)
     if getattr(model, "mc_ebc", None) is not None:
         model.mc_ebc = ZchLookup(model.mc_ebc, zch_world_size)
     dtype = QUANT_DTYPES[quant]
@@ -207,7 +213,8 @@ def script_model(model: nn.Module, schema: Schema, quant: str = "int8",
         quant_prep_customize_row_alignment(model, [EmbeddingBagCollection], row_alignment)
         model = quantize_inference_model(model, quantization_dtype=dtype)
     # Tracing a quantized model breaks the traced module in eager mode: trace a copy.
-    traced = torchrec.fx.symbolic_trace(copy.deepcopy(model))
+    # a ServingLinear branches on its packing and the batch size: a leaf of the trace, scripted as it is
+    traced = torchrec.fx.symbolic_trace(copy.deepcopy(model), leaf_modules=[ServingLinear.__name__])
     # model.py uses `from __future__ import annotations`, so the graph carries annotations as
     # strings, which TorchScript rejects: resolve the inputs' types, drop the others.
     hints = typing.get_type_hints(type(model).forward)

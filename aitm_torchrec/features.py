@@ -174,8 +174,11 @@ def bag_column(feature: SparseFeature, column: pa.ChunkedArray | pa.Array, src: 
     if pa.types.is_list(t) or pa.types.is_large_list(t):
         if feature.feature_type == "IdFeature":
             raise DataError(f"{src.path}: column {feature.column!r} is a list ({t}); use TagFeature")
-        lengths = arr.value_lengths().fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+        lengths = arr.value_lengths()
+        lengths = (lengths.fill_null(0) if arr.null_count else lengths).to_numpy(zero_copy_only=False).astype(np.int64)
         flat = arr.flatten()  # respects slicing, unlike .values
+        if flat.null_count == 0 and not is_string(flat.type):  # every value kept (the common case)
+            return lengths, ids_to_rows(feature, flat, src)
         keep = flat.is_valid()
         if is_string(flat.type):
             keep = pc.and_(keep, pc.not_equal(pc.utf8_length(flat), 0)).fill_null(False)

@@ -7,8 +7,10 @@ tensors with the training id rules and normalisers (``features.bag_column`` / ``
 the functions the Parquet reader uses), runs the model and returns {tower: B float32 numpy}.
 The dense layers run in the precision the artefact records (the exporting config's
 ``train_config.mixed_precision``, default ``auto``), resolved on the machine that loads it: bf16
-autocast on a CPU with AMX for batches of at least ``BF16_MIN_ROWS`` rows, fp32 elsewhere
-(``serving_precision``; ``Predictor(precision=...)`` overrides).
+on a CPU with AMX for batches of at least ``BF16_MIN_ROWS`` rows, fp32 elsewhere
+(``serving_precision``; ``Predictor(precision=...)`` overrides). bf16 runs on the artefact's
+``ServingLinear`` layers with weights packed once at load (``pack_bf16``, ``serving_dense``), or
+under bf16 autocast for an artefact without them.
 
     from aitm_torchrec.serving import Predictor
 
@@ -45,10 +47,13 @@ MODEL_FILE = "scripted_model.pt"
 SCHEMA_FILE = "schema.json"
 META_FILE = "meta.json"
 
-# Smallest batch the Predictor runs in bf16 when its precision resolves to bf16: below it the casts
-# cost more than the AMX GEMMs gain (the seed model's dense part, one thread: fp32 0.32 ms against
-# bf16 0.59 ms at 1 row, 0.99 against 0.84 ms at 64; docs/serving.md, "Precision").
-BF16_MIN_ROWS = 64
+# Smallest batch the Predictor runs in bf16 when its precision resolves to bf16: below it oneDNN's
+# bf16 GEMMs and the casts around them cost as much as fp32 or more (the seed model on one thread
+# of an AMX CPU ties near 100 rows; docs/serving.md, "Precision").
+BF16_MIN_ROWS = 128
+
+# serving_dense.ServingLinear's class name (that module imports TorchRec; this one does not)
+PACKABLE_LINEAR = "ServingLinear"
 
 
 def input_names(schema: Schema) -> list[str]:
@@ -60,6 +65,20 @@ def input_names(schema: Schema) -> list[str]:
 def output_names(schema: Schema) -> list[str]:
     """The serving model's outputs, ``probs_<tower>`` (B float32) per tower, in tower order."""
     return [f"probs_{t}" for t in schema.tower_names]
+
+
+def pack_bf16(model: torch.jit.ScriptModule, min_rows: int) -> int:
+    """Packs every ``ServingLinear`` of a loaded artefact (``serving_dense``) for bf16 GEMMs on
+    batches of at least ``min_rows`` rows; returns how many. 0: an artefact exported without them
+    (int8 Linears, or an older export), or a oneDNN without bf16; nothing is packed then."""
+    if min_rows < 1:
+        raise ValueError(f"min_rows must be at least 1, got {min_rows}")
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return 0
+    layers = [m for m in model.modules() if getattr(m, "original_name", None) == PACKABLE_LINEAR]
+    for m in layers:
+        m.pack_bf16(min_rows)
+    return len(layers)
 
 
 class ArtefactError(FileNotFoundError):
@@ -90,15 +109,18 @@ class Predictor:
         path: the directory ``launch/export.py model --output`` wrote.
         threads: ``torch.set_num_threads(threads)`` (process-wide) when given; None leaves it.
         precision: the dense layers' precision, ``auto``, ``none`` (fp32) or ``bf16``; None: what
-            the artefact records (``serving_precision``). bf16 runs the model under bf16 autocast
-            (tables and probabilities stay as they are, float32 out).
+            the artefact records (``serving_precision``). bf16 runs the Linear and cross layers as
+            bf16 GEMMs (packed weights, or autocast for an artefact without ``ServingLinear``s);
+            tables and probabilities stay as they are, float32 out.
         bf16_min_rows: with bf16, batches of fewer rows run in fp32 (faster there). A row's
             probability then depends on the batch it came in by up to bf16's rounding; pass
             ``precision="none"`` where every call must give the same bits.
 
     Attributes: ``schema`` (``Schema``), ``tower_names`` (output order), ``columns`` (the input
     columns the features read), ``meta`` (meta.json: checkpoint, step, quantization, versions),
-    ``precision`` (``precision.Precision``: asked, resolved, why).
+    ``precision`` (``precision.Precision``: asked, resolved, why), ``packed_layers`` (how many
+    ``ServingLinear`` layers run bf16 GEMMs on packed weights; 0: fp32, or bf16 autocast). Call
+    ``model`` through the Predictor: with packed layers it must not run under ``torch.autocast``.
     """
 
     def __init__(self, path: str | Path, threads: int | None = None, precision: str | None = None,
@@ -120,7 +142,10 @@ class Predictor:
         self.bf16_min_rows = bf16_min_rows
         self.model = torch.jit.load(str(self.path / MODEL_FILE), map_location="cpu")
         self.model.eval()
+        # bf16 on packed weights where the artefact has ServingLinears; autocast otherwise
+        self.packed_layers = pack_bf16(self.model, bf16_min_rows) if self.precision.resolved == "bf16" else 0
         self._int_ids = _IntIds(self.schema)
+        self._columns = self.schema.feature_columns  # read on every call: computed once
 
     @property
     def tower_names(self) -> list[str]:
@@ -128,7 +153,7 @@ class Predictor:
 
     @property
     def columns(self) -> list[str]:
-        return self.schema.feature_columns
+        return list(self._columns)
 
     # ---- raw rows -> input tensors --------------------------------------------------------------
 
@@ -142,11 +167,11 @@ class Predictor:
         dictionary-encoded, zch, raw values) go through ``features.bag_column`` / ``raw_column``
         one column at a time. Same tensors as the per-column functions give (tested)."""
         src = Source(where)
-        names = table.column_names
-        for col in self.columns:
+        names = set(table.column_names)
+        for col in self._columns:
             if col not in names:
-                raise DataError(f"{where}: missing column {col!r} (the model reads {', '.join(self.columns)})")
-        columns = {col: _typed(table.column(col)) for col in self.columns}
+                raise DataError(f"{where}: missing column {col!r} (the model reads {', '.join(self._columns)})")
+        columns = {col: _typed(table.column(col)) for col in self._columns}
         inputs: dict[str, torch.Tensor] = {}
         grouped = self._int_ids.inputs(columns, table.num_rows, src)
         for f in self.schema.sparse:
@@ -166,10 +191,10 @@ class Predictor:
         values; None for nulls) -> an Arrow table of the model's columns. A key missing from some
         dicts is a null there; a column missing from every dict is an error."""
         columns = {}
-        for col in self.columns:
+        for col in self._columns:
             values = [r.get(col) for r in rows]
             if rows and not any(col in r for r in rows):
-                raise DataError(f"{where}: missing column {col!r} (the model reads {', '.join(self.columns)})")
+                raise DataError(f"{where}: missing column {col!r} (the model reads {', '.join(self._columns)})")
             try:
                 columns[col] = pa.array(values)
             except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError) as e:
@@ -180,9 +205,12 @@ class Predictor:
     # ---- prediction ---------------------------------------------------------------------------
 
     def predict_inputs(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
-        """Model input dict -> {tower: B float32 probabilities}, under the autocast of
-        ``precision`` for batches of at least ``bf16_min_rows`` rows."""
-        bf16 = self.precision.resolved == "bf16" and inputs["dense"].size(0) >= self.bf16_min_rows
+        """Model input dict -> {tower: B float32 probabilities}; in bf16 for batches of at least
+        ``bf16_min_rows`` rows when ``precision`` is bf16: on the packed layers, or (an artefact
+        without them) under bf16 autocast."""
+        # packed weights choose per batch themselves, and must not meet TorchScript's autocast
+        bf16 = (self.precision.resolved == "bf16" and not self.packed_layers
+                and inputs["dense"].size(0) >= self.bf16_min_rows)
         # not inference_mode: its tensors break later autograd in the caller
         with torch.no_grad(), autocast("cpu", self.precision if bf16 else "none"):
             out = self.model(dict(inputs))
@@ -229,11 +257,8 @@ class _IntIds:
     def inputs(self, columns: Mapping[str, pa.ChunkedArray | pa.Array], rows: int,
                src: Source) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """{feature: (values, lengths) tensors} for the features whose column is integer-typed."""
-        arrays = []
-        for f in self.features:
-            column = columns[f.column]
-            if pa.types.is_integer(column.type):
-                arrays.append((f, column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column))
+        # chunked or not: null_count, is_valid, fill_null and to_numpy read either
+        arrays = [(f, columns[f.column]) for f in self.features if pa.types.is_integer(columns[f.column].type)]
         if not arrays:
             return {}
         which = [self.features.index(f) for f, _ in arrays] if len(arrays) < len(self.features) else None
@@ -260,13 +285,14 @@ class _IntIds:
         if hashed.any():
             h = np.flatnonzero(hashed) if not hashed.all() else slice(None)
             ids[h] = (mix64(ids[h].view(np.uint64)) % buckets[h]).view(np.int64)
-        values = torch.from_numpy(ids)
-        lengths = torch.ones(ids.shape, dtype=torch.int64) if valid is None else torch.from_numpy(valid.astype(np.int64))
-        out = {}
-        for k, (f, _) in enumerate(arrays):
-            out[f.name] = (values[k] if valid is None or valid[k].all() else values[k][lengths[k].bool()],
-                           lengths[k])
-        return out
+        # unbind: K row views in one call (indexing a tensor K times costs more than the rest at 1 row)
+        values = torch.from_numpy(ids).unbind(0)
+        if valid is None:
+            lengths = torch.ones(ids.shape, dtype=torch.int64).unbind(0)
+            return {f.name: (values[k], lengths[k]) for k, (f, _) in enumerate(arrays)}
+        lengths = torch.from_numpy(valid.astype(np.int64)).unbind(0)
+        return {f.name: (values[k] if valid[k].all() else torch.from_numpy(ids[k][valid[k]]), lengths[k])
+                for k, (f, _) in enumerate(arrays)}
 
 
 def _typed(column: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:

@@ -124,6 +124,9 @@ def test_bf16_predictor_close_to_the_checkpoint_and_fp32_below_its_batch_floor(a
     assert json.loads((artefacts["none"] / "meta.json").read_text())["mixed_precision"] == "none"  # the config's
     assert Predictor(artefacts["none"]).precision.resolved == "none"
     p = Predictor(artefacts["none"], precision="bf16", bf16_min_rows=64)
+    # every Linear packed for oneDNN's bf16 GEMMs (where its build has bf16; else autocast)
+    linears = sum(getattr(m, "original_name", "") == "ServingLinear" for m in p.model.modules())
+    assert linears > 0 and p.packed_layers == (linears if torch.ops.mkldnn._is_mkldnn_bf16_supported() else 0)
     table, ref, labels = reference["table"], reference["probs"], reference["labels"]
     got = _stack(p.predict_arrow(table), reference["towers"])
     diff = np.abs(got - ref)
