@@ -2,8 +2,8 @@
 (default the seed's, real table sizes) trained for ``--train-steps`` steps on one gloo process (a
 real checkpoint, weights barely trained: latency and size do not depend on them), exported once
 per quantization (none/fp32, int8, fp16, int4). In this process with
-``torch.set_num_threads(1)`` and pyarrow on one thread: latency p50/p99 of batches of 1, 64 and
-512 candidates, (a) the scripted model on pre-built input dicts and (b) end to end, raw Arrow rows
+``torch.set_num_threads(1)`` and pyarrow on one thread: latency p50/p99 of batches of 1, 64,
+128 and 512 candidates, (a) the scripted model on pre-built input dicts and (b) end to end, raw Arrow rows
 through ``Predictor.predict_arrow`` (id hashing, normalisation, model); candidates/s of (a) and
 (b) at each batch size (= B / mean latency); artefact sizes in bytes and as a fraction of fp32;
 probabilities' mean/max absolute difference from the fp32 artefact on 4096 eval rows. Rows: the
@@ -14,12 +14,14 @@ table quantizations (the fp32 export is always made: the reference); ``--dense-q
 model --dense-quant``), ``both`` each table quantization twice (keys ``<quant>`` and
 ``<quant>+dense_int8``), for the dense layers' speed and accuracy beside fp32 ones. The
 Predictor runs in the precision each artefact records (the config's
-``train_config.mixed_precision``, ``auto`` by default: bf16 on a CPU with AMX for batches of 64+
-rows) or ``--precision``; each entry says which ("precision"). "diff vs fp32" is against the
-fp32-table export in that precision.
+``train_config.mixed_precision``, ``auto`` by default: bf16 on a CPU with AMX for batches of 128+
+rows, on the Linears' packed weights) or ``--precision``; each entry says which ("precision",
+"packed_bf16_layers"). With several precisions (``--precision auto,none``) every export runs in
+each, keyed ``<export> <precision>``: the bf16 / fp32 ratio inside one run. "diff vs fp32" is
+against the fp32-table export in that precision.
 
     python -m benchmarks serve [--iters 200] [--string-ids] [--train-steps 2] [--quants none,int8]
-                               [--dense-quant none|int8|both] [--precision auto|none|bf16]
+                               [--dense-quant none|int8|both] [--precision auto|none|bf16[,...]]
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ from pathlib import Path
 from benchmarks.common import REPO, add_overrides, generated_set
 
 HELP = "serving artefact latency, throughput and size per quantization"
+BATCHES = (1, 64, 128, 512)  # candidates per call
+PRECISIONS = ("auto", "none", "bf16")
 
 
 def add_arguments(s: argparse.ArgumentParser) -> None:
@@ -47,10 +51,19 @@ def add_arguments(s: argparse.ArgumentParser) -> None:
                    help="table quantizations to export, comma-separated (none, the fp32 reference, always)")
     s.add_argument("--dense-quant", choices=("none", "int8", "both"), default="none",
                    help="Linear layers of the exports: fp32, int8, or each export both ways")
-    s.add_argument("--precision", choices=("auto", "none", "bf16"), default=None,
-                   help="the Predictor's precision (default: what the artefact records, the config's "
+    s.add_argument("--precision", type=_precisions, default=None,
+                   help="the Predictor's precision, auto, none or bf16, or several comma-separated: each "
+                        "export measured in each (default: what the artefact records, the config's "
                         "train_config.mixed_precision; auto: bf16 on a CPU with AMX)")
     add_overrides(s)
+
+
+def _precisions(text: str) -> str:
+    """``--precision``'s value: auto, none or bf16, one or several comma-separated."""
+    for x in text.split(","):
+        if x.strip() not in PRECISIONS:
+            raise argparse.ArgumentTypeError(f"precision {x.strip()!r} is not one of {', '.join(PRECISIONS)}")
+    return text
 
 
 def _train_one(config: str | None, overrides: list[str]) -> dict:
@@ -118,16 +131,17 @@ def cmd(args: argparse.Namespace) -> dict:
                   "sizes_bytes": sizes, "size_vs_fp32": {q: round(n / sizes["none"], 3) for q, n in sizes.items()},
                   "goal": {"end_to_end_p50_ms_at_512": 4, "end_to_end_p99_ms_at_512": 8,
                            "end_to_end_p99_ms_at_1": 2, "int8_size_vs_fp32": 0.3}, "quant": {}}
-        reference = None
-        for q, path in exports.items():
-            p = Predictor(path, threads=1, precision=args.precision)
+        precisions = [x.strip() for x in args.precision.split(",")] if args.precision else [None]
+        reference: dict = {}  # per precision: the fp32-table export's probabilities
+        for (q, path), precision in ((e, x) for x in precisions for e in exports.items()):
+            p = Predictor(path, threads=1, precision=precision)
             probs = p.predict_arrow(rows)
-            if reference is None:
-                reference = probs
-            diff = np.concatenate([np.abs(probs[t] - reference[t]) for t in p.tower_names])
+            ref = reference.setdefault(precision, probs)
+            diff = np.concatenate([np.abs(probs[t] - ref[t]) for t in p.tower_names])
             entry = {"precision": p.precision.describe() + f", batches of {p.bf16_min_rows}+ rows",
+                     "packed_bf16_layers": p.packed_layers,
                      "mean_abs_diff_vs_fp32": float(diff.mean()), "max_abs_diff_vs_fp32": float(diff.max())}
-            for b in (1, 64, 512):
+            for b in BATCHES:
                 batch = rows.slice(0, b)
                 inputs = p.inputs_from_arrow(batch)
                 model = _latency_ms(lambda: p.predict_inputs(inputs), args.iters)  # noqa: B023
@@ -135,7 +149,7 @@ def cmd(args: argparse.Namespace) -> dict:
                 entry[f"batch_{b}"] = {"model_ms": model, "end_to_end_ms": e2e,
                                        "model_candidates_per_s": round(b / model["mean"] * 1e3),
                                        "end_to_end_candidates_per_s": round(b / e2e["mean"] * 1e3)}
-            result["quant"][q] = entry
+            result["quant"][q if len(precisions) == 1 else f"{q} {precision}"] = entry
         result["cpu_load_1min"] = os.getloadavg()[0]
         result["cores"] = os.cpu_count()
     finally:

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from benchmarks import all as all_benchmarks
@@ -198,3 +199,30 @@ def test_roofline_counts_the_cross_networks_kernels(tiny_config, low_rank):
     shapes = [(8, d, d)] * 2 if not low_rank else [(8, d, low_rank), (8, low_rank, d)] * 2
     assert [g[1:] for g in extra] == shapes
     assert len(crossed) - len(extra) == len(plain)  # the Linears are still every one counted
+
+
+def test_bench_serve_runs_each_export_in_each_precision(tiny_data, tmp_path):
+    """``serve --precision auto,none`` on a tiny config with a cross network: every export
+    measured in each precision at every batch size, keyed ``<export> <precision>``; auto packs the
+    artefact's Linears (and cross layers) where this machine resolves it to bf16, none packs nothing."""
+    from aitm_torchrec.precision import resolve_for_job
+    from benchmarks.serve import BATCHES
+
+    raw = tiny_config_dict(tiny_data, tmp_path / "unused")
+    raw["train_config"]["mixed_precision"] = "auto"
+    raw["model_config"]["backbone"]["cross"] = {"num_layers": 2}
+    config = tmp_path / "tiny_cross.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    out = run.main(["serve", "--config", str(config), "--data", str(tmp_path / "rows"), "--iters", "3",
+                    "--train-steps", "1", "--quants", "int8", "--precision", "auto,none"])
+    assert set(out["quant"]) == {"none auto", "int8 auto", "none none", "int8 none"}
+    # 2 backbone + 2 x 2 tower + 1 transfer + 3 AIT + 2 output Linears, 2 cross layers
+    bf16 = resolve_for_job("auto", "cpu").resolved == "bf16" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    for key, entry in out["quant"].items():
+        assert entry["packed_bf16_layers"] == (14 if bf16 and key.endswith("auto") else 0), key
+        for b in BATCHES:
+            assert entry[f"batch_{b}"]["end_to_end_ms"]["p50"] > 0 and entry[f"batch_{b}"]["model_candidates_per_s"] > 0
+    assert out["quant"]["none none"]["max_abs_diff_vs_fp32"] == 0.0
+    assert 0 < out["quant"]["int8 none"]["max_abs_diff_vs_fp32"] < 0.05  # int8 tables against fp32 ones
+    with pytest.raises(SystemExit):
+        run.main(["serve", "--precision", "auto,fp16"])
