@@ -73,12 +73,22 @@ def pack_bf16(model: torch.jit.ScriptModule, min_rows: int) -> int:
     (int8 Linears, or an older export), or a oneDNN without bf16; nothing is packed then."""
     if min_rows < 1:
         raise ValueError(f"min_rows must be at least 1, got {min_rows}")
-    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    if not _packing_available():
         return 0
     layers = [m for m in model.modules() if getattr(m, "original_name", None) == PACKABLE_LINEAR]
     for m in layers:
         m.pack_bf16(min_rows)
     return len(layers)
+
+
+def _packing_available() -> bool:
+    """oneDNN has bf16 here and this torch has the two (private) operators the packed layers call:
+    a build without them serves through autocast instead of failing at load."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) and all(
+            hasattr(torch.ops.mkldnn, op) for op in ("_reorder_linear_weight", "_linear_pointwise"))
+    except (AttributeError, RuntimeError):
+        return False
 
 
 class ArtefactError(FileNotFoundError):

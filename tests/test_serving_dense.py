@@ -7,6 +7,7 @@ close to it."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -123,3 +124,30 @@ def test_every_model_class_and_dense_option_serves_fp32_exact_and_packed_bf16_cl
     torch.testing.assert_close(packed, expected, rtol=0, atol=1e-2)
     assert (packed != expected).any()  # the bf16 GEMMs ran
     torch.testing.assert_close(single, eager_probs(model, cfg.schema, one), rtol=0, atol=1e-6)  # below the floor: fp32
+
+
+def test_predictor_packs_at_load_or_serves_through_autocast_where_it_cannot(tmp_path, monkeypatch):
+    """An artefact whose config asks for bf16: the Predictor packs every ServingLinear at load
+    (where oneDNN has bf16); where packing is not available it runs the same file under bf16
+    autocast. Both close to the eager fp32 model, both in bf16 (not equal to it)."""
+    from aitm_torchrec import serving
+    from aitm_torchrec.export_model import export
+
+    torch.manual_seed(0)
+    cfg = load_config(REPO / "configs" / CONFIGS["AITM"], SMALL + ["model_config.backbone.cross={num_layers: 2}"])
+    model = build_model(cfg, device="cpu").eval()
+    export(model, cfg.schema, tmp_path / "artefact", "none", {"mixed_precision": "bf16"})
+    inputs = example_inputs(cfg.schema, 8)
+    expected = eager_probs(model, cfg.schema, inputs).numpy()
+    packed = serving.Predictor(tmp_path / "artefact", bf16_min_rows=4)
+    assert packed.precision.resolved == "bf16"
+    linears = sum(type(m) is nn.Linear for m in model.modules()) + 2  # and the two cross layers
+    assert packed.packed_layers == (linears if BF16 else 0)
+    monkeypatch.setattr(serving, "_packing_available", lambda: False)
+    autocast = serving.Predictor(tmp_path / "artefact", bf16_min_rows=4)
+    assert autocast.packed_layers == 0
+    for p in (packed, autocast):
+        got = p.predict_inputs(inputs)
+        probs = np.stack([got[t] for t in cfg.schema.tower_names], axis=1)
+        np.testing.assert_allclose(probs, expected, rtol=0, atol=1e-2)
+        assert (probs != expected).any()
