@@ -11,10 +11,10 @@ swaps, in place:
   each W_l x_l + b_l a ``ServingLinear`` (W_l = U_l V_l: two of them).
 
 As exported, a ``ServingLinear`` computes ``F.linear`` (+ ReLU) in fp32: the artefact's
-probabilities are the eager model's. ``pack_bf16(min_rows)`` (the Predictor calls it on the model
-it loaded when its precision resolves to bf16: ``serving.pack_bf16``, which finds the
-layers by their class name) reorders the weight once into oneDNN's blocked
-bf16 layout (``torch.ops.mkldnn._reorder_linear_weight``); from then on inputs of at least
+probabilities are the eager model's. ``pack_bf16(min_rows)`` reorders the weight once into
+oneDNN's blocked bf16 layout (``torch.ops.mkldnn._reorder_linear_weight``); the Predictor calls it
+on the model it loaded when its precision resolves to bf16 (``serving.pack_bf16``, which finds the
+layers by their class name). From then on inputs of at least
 ``min_rows`` rows run ``torch.ops.mkldnn._linear_pointwise`` (AMX bf16 GEMM, the ReLU fused into
 it) and return bf16, and smaller ones stay fp32. Measured on the seed model at 512 rows, one
 thread of an AMX CPU: 2.1-2.2 ms against 3.1-3.3 ms under bf16 autocast, which casts every weight
@@ -31,7 +31,6 @@ loaded copy, never on the file. The file itself has plain fp32 weights and runs 
 """
 
 # No ``from __future__ import annotations``: TorchScript compiles these forwards.
-
 
 import torch
 import torch.nn.functional as F
