@@ -76,7 +76,7 @@ class ServingLinear(nn.Module):
             bias: torch.Tensor | None = self.packed_bias if self.has_bias else None
             return torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), self.packed_weight, bias,
                                                       self.activation, [], "")
-        y = F.linear(x.float(), self.weight, self.bias)
+        y = F.linear(x, self.weight, self.bias)
         return F.relu(y) if self.activation == "relu" else y
 
 

@@ -58,12 +58,13 @@ def add_arguments(s: argparse.ArgumentParser) -> None:
     add_overrides(s)
 
 
-def _precisions(text: str) -> str:
-    """``--precision``'s value: auto, none or bf16, one or several comma-separated."""
-    for x in text.split(","):
-        if x.strip() not in PRECISIONS:
-            raise argparse.ArgumentTypeError(f"precision {x.strip()!r} is not one of {', '.join(PRECISIONS)}")
-    return text
+def _precisions(text: str) -> list[str]:
+    """``--precision``'s value, auto, none or bf16, one or several comma-separated -> the list."""
+    values = [x.strip() for x in text.split(",")]
+    for x in values:
+        if x not in PRECISIONS:
+            raise argparse.ArgumentTypeError(f"precision {x!r} is not one of {', '.join(PRECISIONS)}")
+    return values
 
 
 def _train_one(config: str | None, overrides: list[str]) -> dict:
@@ -131,7 +132,7 @@ def cmd(args: argparse.Namespace) -> dict:
                   "sizes_bytes": sizes, "size_vs_fp32": {q: round(n / sizes["none"], 3) for q, n in sizes.items()},
                   "goal": {"end_to_end_p50_ms_at_512": 4, "end_to_end_p99_ms_at_512": 8,
                            "end_to_end_p99_ms_at_1": 2, "int8_size_vs_fp32": 0.3}, "quant": {}}
-        precisions = [x.strip() for x in args.precision.split(",")] if args.precision else [None]
+        precisions = args.precision or [None]  # None: what each artefact records
         reference: dict = {}  # per precision: the fp32-table export's probabilities
         for (q, path), precision in ((e, x) for x in precisions for e in exports.items()):
             p = Predictor(path, threads=1, precision=precision)
