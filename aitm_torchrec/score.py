@@ -20,8 +20,9 @@ Precision: from a checkpoint, the model's dense layers run under the autocast of
 ``train_config.mixed_precision`` resolved for this job's device and ranks (``precision``; auto:
 bf16 on CUDA with bf16 and on CPUs with AMX, else fp32), as in training; a serving artefact
 (``model``) in that precision on the CPU (bf16: the Predictor's packed layers, at every batch
-size), unless its Linears are int8 (``serving.serving_precision``; fp32 then). The resolved value is part of the job's identity (``job.json``,
-so a resumed job's parts all come from one precision) and of ``manifest.json``.
+size), unless its Linears are int8 (``serving.serving_precision``; fp32 then). The resolved value
+is part of the job's identity (``job.json``, so a resumed job's parts all come from one
+precision) and of ``manifest.json``.
 
 ``dense_quant="int8"`` (checkpoint only): the sharded model's ``nn.Linear`` layers (the unsharded
 MLPs inside DistributedModelParallel) are swapped for dynamically quantized int8 ones

@@ -13,8 +13,9 @@ missing). Figures:
   ``nn.Linear`` of the built model (backbone, towers, transfer layers, the AIT projections h1/h2/h3
   once per candidate, heads) and every kernel of a ``backbone.cross`` network, at 2*in*out
   multiply-adds forward, x3 for forward + the two backward GEMMs (input and weight gradients;
-  every layer needs both, since gradients flow to the embeddings). Not counted: biases, activations, batch norm, dropout, AIT scores and softmax, the
-  loss, embedding lookups and their fused update, the dense optimizer. The rows of each layer
+  every layer needs both, since gradients flow to the embeddings). Not counted: biases,
+  activations, batch norm, dropout, AIT scores and softmax, the loss, embedding lookups and their
+  fused update, the dense optimizer. The rows of each layer
   come from a forward hook on one B-row ``predict``, so a layer run on B x C candidates counts C.
   ``flops_breakdown``: the same per top-level module group.
 - ``gemm_flops_per_s``: fp32 ``torch.mm`` measured in the same run, inside the training ranks
