@@ -11,7 +11,8 @@ beside ``DIR`` and renamed into place (``outputs.publish_dir``), so ``DIR`` is n
 
 - ``DIR/scripted_model.pt``: ``ServingModel`` around the model, its EmbeddingBagCollections
   (the wide and the task tables' too) swapped for TorchRec's quantized ones (``quantize_inference_model``;
-  ``none`` keeps fp32 tables), its ``nn.Linear`` layers dynamically quantized to int8 with ``dense_quant="int8"``
+  ``none`` keeps fp32 tables), each MLP's Linear -> BatchNorm pair folded into one Linear
+  (``serving_dense.fold_batch_norms``), its ``nn.Linear`` layers dynamically quantized to int8 with ``dense_quant="int8"``
   (``quantize_dense``), or with ``none`` kept fp32 as ``serving_dense.ServingLinear`` layers (the
   cross networks as ``ServingCrossNet``), which the Predictor packs for bf16 GEMMs where its
   precision is bf16; fx-traced (``torchrec.fx.symbolic_trace``) and TorchScripted.
@@ -58,7 +59,7 @@ from aitm_torchrec.from_checkpoint import checkpoint_meta, local_model, resolve_
 from aitm_torchrec.outputs import publish_dir
 from aitm_torchrec.schema import Schema
 from aitm_torchrec.serving import META_FILE, MODEL_FILE, SCHEMA_FILE, input_names, output_names
-from aitm_torchrec.serving_dense import ServingLinear, serving_layers
+from aitm_torchrec.serving_dense import ServingLinear, fold_batch_norms, serving_layers
 
 ARTEFACT_VERSION = 1
 
@@ -200,6 +201,7 @@ def script_model(model: nn.Module, schema: Schema, quant: str = "int8",
     if dense_quant not in DENSE_QUANTS:
         raise ValueError(f"dense quantization {dense_quant!r} is not one of {', '.join(DENSE_QUANTS)}")
     model = copy.deepcopy(model).eval()
+    fold_batch_norms(model)  # Linear -> BatchNorm as one Linear, before either dense form
     quantize_dense(model, dense_quant)
     if dense_quant == "none":  # int8 Linears stay as they are: they run fp32 only
         serving_layers(model)

@@ -1,12 +1,13 @@
 """The serving artefact's dense layers: Linear (with the ReLU after it) and DCN-v2 cross layers
 that run fp32 as exported and, once the Predictor packs them, bf16 GEMMs on oneDNN's packed weights.
 
-``serving_layers(model)`` (``export_model.script_model`` calls it on the eager copy it scripts)
-swaps, in place:
+``fold_batch_norms(model)`` folds each Linear -> BatchNorm pair of an MLP into one Linear;
+``serving_layers(model)`` (``export_model.script_model`` calls both on the eager copy it scripts)
+then swaps, in place:
 
 - every ``nn.Linear`` for a ``ServingLinear`` holding the same fp32 weight and bias; a ReLU right
-  after it in an ``nn.Sequential`` (``model.MLP``'s Linear -> ReLU) moves into it (the ReLU's slot
-  becomes ``nn.Identity``);
+  after it in an ``nn.Sequential`` (``model.MLP``'s Linear -> ReLU, or Linear -> folded BatchNorm
+  -> ReLU) moves into it (the ReLU's slot becomes ``nn.Identity``);
 - every TorchRec ``CrossNet`` / ``LowRankCrossNet`` for a ``ServingCrossNet`` of the same layers,
   each W_l x_l + b_l a ``ServingLinear`` (W_l = U_l V_l: two of them).
 
@@ -35,6 +36,7 @@ loaded copy, never on the file. The file itself has plain fp32 weights and runs 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.fusion import fuse_linear_bn_eval
 from torchrec.modules.crossnet import CrossNet, LowRankCrossNet
 
 
@@ -105,8 +107,28 @@ class ServingCrossNet(nn.Module):
         return x
 
 
+def fold_batch_norms(model: nn.Module) -> nn.Module:
+    """Folds every eval-mode ``nn.BatchNorm1d`` that follows an ``nn.Linear`` in an
+    ``nn.Sequential`` (``model.MLP``'s Linear -> BatchNorm -> ReLU) into that Linear's weight and
+    bias (``torch.nn.utils.fusion.fuse_linear_bn_eval``), in place; the BatchNorm's slot becomes
+    ``nn.Identity``. Returns ``model``. One GEMM instead of a GEMM and a normalisation, and the
+    ReLU after it can then fold into a ``ServingLinear``. A BatchNorm in training mode or without
+    running statistics is left as it is."""
+    for parent in list(model.modules()):
+        if not isinstance(parent, nn.Sequential):
+            continue
+        children = list(parent.named_children())
+        for (name, child), (bn_name, bn) in zip(children, children[1:]):
+            if (type(child) is nn.Linear and type(bn) is nn.BatchNorm1d and not child.training
+                    and not bn.training and bn.running_mean is not None):
+                setattr(parent, name, fuse_linear_bn_eval(child, bn))
+                setattr(parent, bn_name, nn.Identity())
+    return model
+
+
 def serving_layers(model: nn.Module) -> nn.Module:
-    """Swaps ``model``'s ``nn.Linear`` layers (with the ReLU right after each in a Sequential)
+    """Swaps ``model``'s ``nn.Linear`` layers (with the ReLU right after each in a Sequential, or
+    after the Identity a folded BatchNorm left: ``fold_batch_norms`` first)
     and cross networks for their serving forms, in place; returns ``model``. Quantized Linears
     (``export_model.quantize_dense``) and everything else are left as they are."""
     for parent in list(model.modules()):
@@ -115,10 +137,11 @@ def serving_layers(model: nn.Module) -> nn.Module:
             if isinstance(child, (CrossNet, LowRankCrossNet)):
                 setattr(parent, name, ServingCrossNet(child))
             elif type(child) is nn.Linear:
-                fuse = (isinstance(parent, nn.Sequential) and i + 1 < len(children)
-                        and type(children[i + 1][1]) is nn.ReLU)
+                # the next layer that computes anything (a folded BatchNorm left an Identity)
+                after = next((c for c in children[i + 1:] if type(c[1]) is not nn.Identity), None)
+                fuse = isinstance(parent, nn.Sequential) and after is not None and type(after[1]) is nn.ReLU
                 setattr(parent, name, ServingLinear.from_linear(child, "relu" if fuse else "none"))
                 if fuse:
-                    setattr(parent, children[i + 1][0], nn.Identity())
+                    setattr(parent, after[0], nn.Identity())
     return model
 

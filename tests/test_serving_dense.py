@@ -1,11 +1,14 @@
 """The serving artefact's dense layers (aitm_torchrec/serving_dense.py): a ServingLinear worked out
 by hand in fp32 and, packed, in bf16 (exact on small integers) with fp32 below its batch floor;
 the cross networks equal TorchRec's; the ReLU moves into the Linear before it and nowhere else;
+a BatchNorm folds into the Linear before it (by hand);
 and every model class with every dense option (cross, low-rank cross, dot, task embeddings with
 the STEM gate and a wide part, batch norm) scripted: fp32 as the eager model, and packed bf16
 close to it."""
 
 from __future__ import annotations
+
+import copy
 
 import numpy as np
 import pytest
@@ -18,7 +21,7 @@ from aitm_torchrec.export_model import eager_probs, example_inputs, script_model
 from aitm_torchrec.model import MLP, MLPSpec
 from aitm_torchrec.registry import build_model
 from aitm_torchrec.serving import PACKABLE_LINEAR, pack_bf16
-from aitm_torchrec.serving_dense import ServingCrossNet, ServingLinear, serving_layers
+from aitm_torchrec.serving_dense import ServingCrossNet, ServingLinear, fold_batch_norms, serving_layers
 from tests.conftest import REPO
 from tests.test_backbone import BOTH as BOTH_BLOCKS
 from tests.test_backbone import CASES, CONFIGS, FORMS, SMALL
@@ -90,6 +93,33 @@ def test_relu_moves_into_the_linear_right_before_it_only():
     assert [type(m).__name__ for m in normed] == ["ServingLinear", "BatchNorm1d", "ReLU"]
     assert normed[0].activation == "none"
     torch.testing.assert_close((plain(x), normed(x)), expected, rtol=0, atol=0)
+
+
+def test_batch_norm_folds_into_the_linear_before_it_then_the_relu_moves_in():
+    # Linear W, BIAS on X -> LINEAR; BatchNorm (eps 0) with mean [1, -1], var [4, 1], gamma [2, 1],
+    # beta [0, 0.5]: ((LINEAR - mean) / sd) * gamma + beta, then ReLU, by hand:
+    # row 1: [(-0.5 - 1) / 2 * 2, (3 + 1) + 0.5] = [-1.5, 4.5] -> [0, 4.5]
+    # row 2: [(4.5 - 1) / 2 * 2, (-3 + 1) + 0.5] = [3.5, -1.5] -> [3.5, 0]
+    # row 3: [(0.5 - 1) / 2 * 2, (-1 + 1) + 0.5] = [-0.5, 0.5] -> [0, 0.5]
+    expected = torch.tensor([[0.0, 4.5], [3.5, 0.0], [0.0, 0.5]])
+    mlp = MLP(2, MLPSpec((2,), batch_norm=True))
+    linear, bn = mlp[0], mlp[1]
+    with torch.no_grad():
+        linear.weight.copy_(W)
+        linear.bias.copy_(BIAS)
+        bn.running_mean.copy_(torch.tensor([1.0, -1.0]))
+        bn.running_var.copy_(torch.tensor([4.0, 1.0]))
+        bn.weight.copy_(torch.tensor([2.0, 1.0]))
+        bn.bias.copy_(torch.tensor([0.0, 0.5]))
+    bn.eps = 0.0
+    training = fold_batch_norms(copy.deepcopy(mlp).train())
+    assert [type(m).__name__ for m in training] == ["Linear", "BatchNorm1d", "ReLU"]  # batch statistics: left
+    mlp.eval()
+    torch.testing.assert_close(mlp(X), expected, rtol=0, atol=1e-6)
+    serving_layers(fold_batch_norms(mlp))
+    assert [type(m).__name__ for m in mlp] == ["ServingLinear", "Identity", "Identity"]
+    assert mlp[0].activation == "relu"
+    torch.testing.assert_close(torch.jit.script(mlp)(X), expected, rtol=0, atol=1e-6)
 
 
 # (id, config file or, with no overrides, the model class for test_stem's config, overrides)
