@@ -329,11 +329,11 @@ def learn(model: TrueForm, train: Rows, optimizer: str, rate: float, batch: int 
                         steps[n] = rate * model[n].grad / state[n]
                         model[n].sub_(steps[n])
                     halvings += _backtrack(model, rows, before.detach(), steps)
-                    continue
-                for n in names:
-                    param = model[n]
-                    state[n] += param.grad ** 2
-                    param -= (0.01 if n == "bias" else rate) * param.grad / (state[n].sqrt() + 1e-10)
+                else:
+                    for n in names:
+                        param = model[n]
+                        state[n] += param.grad ** 2
+                        param -= (0.01 if n == "bias" else rate) * param.grad / (state[n].sqrt() + 1e-10)
     return halvings
 
 
