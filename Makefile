@@ -42,7 +42,7 @@ demo: $(STAMP) $(DEMO_DATA)/_SUCCESS
 	    data_config.batch_size=1024
 	@echo "== $(DEMO_CONFIG), the seed's example =="
 	@$(PY) -m launch.report runs/aitm_taobao/summary.json --scores runs/aitm_taobao/scores
-	@echo "== $(BEST_CONFIG), the seed's plus the cross network =="
+	@echo "== $(BEST_CONFIG), the seed's plus the options the study kept =="
 	@$(PY) -m launch.report runs/aitm_taobao_best/summary.json
 
 test: $(STAMP)

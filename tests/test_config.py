@@ -105,7 +105,10 @@ MODEL_CONFIGS = {
 # The best configs: the seed config they name, and the options the family study kept
 # (docs/benchmarks.md, "The best configs"); nothing else differs.
 BEST_CONFIGS = {"aitm_taobao_best.yaml": "aitm_taobao.yaml", "aitm_3step_best.yaml": "aitm_3step.yaml"}
-KEPT_OPTIONS = {"cross": {"num_layers": 2}}
+KEPT_OPTIONS = {"cross": {"num_layers": 2}, "dot_interaction": {"self_interaction": False}}
+# hash_bucket_size per feature where the best configs' tables differ from the seed's: 10x
+BEST_TABLE_ROWS = {**{f: 1_000_000 for f in ("adgroup_id", "campaign_id", "customer", "brand", "user_id",
+                                              "tag_category_list", "tag_brand_list")}, "cate_id": 100_000}
 
 
 @pytest.mark.parametrize("best", sorted(BEST_CONFIGS))
@@ -113,11 +116,20 @@ def test_best_configs_are_their_seed_config_plus_the_kept_options(best):
     raw = {name: yaml.safe_load(config_path(name).read_text()) for name in (best, BEST_CONFIGS[best])}
     mine, seed = raw[best], raw[BEST_CONFIGS[best]]
     assert {k: mine["model_config"]["backbone"].pop(k) for k in KEPT_OPTIONS} == KEPT_OPTIONS
+    grown = {}
+    for f, s in zip(mine["feature_config"]["features"], seed["feature_config"]["features"]):
+        if f != s:
+            grown[f["input_names"][0]] = f.pop("hash_bucket_size")
+            assert grown[f["input_names"][0]] == 10 * s.pop("hash_bucket_size")
+    assert grown == BEST_TABLE_ROWS
     for r in (mine, seed):
         r.pop("model_dir")
         r["model_config"].pop("model_name")
     assert mine == seed
-    assert load_config(config_path(best)).model_config.backbone.cross.num_layers == 2
+    cfg = load_config(config_path(best))
+    assert cfg.model_config.backbone.cross.num_layers == 2
+    assert cfg.model_config.backbone.dot_interaction.self_interaction is False
+    assert {n: f.hash_bucket_size for n, f in cfg.features.items() if n in BEST_TABLE_ROWS} == BEST_TABLE_ROWS
 
 
 def config_path(name: str):
@@ -132,7 +144,9 @@ def test_model_configs_load(name):
     assert cfg.model_config.model_class == model_class
     assert [t.label_name for t in cfg.towers] == labels
     assert cfg.model_dir == f"runs/{name[:-5]}"
-    assert cfg.features == load_config().features  # same features and tables as the seed
+    seed = load_config().features  # same features and tables as the seed (the best configs' larger)
+    grown = BEST_TABLE_ROWS if name in BEST_CONFIGS else {}
+    assert {n: dataclasses.replace(f, hash_bucket_size=grown.get(n, f.hash_bucket_size)) for n, f in seed.items()} == cfg.features
 
 
 # The task weights the studies in benchmarks/studies/ chose (docs/benchmarks.md; click : buy, or
