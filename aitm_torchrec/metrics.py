@@ -127,9 +127,10 @@ class TaskMetrics:
         self.error_bound: dict[str, float] = {}
 
     def update(self, logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> None:
-        """logits, labels: B x T; weights: B (0 marks padding)."""
-        keep = weights > 0
-        logits, labels = logits[keep].float(), labels[keep].float()
+        """logits, labels: B x T; weights: B (0 marks padding); on any device (moved to this one's)."""
+        device = self.sums.device
+        keep = weights.to(device) > 0
+        logits, labels = logits.to(device)[keep].float(), labels.to(device)[keep].float()
         probs = torch.sigmoid(logits)
         bce = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
         self.sums += torch.stack([bce.sum(0, dtype=torch.float64), probs.sum(0, dtype=torch.float64),

@@ -75,38 +75,44 @@ def training_flops(gemms: list[tuple[str, int, int, int]], batch_size: int) -> t
 
 
 def gemm_seconds(gemms: list[tuple[str, int, int, int]], passes: int = 5, inner: int = 5,
-                 dtype=None) -> tuple[float, float]:
-    """(FLOPs, seconds) of one pass of the model's GEMMs in ``dtype`` (None: fp32) on this thread
-    count: for each Linear, forward x @ W^T (rows x in x out), input gradient dY @ W and weight
-    gradient dY^T @ x, each timed as the fastest of ``passes`` runs of ``inner`` calls."""
+                 dtype=None, device=None) -> tuple[float, float]:
+    """(FLOPs, seconds) of one pass of the model's GEMMs in ``dtype`` (None: fp32) on ``device``
+    (None: the CPU, at this thread count): for each Linear, forward x @ W^T (rows x in x out), input
+    gradient dY @ W and weight gradient dY^T @ x, each timed as the fastest of ``passes`` runs of
+    ``inner`` calls (on CUDA, to the device's completion of the last)."""
     import torch
 
     dtype = dtype or torch.float32
+    device = torch.device(device or "cpu")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     flops = seconds = 0.0
     for _, rows, k, n in gemms:
-        x, w, dy = (torch.randn(*shape).to(dtype) for shape in ((rows, k), (n, k), (rows, n)))
+        x, w, dy = (torch.randn(*shape, device=device).to(dtype) for shape in ((rows, k), (n, k), (rows, n)))
         for a, b in ((x, w.t()), (dy, w), (dy.t(), x)):
-            out = torch.empty(a.shape[0], b.shape[1], dtype=dtype)
-            torch.mm(a, b, out=out)  # warm: MKL picks its kernel
+            out = torch.empty(a.shape[0], b.shape[1], dtype=dtype, device=device)
+            torch.mm(a, b, out=out)  # warm: the BLAS picks its kernel
             best = math.inf
             for _ in range(passes):
+                sync()
                 t0 = time.perf_counter()
                 for _ in range(inner):
                     torch.mm(a, b, out=out)
+                sync()
                 best = min(best, (time.perf_counter() - t0) / inner)
             flops += 2.0 * a.shape[0] * a.shape[1] * b.shape[1]
             seconds += best
     return flops, seconds
 
 
-def world_gemm_flops_per_s(gemms, dtype=None) -> float:
-    """Sum over ranks of this GEMM mix's FLOP/s in ``dtype`` (None: fp32), all ranks measuring
-    at once."""
+def world_gemm_flops_per_s(gemms, dtype=None, device=None) -> float:
+    """Sum over ranks of this GEMM mix's FLOP/s in ``dtype`` (None: fp32) on each rank's training
+    ``device`` (None: the CPU), all ranks measuring at once. The sum travels on ``device``: NCCL
+    reduces CUDA tensors only."""
     import torch
     import torch.distributed as dist
 
     dist.barrier()
-    flops, seconds = gemm_seconds(gemms, dtype=dtype)
-    rate = torch.tensor([flops / seconds], dtype=torch.float64)
+    flops, seconds = gemm_seconds(gemms, dtype=dtype, device=device)
+    rate = torch.tensor([flops / seconds], dtype=torch.float64, device=device)
     dist.all_reduce(rate)
     return float(rate)

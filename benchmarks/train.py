@@ -123,16 +123,16 @@ def _train_rank(config: str | None, overrides: list[str], bare_steps: int) -> di
         gemms = linear_gemms(cfg, cfg.data_config.batch_size)
         # the precision run() resolves to, measured as the trainer will run it
         dtype = resolve_for_job(cfg.train_config.mixed_precision, env.device).dtype
-        before = world_gemm_flops_per_s(gemms)
-        before_in_use = world_gemm_flops_per_s(gemms, dtype) if dtype else before
+        before = world_gemm_flops_per_s(gemms, device=env.device)
+        before_in_use = world_gemm_flops_per_s(gemms, dtype, env.device) if dtype else before
         dist.barrier()
         cpu0, wall0 = cpu_seconds(), time.perf_counter()
         summary = run(cfg, env, TrainOptions(resume=False)).to_dict()
         wall, cpu1 = time.perf_counter() - wall0, cpu_seconds()
-        ranks_cpu = torch.tensor([cpu1["process"] - cpu0["process"]], dtype=torch.float64)
+        ranks_cpu = torch.tensor([cpu1["process"] - cpu0["process"]], dtype=torch.float64, device=env.device)
         dist.all_reduce(ranks_cpu)
-        after = world_gemm_flops_per_s(gemms)
-        after_in_use = world_gemm_flops_per_s(gemms, dtype) if dtype else after
+        after = world_gemm_flops_per_s(gemms, device=env.device)
+        after_in_use = world_gemm_flops_per_s(gemms, dtype, env.device) if dtype else after
         bare = None
         if bare_steps:
             reader = train_reader(cfg, env)

@@ -185,6 +185,26 @@ def test_gemm_roofline_measures_the_model_shapes_in_fp32_and_bf16(tiny_config):
     assert s32 > 0 and s16 > 0
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gemm_roofline_on_cuda_times_the_device_and_reduces_there(tiny_config):
+    """On a CUDA rank the roofline runs its GEMMs on the GPU and its sum travels on the GPU
+    (NCCL reduces CUDA tensors only); one NCCL rank."""
+    import torch.distributed as dist
+
+    from aitm_torchrec.config import load_config
+    from benchmarks.roofline import gemm_seconds, linear_gemms, world_gemm_flops_per_s
+
+    gemms = linear_gemms(load_config(tiny_config), 64)
+    flops, seconds = gemm_seconds(gemms, passes=1, inner=1, device="cuda")
+    assert flops == sum(3 * 2.0 * rows * k * n for _, rows, k, n in gemms) and seconds > 0
+    store = dist.HashStore()
+    dist.init_process_group("nccl", store=store, rank=0, world_size=1)
+    try:
+        assert world_gemm_flops_per_s(gemms, torch.bfloat16, torch.device("cuda", 0)) > 0
+    finally:
+        dist.destroy_process_group()
+
+
 @pytest.mark.parametrize("low_rank", [0, 4])
 def test_roofline_counts_the_cross_networks_kernels(tiny_config, low_rank):
     """backbone.cross: 2 layers over the model input (width D) add 2 GEMMs of D x D per row, or

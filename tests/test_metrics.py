@@ -39,6 +39,21 @@ def _rank_metrics() -> dict:
     return out
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("form", ["exact", "binned"])
+def test_metrics_on_cuda_take_cpu_inputs_and_equal_the_cpu_metrics(form):
+    """Scoring feeds CPU tensors (read from Parquet) to metrics kept on the rank's CUDA device."""
+    logits, labels, weights = _data()
+    on_cpu, on_cuda = TaskMetrics(["a", "b"], auc=form), TaskMetrics(["a", "b"], "cuda", auc=form)
+    on_cpu.update(logits, labels, weights)
+    on_cuda.update(logits, labels, weights)
+    assert on_cuda.sums.device.type == "cuda"
+    got, want = on_cuda.compute(), on_cpu.compute()
+    assert got.keys() == want.keys() == {"a", "b"}
+    for task in want:
+        assert got[task] == pytest.approx(want[task], rel=1e-6)
+
+
 @pytest.mark.slow
 def test_metrics_over_two_ranks_equal_the_metrics_of_all_rows():
     results = run_ranks(_rank_metrics)
