@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from aitm_torchrec.dist import run_local
 
 # Ranks fork from multiprocessing's fork server, which imports these once for the whole test
@@ -25,8 +27,30 @@ multiprocessing.set_forkserver_preload(["torch", "torchrec", "aitm_torchrec.trai
 
 def run_ranks(fn: Callable[..., Any], *args: Any, nproc: int = 2) -> dict[int, Any]:
     """Calls ``fn(*args)`` in ``nproc`` new processes (forked from the fork server) with one thread
-    each; returns {rank: return value}. See ``aitm_torchrec.dist.run_local``."""
-    return run_local(fn, *args, nproc=nproc, threads=1, start_method="forkserver")
+    each; returns {rank: return value}. See ``aitm_torchrec.dist.run_local``.
+
+    The ranks are gloo ranks on the CPU on any machine. Where CUDA is visible they start as fresh
+    interpreters (spawn) with ``CUDA_VISIBLE_DEVICES`` empty: a process forked from one that has
+    touched CUDA cannot use it, and two ranks cannot share one GPU under NCCL."""
+    if not torch.cuda.is_available():
+        return run_local(fn, *args, nproc=nproc, threads=1, start_method="forkserver")
+    with _environ(CUDA_VISIBLE_DEVICES=""):
+        return run_local(fn, *args, nproc=nproc, threads=1, start_method="spawn")
+
+
+@contextlib.contextmanager
+def _environ(**values: str) -> Iterator[None]:
+    """``os.environ`` with ``values`` set (what new processes inherit), restored on leaving."""
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 REPO = Path(__file__).resolve().parent.parent
