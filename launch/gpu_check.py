@@ -9,7 +9,11 @@ On a CUDA machine it runs, in one process on cuda:0 with NCCL:
   3. a few training steps through TrainPipelineSparseDist (which uses CUDA streams for the
      host-to-device copy and the input all-to-all), with bf16 autocast for the dense layers and
      a fused Adam embedding optimizer (CUDA-only);
-  4. an eval pass and a DCP checkpoint.
+  4. an eval pass and a DCP checkpoint;
+  5. (unless --no-jobs) every job's entry point, in this process, on the best config
+     (configs/aitm_taobao_best.yaml) with user_id as a zch table, GAUC on both towers and partial
+     rowwise Adam on the tables (CUDA-only): training, scoring with --metrics, table export, the
+     serving export (int8) and scoring with that artefact.
 It prints one JSON object with the plan, losses, examples/s and pass/fail of each stage. Without
 CUDA it prints {"skipped": "..."} and exits 0.
 """
@@ -17,12 +21,16 @@ CUDA it prints {"skipped": "..."} and exits 0.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -30,6 +38,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--out", help="working directory (default: a temporary one)")
     p.add_argument("--rows", type=int, default=200000, help="synthetic training rows")
+    p.add_argument("--no-jobs", action="store_true", help="skip stage 5 (every job on the best config)")
     p.add_argument("--cpu-rehearsal", action="store_true",
                    help="run the same stages on the CPU with CPU sharding (gloo, table_wise, rowwise_adagrad): "
                         "catches set-up bugs of this script without a GPU")
@@ -76,13 +85,75 @@ def main(argv: list[str] | None = None) -> dict:
             assert env.backend == "nccl"
     except Exception as e:  # report, then fail the script
         result.update(ok=False, error=f"{type(e).__name__}: {e}")
-    finally:
-        aitm_dist.teardown()
+    if not args.no_jobs:
+        optimizer = "rowwise_adagrad" if args.cpu_rehearsal else "partial_rowwise_adam"
+        result["jobs"] = jobs(work, data, args.steps, optimizer)
+        result["ok"] = result["ok"] and all(stage["ok"] for stage in result["jobs"].values())
+    aitm_dist.teardown()
     result["seconds"] = time.perf_counter() - t0
     print(json.dumps(result, indent=2))
     if not result["ok"]:
         raise SystemExit(1)
     return result
+
+
+def jobs_config(work: Path, data: Path) -> Path:
+    """The best config on ``data`` with user_id as a zch table and GAUC on every tower, written
+    to ``work``/jobs.yaml."""
+    import yaml
+
+    raw = yaml.safe_load((REPO / "configs" / "aitm_taobao_best.yaml").read_text())
+    for f in raw["feature_config"]["features"]:
+        if f["input_names"] == ["user_id"]:
+            f.pop("hash_bucket_size")
+            f["zch"] = {"zch_size": 400000, "eviction_interval": 20}
+    for tower in raw["model_config"]["model_params"]["task_towers"]:
+        tower["metrics_set"] = [{"auc": {}}, {"gauc": {"uid_field": "user_id"}}]
+    raw.update(train_input_path=str(data / "train"), eval_input_path=str(data / "eval"), model_dir=str(work / "jobs"))
+    path = work / "jobs.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def jobs(work: Path, data: Path, steps: int, optimizer: str) -> dict:
+    """Stage 5: every job's entry point on ``jobs_config``, in this process and its process group;
+    each stage's pass/fail and headline numbers."""
+    from launch import export as export_cli
+    from launch import score as score_cli
+    from launch import train as train_cli
+
+    config = str(jobs_config(work, data))
+    out = work / "jobs"
+    stages = {
+        "train": lambda: train_cli.main(["--config", config, "--no-resume", f"train_config.num_steps={steps}",
+                                         f"train_config.sparse_optimizer.name={optimizer}",
+                                         "train_config.sparse_optimizer.learning_rate=0.001",
+                                         "eval_config.num_steps=10"]),
+        "score": lambda: score_cli.main(["--config", config, "--output", str(out / "scores"), "--metrics",
+                                         "--overwrite"]),
+        "tables": lambda: export_cli.main(["embeddings", "--config", config, "--output", str(out / "tables"),
+                                           "--tables", "user_id,adgroup_id", "--overwrite"]),
+        "serving": lambda: export_cli.main(["model", "--config", config, "--output", str(out / "serving"),
+                                            "--quant", "int8"]),
+        "score_serving": lambda: score_cli.main(["--config", config, "--model", str(out / "serving"), "--output",
+                                                 str(out / "scores_serving"), "--metrics", "--overwrite"]),
+    }
+    brief = {
+        "train": lambda r: {"eval": r["eval"], "examples_per_s": r["train"]["examples_per_s"],
+                            "user_id": r["plan"]["user_id"]},
+        "score": lambda r: {"metrics": r["metrics"]},
+        "tables": lambda r: {"rows_per_s": r["rows_per_s"]},
+        "serving": lambda r: {"self_check": r["self_check"]},
+        "score_serving": lambda r: {"metrics": r["metrics"]},
+    }
+    results: dict = {}
+    for name, stage in stages.items():
+        try:
+            with contextlib.redirect_stdout(sys.stderr):  # this script's stdout is its one report
+                results[name] = {"ok": True, **brief[name](stage())}
+        except BaseException as e:  # argparse and @record exit with SystemExit: report it as a failed stage
+            results[name] = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+    return results
 
 
 if __name__ == "__main__":
