@@ -13,7 +13,9 @@ On a CUDA machine it runs, in one process on cuda:0 with NCCL:
   5. (unless --no-jobs) every job's entry point, in this process, on the best config
      (configs/aitm_taobao_best.yaml) with user_id as a zch table, GAUC on both towers and partial
      rowwise Adam on the tables (CUDA-only): training, scoring with --metrics, table export, the
-     serving export (int8) and scoring with that artefact.
+     serving export (int8) and scoring with that artefact; then the seed's EasyRec config
+     (tests/fixtures/easyrec/aitm_seed_taobao.config) as written, on the same rows as EasyRec CSV:
+     its one Adam optimizer runs FBGEMM's fused Adam on the tables on CUDA.
 It prints one JSON object with the plan, losses, examples/s and pass/fail of each stage. Without
 CUDA it prints {"skipped": "..."} and exits 0.
 """
@@ -31,6 +33,7 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
+EASYREC_SEED = REPO / "tests" / "fixtures" / "easyrec" / "aitm_seed_taobao.config"
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -115,6 +118,29 @@ def jobs_config(work: Path, data: Path) -> Path:
     return path
 
 
+def easyrec_csv(config: Path, data: Path, work: Path) -> list[str]:
+    """``data``'s Parquet splits written as EasyRec CSV (no header, the config's input_fields
+    order) under ``work``; the overrides that point ``config`` at them and at ``work``/run."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    from aitm_torchrec.config import load_config
+
+    columns = [f.input_name for f in load_config(str(config)).data_config.input_fields]
+    work.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "eval"):
+        table = pq.read_table(data / split).select(columns)
+        for i, field in enumerate(table.schema):  # tag lists as EasyRec writes them: ids joined by '|'
+            if pa.types.is_list(field.type):
+                joined = pc.binary_join(table.column(i).cast(pa.list_(pa.string())), "|")
+                table = table.set_column(i, field.name, joined)
+        pacsv.write_csv(table, work / f"{split}.csv", pacsv.WriteOptions(include_header=False))
+    return [f"train_input_path={work / 'train.csv'}", f"eval_input_path={work / 'eval.csv'}",
+            f"model_dir={work / 'run'}"]
+
+
 def jobs(work: Path, data: Path, steps: int, optimizer: str) -> dict:
     """Stage 5: every job's entry point on ``jobs_config``, in this process and its process group;
     each stage's pass/fail and headline numbers."""
@@ -137,6 +163,9 @@ def jobs(work: Path, data: Path, steps: int, optimizer: str) -> dict:
                                             "--quant", "int8"]),
         "score_serving": lambda: score_cli.main(["--config", config, "--model", str(out / "serving"), "--output",
                                                  str(out / "scores_serving"), "--metrics", "--overwrite"]),
+        "easyrec": lambda: train_cli.main(["--config", str(EASYREC_SEED), "--no-resume",
+                                           *easyrec_csv(EASYREC_SEED, data, work / "easyrec"),
+                                           f"train_config.num_steps={steps}", "eval_config.num_steps=10"]),
     }
     brief = {
         "train": lambda r: {"eval": r["eval"], "examples_per_s": r["train"]["examples_per_s"],
@@ -145,6 +174,8 @@ def jobs(work: Path, data: Path, steps: int, optimizer: str) -> dict:
         "tables": lambda r: {"rows_per_s": r["rows_per_s"]},
         "serving": lambda r: {"self_check": r["self_check"]},
         "score_serving": lambda r: {"metrics": r["metrics"]},
+        "easyrec": lambda r: {"eval": r["eval"], "examples_per_s": r["train"]["examples_per_s"],
+                              "kernels": sorted({t["compute_kernel"] for t in r["plan"].values()})},
     }
     results: dict = {}
     for name, stage in stages.items():

@@ -84,11 +84,12 @@ def test_gpu_check_rehearsal_runs_its_stages_on_the_cpu(tmp_path):
     assert report["ok"] is True and report["backend"] == "gloo" and len(report["loss"]) >= 1
     # stage 5: every job on the best config with a zch table and GAUC (rowwise Adagrad on the CPU)
     jobs = report["jobs"]
-    assert list(jobs) == ["train", "score", "tables", "serving", "score_serving"]
+    assert list(jobs) == ["train", "score", "tables", "serving", "score_serving", "easyrec"]
     assert all(stage["ok"] for stage in jobs.values()), jobs
     for scored in (jobs["score"], jobs["score_serving"]):
         assert set(scored["metrics"]) == {"ctr", "cvr"} and all("gauc" in m for m in scored["metrics"].values())
     assert jobs["serving"]["self_check"]["max_abs_diff_vs_checkpoint_model"] < 0.01
+    assert jobs["easyrec"]["kernels"] == ["dense"]  # the seed's Adam on the CPU: torch Adam, dense kernel
 
 
 def test_plan_shows_the_wide_tables_and_their_memory(capsys):
