@@ -268,7 +268,7 @@ def run(cfg: Config, env: DistEnv, opts: ScoreOptions, on_part_written: Callable
     my_steps = sum(math.ceil((p.hi - p.lo) / batch_size) for p in todo)
     steps = my_steps
     if env.world_size > 1:
-        t = torch.tensor([my_steps], dtype=torch.int64)
+        t = torch.tensor([my_steps], dtype=torch.int64, device=env.device)  # NCCL reduces CUDA tensors only
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         steps = int(t)
     if env.is_main:

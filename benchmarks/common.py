@@ -83,7 +83,7 @@ def pipeline_examples_per_s(cfg, env, batches: list, steps: int, warmup: int = 5
     del pipeline, dmp, optimizer
     if env.world_size == 1:
         return examples / elapsed
-    total = torch.tensor([examples, elapsed], dtype=torch.float64)
+    total = torch.tensor([examples, elapsed], dtype=torch.float64, device=env.device)
     dist.all_reduce(total)  # elapsed: the ranks' mean
     return float(total[0] / (total[1] / env.world_size))
 
