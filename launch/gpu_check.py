@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--out", help="working directory (default: a temporary one)")
     p.add_argument("--rows", type=int, default=200000, help="synthetic training rows")
-    p.add_argument("--no-jobs", action="store_true", help="skip stage 5 (every job on the best config)")
+    p.add_argument("--no-jobs", action="store_true", help="skip stage 5 (every job on the best config, the EasyRec config)")
     p.add_argument("--cpu-rehearsal", action="store_true",
                    help="run the same stages on the CPU with CPU sharding (gloo, table_wise, rowwise_adagrad): "
                         "catches set-up bugs of this script without a GPU")
@@ -182,7 +182,7 @@ def jobs(work: Path, data: Path, steps: int, optimizer: str) -> dict:
         try:
             with contextlib.redirect_stdout(sys.stderr):  # this script's stdout is its one report
                 results[name] = {"ok": True, **brief[name](stage())}
-        except BaseException as e:  # argparse and @record exit with SystemExit: report it as a failed stage
+        except (Exception, SystemExit) as e:  # argparse and @record exit with SystemExit: a failed stage
             results[name] = {"ok": False, "error": f"{type(e).__name__}: {e}"}
     return results
 
