@@ -41,7 +41,6 @@ def add_arguments(d: argparse.ArgumentParser) -> None:
 def _ensure_csv(train: Path, columns: list[str]):
     """The Parquet rows of ``train`` as one EasyRec CSV file beside it (header-less, ``columns`` in
     order); returns (path, csv_input.CsvFormat)."""
-    import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
     from aitm_torchrec.data import csv_input
@@ -52,9 +51,7 @@ def _ensure_csv(train: Path, columns: list[str]):
     fmt = csv_input.CsvFormat(csv_input.schema([(f.name, names[str(f.type)]) for f in table.schema]))
     path = train.parent / "train_csv" / "part-00000.csv"
     if not path.exists():
-        path.parent.mkdir(exist_ok=True)
-        pacsv.write_csv(table, path.with_suffix(".tmp"), pacsv.WriteOptions(include_header=False))
-        path.with_suffix(".tmp").rename(path)
+        csv_input.write_table(table, path)
     return path, fmt
 
 

@@ -119,24 +119,16 @@ def jobs_config(work: Path, data: Path) -> Path:
 
 
 def easyrec_csv(config: Path, data: Path, work: Path) -> list[str]:
-    """``data``'s Parquet splits written as EasyRec CSV (no header, the config's input_fields
-    order) under ``work``; the overrides that point ``config`` at them and at ``work``/run."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    import pyarrow.csv as pacsv
+    """``data``'s Parquet splits written as EasyRec CSV (the config's input_fields order) under
+    ``work``; the overrides that point ``config`` at them and at ``work``/run."""
     import pyarrow.parquet as pq
 
     from aitm_torchrec.config import load_config
+    from aitm_torchrec.data import csv_input
 
     columns = [f.input_name for f in load_config(str(config)).data_config.input_fields]
-    work.mkdir(parents=True, exist_ok=True)
     for split in ("train", "eval"):
-        table = pq.read_table(data / split).select(columns)
-        for i, field in enumerate(table.schema):  # tag lists as EasyRec writes them: ids joined by '|'
-            if pa.types.is_list(field.type):
-                joined = pc.binary_join(table.column(i).cast(pa.list_(pa.string())), "|")
-                table = table.set_column(i, field.name, joined)
-        pacsv.write_csv(table, work / f"{split}.csv", pacsv.WriteOptions(include_header=False))
+        csv_input.write_table(pq.read_table(data / split).select(columns), work / f"{split}.csv")
     return [f"train_input_path={work / 'train.csv'}", f"eval_input_path={work / 'eval.csv'}",
             f"model_dir={work / 'run'}"]
 

@@ -135,3 +135,16 @@ def test_reader_finds_csv_files_in_directories_and_names_bad_paths(tmp_path):
     assert csv_input.expand([str(tmp_path / "d")]) == [str(tmp_path / "d" / "part-0")]
     with pytest.raises(DataError, match="input path '.*nothing' matches no CSV file"):
         csv_input.expand([str(tmp_path / "nothing")])
+
+
+def test_write_table_joins_tag_lists_and_reads_back(tmp_path):
+    """Arrow rows -> EasyRec CSV: header-less, list columns joined by '|', nothing left under a
+    temporary name; read back with the columns' EasyRec types."""
+    table = pa.table({"clk": pa.array([1, 0, 1], pa.int32()), "id": pa.array([7, 8, 9], pa.int64()),
+                      "tags": pa.array([[1, 2], [], [3]], pa.list_(pa.int64()))})
+    path = tmp_path / "sub" / "part.csv"
+    csv_input.write_table(table, path)
+    assert path.read_text().splitlines() == ['1,7,"1|2"', '0,8,""', '1,9,"3"']
+    assert [p.name for p in path.parent.iterdir()] == ["part.csv"]
+    back = csv_input.read_all(str(path), csv_input.schema([("clk", "INT32"), ("id", "INT64"), ("tags", "STRING")]))
+    assert back.column("tags").to_pylist() == ["1|2", "", "3"] and back.column("id").to_pylist() == [7, 8, 9]

@@ -12,13 +12,13 @@ import json
 import logging
 from pathlib import Path
 
-import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 import yaml
 
 from aitm_torchrec import easyrec
 from aitm_torchrec.config import ConfigError, load_config
+from aitm_torchrec.data import csv_input
 from aitm_torchrec.registry import build_model
 from datasets import synthetic
 from tests.multiprocess import run_ranks
@@ -530,8 +530,7 @@ def easyrec_csv(tmp_path_factory) -> Path:
     synthetic.main(["--out", str(out / "pq"), "--rows", "3000", "--eval-rows", "1000", "--string-ids", "--seed", "5"])
     columns = [f.input_name for f in load_config(FIXTURES / FORMS[0]).data_config.input_fields]
     for split in ("train", "eval"):
-        table = pq.read_table(out / "pq" / split).select(columns)
-        pacsv.write_csv(table, out / f"taobao_{split}_data", pacsv.WriteOptions(include_header=False))
+        csv_input.write_table(pq.read_table(out / "pq" / split).select(columns), out / f"taobao_{split}_data")
     return out
 
 

@@ -11,6 +11,8 @@ cannot hold a newline.
   column is null; an empty STRING is "" (the reader treats both as a missing id).
 - ``count_rows(path)``: lines in the file (newline bytes, plus a last line without one), read in
   16 MiB blocks with numpy: about memory bandwidth, no parsing.
+- ``write_table(table, path)``: an Arrow table written in that format (tag lists joined by "|"),
+  atomically: how tests, benchmarks and the GPU check make EasyRec input from Parquet.
 - ``iter_tables(path, schema, start_row, num_rows, block_rows, ...)``: rows [start_row,
   start_row + num_rows) as tables of ``block_rows`` rows (the last may be shorter), parsed by
   pyarrow's streaming CSV reader after seeking to the byte where ``start_row`` begins (found by the
@@ -35,7 +37,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from aitm_torchrec.features import DataError
-from aitm_torchrec.files import expand_paths
+from aitm_torchrec.files import atomic_write, expand_paths
 
 ARROW_TYPES = {"INT32": pa.int32(), "INT64": pa.int64(), "STRING": pa.string(), "FLOAT": pa.float32(),
                "DOUBLE": pa.float64(), "BOOL": pa.bool_()}
@@ -194,6 +196,17 @@ def _bool(value: str) -> bool:
     if value.strip().lower() not in ("true", "false", "1", "0"):
         raise ValueError(value)
     return True
+
+
+def write_table(table: pa.Table, path: str | os.PathLike, tag_separator: str = "|") -> None:
+    """``table`` as EasyRec CSV at ``path``: header-less, its columns in order, list columns (tag
+    lists) as their values joined by ``tag_separator``; written under a temporary name, then renamed."""
+    for i, f in enumerate(table.schema):
+        if pa.types.is_list(f.type) or pa.types.is_large_list(f.type):
+            table = table.set_column(i, f.name, pc.binary_join(table.column(i).cast(pa.list_(pa.string())),
+                                                               tag_separator))
+    with atomic_write(path) as tmp:
+        pacsv.write_csv(table, tmp, pacsv.WriteOptions(include_header=False))
 
 
 def read_all(path: str, schema: pa.Schema, **kwargs) -> pa.Table:
