@@ -8,6 +8,7 @@ import multiprocessing
 import os
 import subprocess
 import sys
+import unittest.mock
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,23 +35,8 @@ def run_ranks(fn: Callable[..., Any], *args: Any, nproc: int = 2) -> dict[int, A
     touched CUDA cannot use it, and two ranks cannot share one GPU under NCCL."""
     if not torch.cuda.is_available():
         return run_local(fn, *args, nproc=nproc, threads=1, start_method="forkserver")
-    with _environ(CUDA_VISIBLE_DEVICES=""):
+    with unittest.mock.patch.dict(os.environ, {"CUDA_VISIBLE_DEVICES": ""}):  # what the spawned ranks inherit
         return run_local(fn, *args, nproc=nproc, threads=1, start_method="spawn")
-
-
-@contextlib.contextmanager
-def _environ(**values: str) -> Iterator[None]:
-    """``os.environ`` with ``values`` set (what new processes inherit), restored on leaving."""
-    before = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in before.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 REPO = Path(__file__).resolve().parent.parent
