@@ -444,6 +444,7 @@ class _Converter:
     def __init__(self, where: str) -> None:
         self.where = where
         self.groups: dict[str, list[str]] = {}  # DEEP group -> feature names (set by convert)
+        self.dot_only_group: str | None = None  # a DEEP group only a DotInteraction block reads
         self.feature_types: dict[str, str] = {}  # feature name -> feature_type (set by convert)
 
     def fail(self, msg: Msg, name: str, text: str) -> Exception:
@@ -670,9 +671,15 @@ class _Converter:
         bottom = by_class["MLP"][0]
         self.plain_block(bottom)
         groups = [i.get("feature_group_name") for i in bottom.values("inputs")]
-        if None in groups or sorted(groups) != sorted(self.groups):
+        # A DEEP group that only the DotInteraction's input_layer reads names the features it dots
+        # (dot_interaction.features); it is not part of the model input.
+        dot_group = self.dot_source(by_class["DotInteraction"][0], blocks)[1] if "DotInteraction" in by_class else None
+        if dot_group not in groups and sorted(groups) == sorted(g for g in self.groups if g != dot_group):
+            self.dot_only_group = dot_group
+        deep_groups = [g for g in self.groups if g != self.dot_only_group]
+        if None in groups or sorted(groups) != sorted(deep_groups):
             raise self.fail(bottom, "inputs", f"the MLP block beside Cross / DotInteraction blocks reads every DEEP "
-                            f"group once ({', '.join(self.groups)}): here backbone.mlp and cross read the whole "
+                            f"group once ({', '.join(deep_groups)}): here backbone.mlp and cross read the whole "
                             "model input v")
         out: dict[str, Any] = {"mlp": self.dnn(bottom.msg("keras_layer").msg("mlp"), mlp=True)}
         parts = [bottom.get("name")]
@@ -744,9 +751,8 @@ class _Converter:
             raise self.fail(layer, "st_params", f"projection_dim must be a positive integer, got {rank}")
         return {"num_layers": layers, "low_rank": int(rank)}
 
-    def dot_block(self, b: Msg, blocks: dict[str, Msg]) -> dict:
-        """A DotInteraction block on the feature list of an input_layer block -> ``dot_interaction``.
-        Ours dots every sparse feature of the DEEP groups: the group must hold exactly those."""
+    def dot_source(self, b: Msg, blocks: dict[str, Msg]) -> tuple[Msg, str]:
+        """A DotInteraction block's input_layer block and the one feature group it reads."""
         inputs = b.values("inputs")
         source = blocks.get(inputs[0].get("block_name")) if len(inputs) == 1 else None
         if source is None or not source.has("input_layer") or b.get("merge_inputs_into_list") or b.has("extra_input_fn"):
@@ -770,21 +776,33 @@ class _Converter:
         groups = [g.get("feature_group_name") for g in source.values("inputs")]
         if len(groups) != 1 or groups[0] is None:
             raise self.fail(source, "inputs", "an input_layer block reads one feature group here")
-        group, deep = groups[0], self.deep_sparse()
-        listed = self.groups.get(group)
+        return source, groups[0]
+
+    def dot_block(self, b: Msg, blocks: dict[str, Msg]) -> dict:
+        """A DotInteraction block on the feature list of an input_layer block -> ``dot_interaction``:
+        the group's features, each a sparse feature of the DEEP groups the MLP block reads (EasyRec
+        shares a feature's embedding between groups); ``features`` unless they are all of those, in
+        input order."""
+        source, group = self.dot_source(b, blocks)
+        deep, listed = self.deep_sparse(), self.groups.get(group)
         raw = [n for n in listed or [] if self.feature_types.get(n) == "RawFeature"]
-        if listed is None or raw or sorted(set(listed)) != sorted(deep):
-            why = (f"holds RawFeature {raw[0]!r}" if raw else f"lists {', '.join(listed)}") if listed is not None \
-                else "is not a DEEP group"
-            raise self.fail(source, "inputs", f"group {group!r} {why}: our dot_interaction dots every sparse "
-                            f"feature of the DEEP groups ({', '.join(deep)}), so the group must list exactly those")
+        other = [n for n in listed or [] if n not in deep]
+        if listed is None or raw or other:
+            why = (f"holds RawFeature {raw[0]!r}" if raw else f"lists {other[0]!r}, which no other DEEP group "
+                   "holds") if listed is not None else "is not a DEEP group"
+            raise self.fail(source, "inputs", f"group {group!r} {why}: our dot_interaction dots sparse features "
+                            f"of the DEEP groups the MLP block reads ({', '.join(deep)})")
         # skip_gather only zero-fills the other triangle (n^2 outputs): the same products; ours are gathered
         params = self.st_params(b.msg("keras_layer"), {"self_interaction": bool, "skip_gather": bool})
-        return {"self_interaction": params.get("self_interaction", False)}
+        out: dict[str, Any] = {"self_interaction": params.get("self_interaction", False)}
+        if list(dict.fromkeys(listed)) != deep:
+            out["features"] = list(listed)
+        return out
 
     def deep_sparse(self) -> list[str]:
-        """The sparse features of the DEEP groups, each once, in input order (Schema.deep_sparse)."""
-        return list(dict.fromkeys(n for g in self.groups.values() for n in g
+        """The sparse features of the DEEP groups, each once, in input order (Schema.deep_sparse);
+        without a group only the DotInteraction reads."""
+        return list(dict.fromkeys(n for name, g in self.groups.items() if name != self.dot_only_group for n in g
                                   if self.feature_types.get(n, "IdFeature") != "RawFeature"))
 
     def st_params(self, layer: Msg, allowed: dict[str, type]) -> dict:
@@ -925,6 +943,8 @@ class _Converter:
             if mp.has("l2_regularization"):
                 params["l2_regularization"] = mp.get("l2_regularization")
             model["model_params"] = params
+        if self.dot_only_group is not None:  # its features are dotted (backbone.dot_interaction.features), not in v
+            model["feature_groups"] = [g for g in model["feature_groups"] if g["group_name"] != self.dot_only_group]
         if mc.has("embedding_regularization"):
             model["embedding_regularization"] = mc.get("embedding_regularization")
         raw["model_config"] = model

@@ -151,7 +151,7 @@ def build_backbone(schema: Schema, bb: Any, device: Device) -> nn.Module:
     """The config's ``model_config.backbone`` over the model input (``backbone.py``): the plain
     MLP without interaction blocks (the modules and state dict keys a model had before them),
     else an ``InteractionBackbone`` of the MLP, the cross network and the dot products of
-    ``Schema.deep_sparse`` (their columns of the model input)."""
+    ``dot_interaction.features`` or else ``Schema.deep_sparse`` (their columns of the model input)."""
     mlp = MLP(schema.input_dim, mlp_spec(bb.mlp), device)
     if bb.cross is None and bb.dot_interaction is None:
         return mlp
@@ -159,7 +159,7 @@ def build_backbone(schema: Schema, bb: Any, device: Device) -> nn.Module:
     dot = None
     if bb.dot_interaction is not None:
         slices = schema.input_slices
-        names = schema.deep_sparse
+        names = bb.dot_interaction.features or schema.deep_sparse
         columns = [c for n in names for c in range(*slices[n])]
         dot = DotInteraction(columns, schema.feature_dim(names[0]), bb.dot_interaction.self_interaction, device)
     return InteractionBackbone(mlp, cross, dot, mlp_spec(bb.top_mlp), schema.input_dim, device)

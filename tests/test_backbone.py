@@ -118,6 +118,7 @@ FORMS = {
     "cross": ["model_config.backbone.cross={num_layers: 2}"],
     "cross_low_rank": ["model_config.backbone.cross={num_layers: 2, low_rank: 4}"],
     "dot": ["model_config.backbone.dot_interaction={}"],
+    "dot_features": ["model_config.backbone.dot_interaction={features: [brand, user_id, cate_id]}"],
     "dot_self_top_mlp": ["model_config.backbone.dot_interaction={self_interaction: true}",
                          "model_config.backbone.top_mlp.hidden_units=[8]"],
 }
@@ -149,6 +150,15 @@ def test_each_block_traces_with_torchrec_fx_and_gives_the_same_logits(model_clas
      r"which must share one embedding_dim; got 16 \(user_id, cms_segid, .*\), 4 \(brand\), 8 \(pid\)"),
     (["model_config.backbone.dot_interaction={}", "model_config.feature_groups.0.feature_names=[user_id]"],
      r"dot_interaction dots .* and needs at least 2; they have 1: user_id"),
+    (["model_config.backbone.dot_interaction={features: [user_id, clk]}"],
+     r"model_config\.backbone\.dot_interaction\.features 'clk' is not a sparse feature of the DEEP groups"),
+    (["model_config.backbone.dot_interaction={features: [user_id, brand, user_id]}"],
+     r"model_config\.backbone\.dot_interaction\.features lists 'user_id' twice"),
+    (["model_config.backbone.dot_interaction={features: [brand]}"],
+     r"dot_interaction dots the pooled embeddings of the features listed and needs at least 2; they have 1: brand"),
+    (["model_config.backbone.dot_interaction={features: [user_id, brand]}", "feature_config.features.5.embedding_dim=4"],
+     r"dot_interaction dots the pooled embeddings of the features listed, which must share one embedding_dim; "
+     r"got 16 \(user_id\), 4 \(brand\)"),
     (["model_config.backbone.top_mlp.hidden_units=[8]"],
      r"model_config\.backbone\.top_mlp is read with cross or dot_interaction only"),
     (["model_config.backbone.cross={num_layers: 1}", "model_config.backbone.top_mlp.hidden_units=[0]"],
@@ -157,6 +167,23 @@ def test_each_block_traces_with_torchrec_fx_and_gives_the_same_logits(model_clas
 def test_config_errors_name_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(REPO / "configs" / "aitm_taobao.yaml", overrides)
+
+
+def test_dot_interaction_features_dots_only_those_in_their_order(tmp_path):
+    """features: [brand, user_id] reads brand's columns then user_id's (a 2-task, 3-row example by
+    hand), whatever the group's order."""
+    raw = yaml.safe_load((REPO / "configs" / "aitm_taobao.yaml").read_text())
+    for f in raw["feature_config"]["features"]:
+        f["embedding_dim"] = 2
+    raw["model_config"]["feature_groups"][0]["feature_names"] = ["user_id", "cms_segid", "brand"]
+    raw["model_config"]["backbone"]["dot_interaction"] = {"features": ["brand", "user_id"], "self_interaction": True}
+    config = tmp_path / "sub.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    dot = build_model(load_config(config), device="cpu").backbone.dot
+    assert dot.columns.tolist() == [4, 5, 0, 1] and dot.out_dim == 3  # brand after user_id and cms_segid
+    v = torch.tensor([b + [7.0, 7.0] + a for a, b in zip(A, B)])  # user_id = B's rows, cms_segid 7s, brand = A's
+    # <brand, user_id> = <a, b> as in the first test, then <brand, brand>, <user_id, user_id>
+    torch.testing.assert_close(dot(v), torch.tensor([[11.0, 5.0, 25.0], [-1.0, 1.0, 5.0], [5.5, 10.0, 4.25]]))
 
 
 def test_dot_interaction_skips_raw_features_and_allows_one_feature_with_itself(tmp_path):
@@ -204,7 +231,9 @@ def test_trained_checkpoint_scores_serves_exports_and_resumes_as_its_model(tiny_
     raw["eval_input_path"] = []
     raw["train_config"].update(num_steps=STEPS, save_checkpoints_steps=STEPS)
     raw["sharding_config"] = {"sharding_types": ["table_wise"]}  # tables that reshard (docs/training.md)
-    raw["model_config"]["backbone"].update(cross={"num_layers": 2, "low_rank": 8}, dot_interaction={},
+    # dot products of three features (dot_interaction.features), in an order other than the group's
+    raw["model_config"]["backbone"].update(cross={"num_layers": 2, "low_rank": 8},
+                                           dot_interaction={"features": ["cate_id", "user_id", "adgroup_id"]},
                                            top_mlp={"hidden_units": [32]})
     config = tmp_path / "interact.yaml"
     config.write_text(yaml.safe_dump(raw))

@@ -400,19 +400,44 @@ def test_interaction_blocks_that_cannot_be_mapped_are_errors_naming_the_line(tmp
         load_config(path)
 
 
-def test_a_dot_interaction_on_a_group_without_every_sparse_feature_is_an_error(tmp_path):
+def test_a_dot_interaction_on_a_group_of_some_features_dots_those(tmp_path):
+    """The DotInteraction's input_layer on a group with some of the sparse features: that group
+    read by the MLP too (part of v), or by the input_layer alone (a group naming what to dot,
+    not part of v; EasyRec shares a feature's embedding between groups)."""
+    from aitm_torchrec.config import DotInteraction
+
     both = 'inputs { feature_group_name: "all" } inputs { feature_group_name: "user" }'
     backbone = INTERACT.replace('inputs { feature_group_name: "all" } keras_layer', f"{both} keras_layer")
     backbone = backbone.replace("""inputs { feature_group_name: "all" input_fn: 'lambda x: [x, x]' }""",
                                 f"{both} extra_input_fn: 'lambda x: [x, x]'")
     path = write_config(tmp_path, backbone=backbone, model=TWO_GROUPS)
-    assert load_config(path).model_config.backbone.cross.num_layers == 3  # the MLP and Cross on both groups
-    path = write_config(tmp_path, backbone=backbone.replace('name: "sparse" inputs { feature_group_name: "all" }',
-                                                             'name: "sparse" inputs { feature_group_name: "user" }'),
-                        model=TWO_GROUPS)
-    with pytest.raises(ConfigError, match=r"x\.config:\d+: model_config\.backbone\.blocks\[2\]\.inputs: group 'user' "
-                                          r"lists uid: our dot_interaction dots every sparse feature of the DEEP groups "
-                                          r"\(uid, tags\)"):
+    cfg = load_config(path)
+    assert cfg.model_config.backbone.cross.num_layers == 3  # the MLP and Cross on both groups
+    assert cfg.model_config.backbone.dot_interaction == DotInteraction(True)  # user's uid is in all: every feature
+    on_user = backbone.replace('name: "sparse" inputs { feature_group_name: "all" }',
+                               'name: "sparse" inputs { feature_group_name: "user" }')
+    cfg = load_config(write_config(tmp_path, backbone=on_user, model=TWO_GROUPS))
+    assert cfg.model_config.backbone.dot_interaction == DotInteraction(True, ("uid",))
+    assert [g.group_name for g in cfg.model_config.feature_groups] == ["all", "user"]
+
+    pair = 'feature_groups { group_name: "pair" feature_names: "tags" feature_names: "uid" wide_deep: DEEP }'
+    only = INTERACT.replace('name: "sparse" inputs { feature_group_name: "all" }',
+                            'name: "sparse" inputs { feature_group_name: "pair" }')
+    path = write_config(tmp_path, "pair.config", backbone=only, model=pair)
+    cfg = load_config(path)
+    assert cfg.model_config.backbone.dot_interaction == DotInteraction(True, ("tags", "uid"))
+    assert [g.group_name for g in cfg.model_config.feature_groups] == ["all"]  # "pair" only names what is dotted
+    model = build_model(cfg)
+    assert model.input_dim == 16 and model.backbone.dot.columns.tolist() == [*range(8, 16), *range(8)]
+    assert model.backbone.top_mlp[0].in_features == 16 + 16 + 3  # mlp, cross(v), <tags, uid> and the squares
+    out = tmp_path / "pair.yaml"
+    assert easyrec.main([str(path), "--to-yaml", str(out)]) == 0
+    assert load_config(out) == cfg
+
+    path = write_config(tmp_path, "lone.config", backbone=only, model=pair, groups='feature_names: "uid"')
+    with pytest.raises(ConfigError, match=r"lone\.config:\d+: model_config\.backbone\.blocks\[2\]\.inputs: group 'pair' "
+                                          r"lists 'tags', which no other DEEP group holds: our dot_interaction dots "
+                                          r"sparse features of the DEEP groups the MLP block reads \(uid\)"):
         load_config(path)
 
 

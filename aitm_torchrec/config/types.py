@@ -123,9 +123,10 @@ class Cross:
 @dataclass(frozen=True)
 class DotInteraction:
     """DLRM's pairwise dot products of the DEEP groups' sparse features' pooled embeddings (EasyRec
-    backbone block ``DotInteraction``); they must share one embedding_dim."""
+    backbone block ``DotInteraction``), or of the ``features`` named; they must share one embedding_dim."""
 
     self_interaction: bool = False  # also each feature's dot product with itself
+    features: tuple[str, ...] = ()  # the sparse features dotted, in this order; empty: every DEEP one
 
 
 @dataclass(frozen=True)

@@ -184,17 +184,26 @@ def _check_interaction(fail: Fail, cfg: Config) -> None:
     if bb.dot_interaction is not None:
         features = cfg.features
         # The same rule as Schema.deep_sparse: each sparse feature of the DEEP groups once, in input order.
-        names = list(dict.fromkeys(n for g in cfg.model_config.feature_groups if g.wide_deep != "WIDE"
-                                   for n in g.feature_names if features[n].feature_type != "RawFeature"))
+        deep = list(dict.fromkeys(n for g in cfg.model_config.feature_groups if g.wide_deep != "WIDE"
+                                  for n in g.feature_names if features[n].feature_type != "RawFeature"))
+        names, what = deep, "the DEEP groups' sparse features"
+        if bb.dot_interaction.features:
+            names, what = list(bb.dot_interaction.features), "the features listed"
+            for n in sorted({n for n in names if names.count(n) > 1}):
+                fail(f"{key}.dot_interaction.features", f"lists {n!r} twice: each pair is dotted once")
+            for n in (n for n in dict.fromkeys(names) if n not in deep):
+                fail(f"{key}.dot_interaction.features", f"{n!r} is not a sparse feature of the DEEP groups "
+                     f"({', '.join(deep)}): the dot products read the pooled embeddings in the model input")
         need = 1 if bb.dot_interaction.self_interaction else 2
         if len(names) < need:
-            fail(f"{key}.dot_interaction", f"dots the pooled embeddings of the DEEP groups' sparse features and needs "
+            fail(f"{key}.dot_interaction", f"dots the pooled embeddings of {what} and needs "
                  f"at least {need}; they have {len(names)}{': ' + ', '.join(names) if names else ''}")
         dims: dict[int, list[str]] = {}
-        for n in names:
-            dims.setdefault(features[n].embedding_dim, []).append(n)
+        for n in dict.fromkeys(names):
+            if n in features:
+                dims.setdefault(features[n].embedding_dim, []).append(n)
         if len(dims) > 1:
-            fail(f"{key}.dot_interaction", "dots the pooled embeddings of the DEEP groups' sparse features, which "
+            fail(f"{key}.dot_interaction", f"dots the pooled embeddings of {what}, which "
                  "must share one embedding_dim; got " + ", ".join(f"{d} ({', '.join(ns)})" for d, ns in dims.items()))
     _check_dnn(fail, f"{key}.top_mlp", bb.top_mlp)
     if bb.top_mlp.hidden_units and bb.cross is None and bb.dot_interaction is None:
