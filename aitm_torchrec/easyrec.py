@@ -674,7 +674,7 @@ class _Converter:
         # A DEEP group that only the DotInteraction's input_layer reads names the features it dots
         # (dot_interaction.features); it is not part of the model input.
         dot_group = self.dot_source(by_class["DotInteraction"][0], blocks)[1] if "DotInteraction" in by_class else None
-        if dot_group not in groups and sorted(groups) == sorted(g for g in self.groups if g != dot_group):
+        if None not in groups and dot_group not in groups and sorted(groups) == sorted(g for g in self.groups if g != dot_group):
             self.dot_only_group = dot_group
         deep_groups = [g for g in self.groups if g != self.dot_only_group]
         if None in groups or sorted(groups) != sorted(deep_groups):

@@ -393,6 +393,9 @@ TWO_GROUPS = 'feature_groups { group_name: "user" feature_names: "uid" wide_deep
      r"blocks\[3\]\.keras_layer\.mlp", "is not read on a DotInteraction layer"),
     (('feature_group_name: "all" } keras_layer { class_name: "MLP"', 'feature_group_name: "user" } keras_layer { class_name: "MLP"'),
      r"blocks\[0\]\.inputs", "the MLP block beside Cross / DotInteraction blocks reads every DEEP group once \\(all\\)"),
+    (('inputs { feature_group_name: "all" } keras_layer { class_name: "MLP"',
+      'inputs { feature_group_name: "user" } inputs { block_name: "sparse" } keras_layer { class_name: "MLP"'),
+     r"blocks\[0\]\.inputs", "the MLP block beside Cross / DotInteraction blocks reads every DEEP group once \\(all\\)"),
 ])
 def test_interaction_blocks_that_cannot_be_mapped_are_errors_naming_the_line(tmp_path, change, field, message):
     path = write_config(tmp_path, backbone=INTERACT.replace(*change))
