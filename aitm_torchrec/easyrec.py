@@ -673,7 +673,8 @@ class _Converter:
         groups = [i.get("feature_group_name") for i in bottom.values("inputs")]
         # A DEEP group that only the DotInteraction's input_layer reads names the features it dots
         # (dot_interaction.features); it is not part of the model input.
-        dot_group = self.dot_source(by_class["DotInteraction"][0], blocks)[1] if "DotInteraction" in by_class else None
+        dot = self.dot_source(by_class["DotInteraction"][0], blocks) if "DotInteraction" in by_class else None
+        dot_group = dot[1] if dot else None
         if None not in groups and dot_group not in groups and sorted(groups) == sorted(g for g in self.groups if g != dot_group):
             self.dot_only_group = dot_group
         deep_groups = [g for g in self.groups if g != self.dot_only_group]
@@ -687,7 +688,7 @@ class _Converter:
             out["cross"] = self.cross_block(by_class["Cross"][0], groups)
             parts.append(by_class["Cross"][0].get("name"))
         if "DotInteraction" in by_class:
-            out["dot_interaction"] = self.dot_block(by_class["DotInteraction"][0], blocks)
+            out["dot_interaction"] = self.dot_block(by_class["DotInteraction"][0], *dot)
             parts.append(by_class["DotInteraction"][0].get("name"))
         fed = {i.get("block_name") for b in blocks.values() for i in b.values("inputs")}
         concat = bb.values("concat_blocks") or [n for n in blocks if n not in fed]  # EasyRec: the DAG's leaves
@@ -778,12 +779,11 @@ class _Converter:
             raise self.fail(source, "inputs", "an input_layer block reads one feature group here")
         return source, groups[0]
 
-    def dot_block(self, b: Msg, blocks: dict[str, Msg]) -> dict:
-        """A DotInteraction block on the feature list of an input_layer block -> ``dot_interaction``:
-        the group's features, each a sparse feature of the DEEP groups the MLP block reads (EasyRec
-        shares a feature's embedding between groups); ``features`` unless they are all of those, in
-        input order."""
-        source, group = self.dot_source(b, blocks)
+    def dot_block(self, b: Msg, source: Msg, group: str) -> dict:
+        """A DotInteraction block ``b`` on the feature list of input_layer block ``source`` over
+        ``group`` (``dot_source``) -> ``dot_interaction``: the group's features, each a sparse
+        feature of the DEEP groups the MLP block reads (EasyRec shares a feature's embedding between
+        groups); ``features`` unless they are all of those, in input order."""
         deep, listed = self.deep_sparse(), self.groups.get(group)
         raw = [n for n in listed or [] if self.feature_types.get(n) == "RawFeature"]
         other = [n for n in listed or [] if n not in deep]

@@ -189,19 +189,20 @@ def _check_interaction(fail: Fail, cfg: Config) -> None:
         names, what = deep, "the DEEP groups' sparse features"
         if bb.dot_interaction.features:
             names, what = list(bb.dot_interaction.features), "the features listed"
-            for n in sorted({n for n in names if names.count(n) > 1}):
-                fail(f"{key}.dot_interaction.features", f"lists {n!r} twice: each pair is dotted once")
-            for n in (n for n in dict.fromkeys(names) if n not in deep):
-                fail(f"{key}.dot_interaction.features", f"{n!r} is not a sparse feature of the DEEP groups "
+            twice = sorted({n for n in names if names.count(n) > 1})
+            if twice:
+                fail(f"{key}.dot_interaction.features", f"lists {twice[0]!r} twice: each pair is dotted once")
+            unknown = [n for n in names if n not in deep]
+            if unknown:
+                fail(f"{key}.dot_interaction.features", f"{unknown[0]!r} is not a sparse feature of the DEEP groups "
                      f"({', '.join(deep)}): the dot products read the pooled embeddings in the model input")
         need = 1 if bb.dot_interaction.self_interaction else 2
         if len(names) < need:
             fail(f"{key}.dot_interaction", f"dots the pooled embeddings of {what} and needs "
                  f"at least {need}; they have {len(names)}{': ' + ', '.join(names) if names else ''}")
         dims: dict[int, list[str]] = {}
-        for n in dict.fromkeys(names):
-            if n in features:
-                dims.setdefault(features[n].embedding_dim, []).append(n)
+        for n in names:
+            dims.setdefault(features[n].embedding_dim, []).append(n)
         if len(dims) > 1:
             fail(f"{key}.dot_interaction", f"dots the pooled embeddings of {what}, which "
                  "must share one embedding_dim; got " + ", ".join(f"{d} ({', '.join(ns)})" for d, ns in dims.items()))
