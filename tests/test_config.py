@@ -106,6 +106,7 @@ MODEL_CONFIGS = {
 # (docs/benchmarks.md, "The best configs"); nothing else differs.
 BEST_CONFIGS = {"aitm_taobao_best.yaml": "aitm_taobao.yaml", "aitm_3step_best.yaml": "aitm_3step.yaml"}
 KEPT_OPTIONS = {"cross": {"num_layers": 2}}
+KEPT_MODEL_KEYS = {"embedding_regularization": 1.0e-6}  # the seed configs': 5e-6
 # hash_bucket_size per feature where the best configs' tables differ from the seed's: 10x
 BEST_TABLE_ROWS = {**{f: 1_000_000 for f in ("adgroup_id", "campaign_id", "customer", "brand", "user_id",
                                               "tag_category_list", "tag_brand_list")}, "cate_id": 100_000}
@@ -116,6 +117,9 @@ def test_best_configs_are_their_seed_config_plus_the_kept_options(best):
     raw = {name: yaml.safe_load(config_path(name).read_text()) for name in (best, BEST_CONFIGS[best])}
     mine, seed = raw[best], raw[BEST_CONFIGS[best]]
     assert {k: mine["model_config"]["backbone"].pop(k) for k in KEPT_OPTIONS} == KEPT_OPTIONS
+    assert {k: mine["model_config"].pop(k) for k in KEPT_MODEL_KEYS} == KEPT_MODEL_KEYS
+    for k in KEPT_MODEL_KEYS:
+        assert seed["model_config"].pop(k) != KEPT_MODEL_KEYS[k]
     grown = {}
     for f, s in zip(mine["feature_config"]["features"], seed["feature_config"]["features"]):
         if f != s:
@@ -128,6 +132,7 @@ def test_best_configs_are_their_seed_config_plus_the_kept_options(best):
     assert mine == seed
     cfg = load_config(config_path(best))
     assert cfg.model_config.backbone.cross.num_layers == 2
+    assert cfg.model_config.embedding_regularization == 1.0e-6
     assert {n: f.hash_bucket_size for n, f in cfg.features.items() if n in BEST_TABLE_ROWS} == BEST_TABLE_ROWS
 
 
