@@ -114,6 +114,23 @@ def test_int8_dense_layers_leave_the_cross_kernels_fp32():
     assert all(k.dtype == torch.float32 for k in model.backbone.cross.kernels)
 
 
+def test_under_bf16_autocast_the_parts_meet_in_bf16_and_the_logits_are_those_of_an_fp32_concat():
+    """The cross and dot outputs are cast to the MLP output's dtype before the concatenation: the
+    backbone's output is bf16 under autocast, and the towers' first Linear gets the values it got
+    from the fp32 concatenation (it casts its input to bf16 itself), so the logits are equal."""
+    torch.manual_seed(0)
+    cfg = load_config(REPO / "configs" / "aitm_taobao_best.yaml", SMALL + BOTH)
+    model = build_model(cfg, device="cpu").eval()
+    bb, x = model.backbone, torch.randn(64, cfg.schema.input_dim)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        b = bb(x)
+        fp32 = torch.cat([bb.mlp(x).float(), bb.cross(x), bb.dot(x).float()], dim=1)
+        assert b.dtype == torch.bfloat16 and fp32.dtype == torch.float32
+        torch.testing.assert_close(model.head(b), model.head(fp32), rtol=0, atol=0)
+    with torch.no_grad():
+        assert bb(x).dtype == torch.float32  # without autocast nothing changes dtype
+
+
 FORMS = {
     "cross": ["model_config.backbone.cross={num_layers: 2}"],
     "cross_low_rank": ["model_config.backbone.cross={num_layers: 2, low_rank: 4}"],
