@@ -105,8 +105,11 @@ MODEL_CONFIGS = {
 # The best configs: the seed config they name, and the options the family study kept
 # (docs/benchmarks.md, "The best configs"); nothing else differs.
 BEST_CONFIGS = {"aitm_taobao_best.yaml": "aitm_taobao.yaml", "aitm_3step_best.yaml": "aitm_3step.yaml"}
-KEPT_OPTIONS = {"cross": {"num_layers": 2}}
+BEST_DOT_FEATURES = ["user_id", "adgroup_id", "cate_id", "campaign_id", "customer", "brand", "tag_category_list",
+                     "tag_brand_list"]
+KEPT_OPTIONS = {"cross": {"num_layers": 1}, "dot_interaction": {"features": BEST_DOT_FEATURES}}
 KEPT_MODEL_KEYS = {"embedding_regularization": 1.0e-6}  # the seed configs': 5e-6
+KEPT_DENSE_OPTIMIZER_KEYS = {"eps": 1.0e-6}  # the seed configs': Adam's default 1e-8
 # hash_bucket_size per feature where the best configs' tables differ from the seed's: 10x
 BEST_TABLE_ROWS = {**{f: 1_000_000 for f in ("adgroup_id", "campaign_id", "customer", "brand", "user_id",
                                               "tag_category_list", "tag_brand_list")}, "cate_id": 100_000}
@@ -120,6 +123,8 @@ def test_best_configs_are_their_seed_config_plus_the_kept_options(best):
     assert {k: mine["model_config"].pop(k) for k in KEPT_MODEL_KEYS} == KEPT_MODEL_KEYS
     for k in KEPT_MODEL_KEYS:
         assert seed["model_config"].pop(k) != KEPT_MODEL_KEYS[k]
+    assert {k: mine["train_config"]["dense_optimizer"].pop(k) for k in KEPT_DENSE_OPTIMIZER_KEYS} == KEPT_DENSE_OPTIMIZER_KEYS
+    assert not set(KEPT_DENSE_OPTIMIZER_KEYS) & set(seed["train_config"]["dense_optimizer"])
     grown = {}
     for f, s in zip(mine["feature_config"]["features"], seed["feature_config"]["features"]):
         if f != s:
@@ -131,8 +136,10 @@ def test_best_configs_are_their_seed_config_plus_the_kept_options(best):
         r["model_config"].pop("model_name")
     assert mine == seed
     cfg = load_config(config_path(best))
-    assert cfg.model_config.backbone.cross.num_layers == 2
+    assert cfg.model_config.backbone.cross.num_layers == 1
+    assert list(cfg.model_config.backbone.dot_interaction.features) == BEST_DOT_FEATURES
     assert cfg.model_config.embedding_regularization == 1.0e-6
+    assert cfg.train_config.dense_optimizer.eps == 1.0e-6
     assert {n: f.hash_bucket_size for n, f in cfg.features.items() if n in BEST_TABLE_ROWS} == BEST_TABLE_ROWS
 
 
