@@ -110,6 +110,9 @@ BEST_DOT_FEATURES = ["user_id", "adgroup_id", "cate_id", "campaign_id", "custome
 KEPT_OPTIONS = {"cross": {"num_layers": 1}, "dot_interaction": {"features": BEST_DOT_FEATURES}}
 KEPT_MODEL_KEYS = {"embedding_regularization": 1.0e-6}  # the seed configs': 5e-6
 KEPT_DENSE_OPTIMIZER_KEYS = {"eps": 1.0e-6}  # the seed configs': Adam's default 1e-8
+# the table optimizer's rate and eps, 3x the seed configs' (0.01, 1e-5)
+KEPT_SPARSE_OPTIMIZER_KEYS = {"learning_rate": 0.03, "eps": 3.0e-5}
+SEED_SPARSE_OPTIMIZER_KEYS = {"learning_rate": 0.01, "eps": 1.0e-5}
 # hash_bucket_size per feature where the best configs' tables differ from the seed's: 10x
 BEST_TABLE_ROWS = {**{f: 1_000_000 for f in ("adgroup_id", "campaign_id", "customer", "brand", "user_id",
                                               "tag_category_list", "tag_brand_list")}, "cate_id": 100_000}
@@ -125,6 +128,9 @@ def test_best_configs_are_their_seed_config_plus_the_kept_options(best):
         assert seed["model_config"].pop(k) != KEPT_MODEL_KEYS[k]
     assert {k: mine["train_config"]["dense_optimizer"].pop(k) for k in KEPT_DENSE_OPTIMIZER_KEYS} == KEPT_DENSE_OPTIMIZER_KEYS
     assert not set(KEPT_DENSE_OPTIMIZER_KEYS) & set(seed["train_config"]["dense_optimizer"])
+    for k in KEPT_SPARSE_OPTIMIZER_KEYS:
+        assert mine["train_config"]["sparse_optimizer"].pop(k) == KEPT_SPARSE_OPTIMIZER_KEYS[k]
+        assert seed["train_config"]["sparse_optimizer"].pop(k) == SEED_SPARSE_OPTIMIZER_KEYS[k]
     grown = {}
     for f, s in zip(mine["feature_config"]["features"], seed["feature_config"]["features"]):
         if f != s:
@@ -140,6 +146,7 @@ def test_best_configs_are_their_seed_config_plus_the_kept_options(best):
     assert list(cfg.model_config.backbone.dot_interaction.features) == BEST_DOT_FEATURES
     assert cfg.model_config.embedding_regularization == 1.0e-6
     assert cfg.train_config.dense_optimizer.eps == 1.0e-6
+    assert (cfg.train_config.sparse_optimizer.learning_rate, cfg.train_config.sparse_optimizer.eps) == (0.03, 3.0e-5)
     assert {n: f.hash_bucket_size for n, f in cfg.features.items() if n in BEST_TABLE_ROWS} == BEST_TABLE_ROWS
 
 
