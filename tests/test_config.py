@@ -1,4 +1,5 @@
 import dataclasses
+import functools
 import json
 import subprocess
 import sys
@@ -108,11 +109,13 @@ BEST_CONFIGS = {"aitm_taobao_best.yaml": "aitm_taobao.yaml", "aitm_3step_best.ya
 BEST_DOT_FEATURES = ["user_id", "adgroup_id", "cate_id", "campaign_id", "customer", "brand", "tag_category_list",
                      "tag_brand_list"]
 KEPT_OPTIONS = {"cross": {"num_layers": 1}, "dot_interaction": {"features": BEST_DOT_FEATURES}}
-KEPT_MODEL_KEYS = {"embedding_regularization": 1.0e-6}  # the seed configs': 5e-6
-KEPT_DENSE_OPTIMIZER_KEYS = {"eps": 1.0e-6}  # the seed configs': Adam's default 1e-8
-# the table optimizer's rate and eps, 3x the seed configs' (0.01, 1e-5)
-KEPT_SPARSE_OPTIMIZER_KEYS = {"learning_rate": 0.03, "eps": 3.0e-5}
-SEED_SPARSE_OPTIMIZER_KEYS = {"learning_rate": 0.01, "eps": 1.0e-5}
+# The kept values under each section of the config: key -> (best configs' value, seed configs'
+# value; None where the seed configs leave the key unset)
+KEPT_KEYS = {
+    ("model_config",): {"embedding_regularization": (1.0e-6, 5.0e-6)},
+    ("train_config", "dense_optimizer"): {"eps": (1.0e-6, None)},  # unset: Adam's default 1e-8
+    ("train_config", "sparse_optimizer"): {"learning_rate": (0.03, 0.01), "eps": (3.0e-5, 1.0e-5)},  # 3x the seed's
+}
 # hash_bucket_size per feature where the best configs' tables differ from the seed's: 10x
 BEST_TABLE_ROWS = {**{f: 1_000_000 for f in ("adgroup_id", "campaign_id", "customer", "brand", "user_id",
                                               "tag_category_list", "tag_brand_list")}, "cate_id": 100_000}
@@ -123,14 +126,10 @@ def test_best_configs_are_their_seed_config_plus_the_kept_options(best):
     raw = {name: yaml.safe_load(config_path(name).read_text()) for name in (best, BEST_CONFIGS[best])}
     mine, seed = raw[best], raw[BEST_CONFIGS[best]]
     assert {k: mine["model_config"]["backbone"].pop(k) for k in KEPT_OPTIONS} == KEPT_OPTIONS
-    assert {k: mine["model_config"].pop(k) for k in KEPT_MODEL_KEYS} == KEPT_MODEL_KEYS
-    for k in KEPT_MODEL_KEYS:
-        assert seed["model_config"].pop(k) != KEPT_MODEL_KEYS[k]
-    assert {k: mine["train_config"]["dense_optimizer"].pop(k) for k in KEPT_DENSE_OPTIMIZER_KEYS} == KEPT_DENSE_OPTIMIZER_KEYS
-    assert not set(KEPT_DENSE_OPTIMIZER_KEYS) & set(seed["train_config"]["dense_optimizer"])
-    for k in KEPT_SPARSE_OPTIMIZER_KEYS:
-        assert mine["train_config"]["sparse_optimizer"].pop(k) == KEPT_SPARSE_OPTIMIZER_KEYS[k]
-        assert seed["train_config"]["sparse_optimizer"].pop(k) == SEED_SPARSE_OPTIMIZER_KEYS[k]
+    for path, keys in KEPT_KEYS.items():
+        mine_section, seed_section = (functools.reduce(dict.__getitem__, path, r) for r in (mine, seed))
+        for k, (kept, seed_value) in keys.items():
+            assert (mine_section.pop(k), seed_section.pop(k, None)) == (kept, seed_value), (path, k)
     grown = {}
     for f, s in zip(mine["feature_config"]["features"], seed["feature_config"]["features"]):
         if f != s:
@@ -144,9 +143,9 @@ def test_best_configs_are_their_seed_config_plus_the_kept_options(best):
     cfg = load_config(config_path(best))
     assert cfg.model_config.backbone.cross.num_layers == 1
     assert list(cfg.model_config.backbone.dot_interaction.features) == BEST_DOT_FEATURES
-    assert cfg.model_config.embedding_regularization == 1.0e-6
-    assert cfg.train_config.dense_optimizer.eps == 1.0e-6
-    assert (cfg.train_config.sparse_optimizer.learning_rate, cfg.train_config.sparse_optimizer.eps) == (0.03, 3.0e-5)
+    for path, keys in KEPT_KEYS.items():
+        section = functools.reduce(getattr, path, cfg)
+        assert {k: getattr(section, k) for k in keys} == {k: kept for k, (kept, _) in keys.items()}, path
     assert {n: f.hash_bucket_size for n, f in cfg.features.items() if n in BEST_TABLE_ROWS} == BEST_TABLE_ROWS
 
 
