@@ -1,7 +1,8 @@
 """``python -m benchmarks family``: settings judged over the family of synthetic data sets.
 
 Every preset of ``datasets.synthetic.PRESETS`` (or ``--presets``) is generated once under
-``--data-root`` (``family_<preset>_<labels>_<rows>``); each named setting (``--settings``, a JSON
+``--data-root`` (``family_<preset>_<labels>_<rows>``, ``_eval<N>`` added for an eval split other than
+200,000 rows); each named setting (``--settings``, a JSON
 file ``{name: [key.path=value, ...]}``, default: the config as shipped) trains one epoch on it
 per seed (``quality.one_epoch``), and the research-style peer (``peer.one_epoch``) trains beside
 them. Runs are kept in ``--out`` as they finish (a rerun skips the runs already there).
@@ -32,14 +33,27 @@ HELP = "settings x presets of the synthetic family x seeds, one epoch each; wors
 PEER = "peer"  # the name the research-style peer's runs carry in the results
 
 
+EVAL_ROWS = 200_000  # the eval split's rows unless --eval-rows says otherwise
+
+
 def ensure_preset(root: Path, preset: str, rows: int, eval_rows: int, labels: str) -> Path:
-    """The preset's generated set under ``root`` (made once; ``_SUCCESS`` marks it whole)."""
+    """The preset's generated set under ``root`` (made once; ``_SUCCESS`` marks it whole).
+
+    A set with another eval split than ``EVAL_ROWS`` lives in its own directory (``_eval<N>``
+    appended), and a set found whose ``_SUCCESS`` records other row counts is refused: reusing it
+    would judge the settings on a split nobody asked for."""
     from datasets import synthetic
 
-    path = Path(root) / f"family_{preset}_{labels.replace(',', '_')}_{rows}"
-    if not (path / "_SUCCESS").exists():
+    name = f"family_{preset}_{labels.replace(',', '_')}_{rows}"
+    path = Path(root) / (name if eval_rows == EVAL_ROWS else f"{name}_eval{eval_rows}")
+    done = path / "_SUCCESS"
+    if not done.exists():
         synthetic.main(["--preset", preset, "--out", str(path), "--rows", str(rows), "--eval-rows", str(eval_rows),
                         "--labels", labels, "--files", "4", "--row-group-size", "65536"])
+    made = json.loads(done.read_text())
+    if (made.get("train_rows"), made.get("eval_rows")) != (rows, eval_rows):
+        raise ValueError(f"{done}: the set holds {made.get('train_rows')} training and {made.get('eval_rows')} eval "
+                         f"rows, not the {rows} and {eval_rows} asked for; move it away or pick another --data-root")
     return path
 
 
@@ -99,7 +113,8 @@ def markdown(rep: dict) -> str:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--presets", help="comma-separated presets (default: every one of datasets.synthetic.PRESETS)")
     p.add_argument("--rows", type=int, default=2_000_000, help="training rows of each preset's set (one epoch)")
-    p.add_argument("--eval-rows", type=int, default=200_000)
+    p.add_argument("--eval-rows", type=int, default=EVAL_ROWS,
+                   help="rows of each preset's eval split (a set with another split gets its own directory)")
     p.add_argument("--labels", default="clk,buy", help="the chain; clk,cart,buy with --config configs/aitm_3step.yaml")
     p.add_argument("--config", default=None, help="YAML config (default: the seed's configs/aitm_taobao.yaml)")
     p.add_argument("--seeds", default="1,2,3", help="training seeds")

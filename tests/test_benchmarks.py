@@ -153,6 +153,24 @@ def test_family_report_regrets_and_the_worst_case_choice():
     _family_report()
 
 
+def test_family_sets_are_keyed_by_their_eval_split(tmp_path, monkeypatch):
+    """Another --eval-rows gets its own generated set, and a set whose _SUCCESS records other row
+    counts is refused by name instead of judging the settings on a split nobody asked for."""
+    import shutil
+
+    from benchmarks import family
+
+    small = family.ensure_preset(tmp_path, "head-heavy", 2000, 300, "clk,buy")
+    assert small.name == "family_head-heavy_clk_buy_2000_eval300"
+    assert json.loads((small / "_SUCCESS").read_text())["eval_rows"] == 300
+    assert family.ensure_preset(tmp_path, "head-heavy", 2000, 300, "clk,buy") == small  # made once, found again
+    shutil.copytree(small, tmp_path / "family_head-heavy_clk_buy_2000_eval400")
+    with pytest.raises(ValueError, match=r"_eval400/_SUCCESS: the set holds 2000 training and 300 eval rows"):
+        family.ensure_preset(tmp_path, "head-heavy", 2000, 400, "clk,buy")
+    monkeypatch.setattr(family, "EVAL_ROWS", 300)  # the default split keeps the plain name
+    assert family.ensure_preset(tmp_path, "head-heavy", 2000, 300, "clk,buy").name == "family_head-heavy_clk_buy_2000"
+
+
 def test_family_plot_draws_one_bar_per_setting_preset_and_task(tmp_path, monkeypatch):
     import matplotlib
 
