@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import math
 import os
 import time
@@ -16,14 +17,36 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
-def generated_set(path: Path, rows: int, string_ids: bool, row_group_size: int, files: int) -> Path:
-    if not (path / "_SUCCESS").exists():
+def generated(path: Path, train_rows: int, eval_rows: int, flags: list[str], any_rows: bool = False) -> Path:
+    """The set ``datasets.synthetic`` makes at ``path`` with these row counts and ``flags``, made
+    once (its ``_SUCCESS``, written last, marks it whole). A set found there whose ``_SUCCESS``
+    records other row counts is refused, naming the path: reusing it would judge on a split
+    nobody asked for. ``any_rows``: a set found is used as it is (the speed benchmarks, which
+    train on whatever set ``--data`` names and report its rows)."""
+    done = Path(path) / "_SUCCESS"
+    if not done.exists():
         from datasets import synthetic
 
-        args = ["--out", str(path), "--rows", str(rows), "--eval-rows", "1000", "--files", str(files),
-                "--row-group-size", str(row_group_size)]
-        synthetic.main(args + (["--string-ids"] if string_ids else []))
-    return path / "train"
+        synthetic.main(["--out", str(path), "--rows", str(train_rows), "--eval-rows", str(eval_rows), *flags])
+    made = json.loads(done.read_text())
+    if not any_rows and (made.get("train_rows"), made.get("eval_rows")) != (train_rows, eval_rows):
+        raise ValueError(f"{done}: the set holds {made.get('train_rows')} training and {made.get('eval_rows')} eval "
+                         f"rows, not the {train_rows} and {eval_rows} asked for; move it away or pick another "
+                         "data directory")
+    return Path(path)
+
+
+def split_name(name: str, eval_rows: int, default: int) -> str:
+    """A generated set's directory name: ``name``, with ``_eval<N>`` appended for an eval split
+    other than the benchmark's ``default`` (sets made with the default keep their plain names)."""
+    return name if eval_rows == default else f"{name}_eval{eval_rows}"
+
+
+def generated_set(path: Path, rows: int, string_ids: bool, row_group_size: int, files: int) -> Path:
+    """The speed benchmarks' set (made with a 1,000-row eval split; one found is used as it is):
+    its training split's directory."""
+    flags = ["--files", str(files), "--row-group-size", str(row_group_size)]
+    return generated(path, rows, 1000, flags + (["--string-ids"] if string_ids else []), any_rows=True) / "train"
 
 
 def load_avg() -> list[float]:

@@ -25,7 +25,7 @@ import math
 import statistics
 from pathlib import Path
 
-from benchmarks.common import REPO, add_overrides
+from benchmarks.common import REPO, add_overrides, generated, split_name
 from benchmarks.quality import one_epoch, oracle
 
 HELP = "settings x presets of the synthetic family x seeds, one epoch each; worst-case choice"
@@ -37,24 +37,11 @@ EVAL_ROWS = 200_000  # the eval split's rows unless --eval-rows says otherwise
 
 
 def ensure_preset(root: Path, preset: str, rows: int, eval_rows: int, labels: str) -> Path:
-    """The preset's generated set under ``root`` (made once; ``_SUCCESS`` marks it whole).
-
-    A set with another eval split than ``EVAL_ROWS`` lives in its own directory (``_eval<N>``
-    appended), and a set found whose ``_SUCCESS`` records other row counts is refused: reusing it
-    would judge the settings on a split nobody asked for."""
-    from datasets import synthetic
-
-    name = f"family_{preset}_{labels.replace(',', '_')}_{rows}"
-    path = Path(root) / (name if eval_rows == EVAL_ROWS else f"{name}_eval{eval_rows}")
-    done = path / "_SUCCESS"
-    if not done.exists():
-        synthetic.main(["--preset", preset, "--out", str(path), "--rows", str(rows), "--eval-rows", str(eval_rows),
-                        "--labels", labels, "--files", "4", "--row-group-size", "65536"])
-    made = json.loads(done.read_text())
-    if (made.get("train_rows"), made.get("eval_rows")) != (rows, eval_rows):
-        raise ValueError(f"{done}: the set holds {made.get('train_rows')} training and {made.get('eval_rows')} eval "
-                         f"rows, not the {rows} and {eval_rows} asked for; move it away or pick another --data-root")
-    return path
+    """The preset's generated set under ``root`` (``common.generated``: made once, refused when
+    it holds other row counts); a split other than ``EVAL_ROWS`` gets its own directory."""
+    name = split_name(f"family_{preset}_{labels.replace(',', '_')}_{rows}", eval_rows, EVAL_ROWS)
+    return generated(Path(root) / name, rows, eval_rows, ["--preset", preset, "--labels", labels, "--files", "4",
+                                                         "--row-group-size", "65536"])
 
 
 def report(results: dict[str, dict]) -> dict:

@@ -24,9 +24,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import REPO, train_rank
+from benchmarks.common import REPO, generated, split_name, train_rank
 
 HELP = "one-epoch AUC of every model vs the oracle, seeds, JSON/MD/PNG"
+EVAL_ROWS = 100_000  # the eval split's rows unless --eval-rows says otherwise
 
 
 def oracle(data: Path) -> dict[str, float]:
@@ -96,15 +97,12 @@ SEQUENTIAL = ["AITM", "ESMM", "MMoE", "SharedBottom", "DBMTL"]
 
 
 def ensure_data(root: Path, rows: int, eval_rows: int, labels: str, dependence: float = 0.0, seed: int = 0) -> Path:
-    from datasets import synthetic
-
-    tag = f"{labels.replace(',', '_')}_{rows}_d{dependence:g}_s{seed}"
-    path = Path(root) / f"quality_{tag}"
-    if not (path / "_SUCCESS").exists():
-        synthetic.main(["--out", str(path), "--rows", str(rows), "--eval-rows", str(eval_rows), "--labels", labels,
-                        "--files", "2", "--row-group-size", "65536", "--seed", str(seed),
-                        "--sequential-dependence", str(dependence)])
-    return path
+    """The generated set of these labels, rows, dependence and seed under ``root``
+    (``common.generated``); a split other than ``EVAL_ROWS`` gets its own directory."""
+    name = split_name(f"quality_{labels.replace(',', '_')}_{rows}_d{dependence:g}_s{seed}", eval_rows, EVAL_ROWS)
+    return generated(Path(root) / name, rows, eval_rows, ["--labels", labels, "--files", "2", "--row-group-size",
+                                                         "65536", "--seed", str(seed), "--sequential-dependence",
+                                                         str(dependence)])
 
 
 def grid(rows: int, eval_rows: int, seeds: list[int], data_root: Path, dependence: float,
@@ -189,7 +187,7 @@ def plot(summary: list[dict], path: Path, title: str) -> None:
 
 def add_arguments(q: argparse.ArgumentParser) -> None:
     q.add_argument("--rows", type=int, default=500_000, help="training rows of each generated set (one epoch)")
-    q.add_argument("--eval-rows", type=int, default=100_000)
+    q.add_argument("--eval-rows", type=int, default=EVAL_ROWS)
     q.add_argument("--seeds", default="1,2,3", help="training seeds (init and data order)")
     q.add_argument("--models", help=f"comma-separated subset of: {', '.join(GRID)}")
     q.add_argument("--sequential-dependence", type=float, default=0.7,

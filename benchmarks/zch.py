@@ -15,15 +15,16 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from benchmarks.common import REPO, add_overrides, add_ranks, launch_ranks, train_rank
+from benchmarks.common import REPO, add_overrides, add_ranks, generated, launch_ranks, split_name, train_rank
 
 HELP = "examples/s and AUC: large id features hashed vs as zch tables"
+EVAL_ROWS = 50_000  # the eval split's rows unless --eval-rows says otherwise
 
 
 def add_arguments(z: argparse.ArgumentParser) -> None:
     z.add_argument("--config", help="YAML config (default: the seed's)")
     z.add_argument("--rows", type=int, default=400_000, help="training rows of the generated set")
-    z.add_argument("--eval-rows", type=int, default=50_000)
+    z.add_argument("--eval-rows", type=int, default=EVAL_ROWS)
     z.add_argument("--vocab", type=int, default=1_000_000, help="distinct user_id / adgroup_id ids")
     z.add_argument("--table-size", type=int, default=20_000, help="rows of each large table, both ways")
     z.add_argument("--data", help="data directory (default data/bench_zch_<rows>_v<vocab>; generated if missing)")
@@ -58,12 +59,10 @@ def cmd(args: argparse.Namespace) -> dict:
     table sizes, same data, one after the other in this invocation."""
     from aitm_torchrec.config import load_config
 
-    data = Path(args.data or REPO / "data" / f"bench_zch_{args.rows}_v{args.vocab}")
-    if not (data / "_SUCCESS").exists():
-        from datasets import synthetic
-
-        synthetic.main(["--out", str(data), "--rows", str(args.rows), "--eval-rows", str(args.eval_rows),
-                        "--files", "2", "--row-group-size", "65536", "--large-vocab", str(args.vocab)])
+    data = Path(args.data or REPO / "data" / split_name(f"bench_zch_{args.rows}_v{args.vocab}", args.eval_rows,
+                                                        EVAL_ROWS))
+    generated(data, args.rows, args.eval_rows, ["--files", "2", "--row-group-size", "65536", "--large-vocab",
+                                                str(args.vocab)])
     base = [f"train_input_path=[{data / 'train'}]", f"eval_input_path=[{data / 'eval'}]",
             f"train_config.num_steps={args.steps}", "train_config.save_checkpoints_steps=0",
             f"train_config.log_step_count_steps={args.steps}", f"data_config.batch_size={args.batch_size}"]

@@ -171,6 +171,25 @@ def test_family_sets_are_keyed_by_their_eval_split(tmp_path, monkeypatch):
     assert family.ensure_preset(tmp_path, "head-heavy", 2000, 300, "clk,buy").name == "family_head-heavy_clk_buy_2000"
 
 
+def test_quality_sets_are_keyed_by_their_eval_split_and_speed_sets_taken_as_found(tmp_path, monkeypatch):
+    """The quality and peer sets get the family's keying and refusal (``common.generated``); the
+    speed benchmarks train on the set ``--data`` names, whatever its row counts."""
+    import shutil
+
+    from benchmarks import common, quality
+
+    made = quality.ensure_data(tmp_path, 2000, 300, "clk,buy")
+    assert made.name == "quality_clk_buy_2000_d0_s0_eval300"
+    assert json.loads((made / "_SUCCESS").read_text())["train_rows"] == 2000
+    shutil.copytree(made, tmp_path / "quality_clk_buy_2000_d0_s0_eval400")
+    with pytest.raises(ValueError, match=r"eval400/_SUCCESS: the set holds 2000 training and 300 eval rows, "
+                                         r"not the 2000 and 400 asked for"):
+        quality.ensure_data(tmp_path, 2000, 400, "clk,buy")
+    monkeypatch.setattr(quality, "EVAL_ROWS", 300)
+    assert quality.ensure_data(tmp_path, 2000, 300, "clk,buy").name == "quality_clk_buy_2000_d0_s0"
+    assert common.generated_set(made, 1_000_000, False, 8192, 1) == made / "train"
+
+
 def test_family_plot_draws_one_bar_per_setting_preset_and_task(tmp_path, monkeypatch):
     import matplotlib
 
