@@ -312,6 +312,7 @@ SCHEMA: dict[str, Spec] = {
         "save_checkpoints_steps": Spec(int),
         "keep_checkpoint_max": Spec(int),
         "log_step_count_steps": Spec(int),
+        "gradient_clipping_by_norm": Spec(float),
         "sync_replicas": _ignored("training here is always synchronous data + model parallel", bool),
         "num_gpus_per_worker": _ignored("processes per host come from torchrun / TorchX (-j HOSTSxPROCS)", int),
         "save_summary_steps": _ignored("TensorBoard scalars are written every log_step_count_steps", int),
@@ -951,7 +952,7 @@ class _Converter:
         tc = root.msg("train_config")
         if tc is not None:
             train = {k: tc.get(k) for k in ("num_steps", "save_checkpoints_steps", "keep_checkpoint_max",
-                                            "log_step_count_steps") if tc.has(k)}
+                                            "log_step_count_steps", "gradient_clipping_by_norm") if tc.has(k)}
             train.update(self.optimizers(tc))
             if "sparse_optimizer" in train and any(g["wide_deep"] == "WIDE" for g in model["feature_groups"]):
                 # EasyRec trains the wide embeddings with the embedding optimizer (the first of two)

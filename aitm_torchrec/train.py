@@ -22,6 +22,7 @@ from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.utils.tensorboard import SummaryWriter
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+from torchrec.optim.clipping import GradientClipping, GradientClippingOptimizer
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from tqdm import tqdm
@@ -43,10 +44,13 @@ from aitm_torchrec.task import build_train_module
 logger = logging.getLogger(__name__)
 
 
-def dense_optimizer(dmp: DistributedModelParallel, opt: Optimizer,
-                    exclude: frozenset[str] = frozenset()) -> KeyedOptimizerWrapper:
+def dense_optimizer(dmp: DistributedModelParallel, opt: Optimizer, clip_norm: float = 0.0,
+                    exclude: frozenset[str] = frozenset()) -> GradientClippingOptimizer:
     """The dense side's optimizer over every parameter not handled in backward by a fused one
-    (nor, ``exclude``, by the tables' own torch optimizer)."""
+    (nor, ``exclude``, by the tables' own torch optimizer), inside TorchRec's clipping wrapper:
+    ``clip_norm`` > 0 scales the gradients to that global L2 norm at most before each step, and
+    the norm is tracked either way (``dense_grad_norm``). These parameters are replicated and DDP
+    has averaged their gradients, so every rank computes the same norm."""
     cls = {"adam": torch.optim.Adam, "adagrad": torch.optim.Adagrad, "sgd": torch.optim.SGD}[opt.name]
     # fused: one kernel per step for all parameters (CPU and CUDA); ~3x less optimizer time here.
     kwargs = {"lr": opt.learning_rate, "weight_decay": opt.weight_decay, "fused": True}
@@ -55,7 +59,18 @@ def dense_optimizer(dmp: DistributedModelParallel, opt: Optimizer,
     if opt.name == "adam":
         kwargs["betas"] = (opt.beta1, opt.beta2)
     params = {k: p for k, p in in_backward_optimizer_filter(dmp.named_parameters()) if k not in exclude}
-    return KeyedOptimizerWrapper(params, lambda params: cls(params, **kwargs))
+    inner = KeyedOptimizerWrapper(params, lambda params: cls(params, **kwargs))
+    return GradientClippingOptimizer(inner, GradientClipping.NORM if clip_norm else GradientClipping.NONE,
+                                     max_gradient=clip_norm, track_grad_norm=True)
+
+
+def dense_grad_norm(optimizer: CombinedOptimizer) -> float | None:
+    """The global L2 norm of the dense gradients, before clipping, at the last step the dense
+    optimizer applied (None before the first)."""
+    for _, opt in optimizer.optimizers:
+        if isinstance(opt, GradientClippingOptimizer) and opt.last_total_grad_norm is not None:
+            return float(opt.last_total_grad_norm)
+    return None
 
 
 def table_optimizer(dmp: DistributedModelParallel, opt: Optimizer, wide: bool = False) -> ShardedTableOptimizer:
@@ -85,12 +100,13 @@ def build(cfg: Config, env: DistEnv) -> tuple[DistributedModelParallel, Combined
     # tables at the sparse optimizer's settings, the wide tables at theirs.
     sides = [(False, tc.sparse_optimizer)] + ([(True, tc.wide_tables_optimizer)] if cfg.schema.wide else [])
     tables = [table_optimizer(dmp, opt, wide) for wide, opt in sides if on_dense_kernel(opt, env.device.type)]
+    clip = tc.gradient_clipping_by_norm
     if tables:
         exclude = frozenset().union(*(t.table_keys for t in tables))
         optimizer: CombinedOptimizer = JobOptimizer(
-            [dmp.fused_optimizer, *tables, dense_optimizer(dmp, tc.dense_optimizer, exclude)])
+            [dmp.fused_optimizer, *tables, dense_optimizer(dmp, tc.dense_optimizer, clip, exclude)])
     else:
-        optimizer = CombinedOptimizer([dmp.fused_optimizer, dense_optimizer(dmp, tc.dense_optimizer)])
+        optimizer = CombinedOptimizer([dmp.fused_optimizer, dense_optimizer(dmp, tc.dense_optimizer, clip)])
     return dmp, optimizer, describe(plan)
 
 
@@ -322,6 +338,8 @@ class _Loop:
             self.writer.add_scalar("train/examples_per_s", rate, step)
             self.writer.add_scalar("train/lr_multiplier",
                                    lr_multiplier(step - 1, tc.learning_rate_schedule, tc.num_steps), step)
+            if (norm := dense_grad_norm(self.optimizer)) is not None:
+                self.writer.add_scalar("train/dense_grad_norm", norm, step)
             _scalars(self.writer, "train_window", self.window_metrics, step)
 
     def periodic_eval(self, pipeline: TrainPipelineSparseDist) -> None:

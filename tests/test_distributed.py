@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from aitm_torchrec import dist as aitm_dist
 from aitm_torchrec.config import load_config
@@ -61,6 +62,47 @@ def test_table_wise_plan_shards_tables_and_loss_falls(tiny_config):
         assert last < 0.8 * first, f"rank {rank}: loss did not fall ({first:.4f} -> {last:.4f})"
 
 
+def _first_dense_steps(config_path: str, runs: list[list[str]]) -> list[dict]:
+    """Per run (a fresh build in the same process group): the dense gradients' norm at the first
+    step and the norm of the step the dense parameters took."""
+    from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+
+    from aitm_torchrec.train import build, dense_grad_norm, stream, train_reader
+
+    env = aitm_dist.setup()
+    out = []
+    for overrides in runs:
+        cfg = load_config(config_path, overrides)
+        dmp, optimizer, _ = build(cfg, env)
+        dense = list(optimizer.optimizers[-1][1].params.values())
+        before = [p.detach().clone() for p in dense]
+        source = stream(train_reader(cfg, env), 0)
+        TrainPipelineSparseDist(dmp, optimizer, env.device).progress(source)  # one optimizer step
+        source.close()
+        moved = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.detach() - b)
+                                                      for p, b in zip(dense, before)]))
+        out.append({"norm": dense_grad_norm(optimizer), "moved": float(moved)})
+    aitm_dist.teardown()
+    return out
+
+
+@pytest.mark.slow
+def test_gradient_clipping_bounds_the_dense_step_alike_on_every_rank(tiny_config):
+    """With SGD at rate 1 a dense step is minus the (clipped) gradient: unclipped it is as long as
+    the tracked norm, clipped it is the clipping norm, and both ranks agree (DDP averaged the
+    gradients before the norm was taken)."""
+    sgd = ["train_config.dense_optimizer.name=sgd", "train_config.dense_optimizer.learning_rate=1.0"]
+    results = run_ranks(_first_dense_steps, str(tiny_config),
+                        [sgd, sgd + ["train_config.gradient_clipping_by_norm=0.001"]])
+    (free, clipped), other = results[0], results[1]
+    assert free["norm"] > 0.01
+    assert free["moved"] == pytest.approx(free["norm"], rel=1e-4)
+    assert clipped["norm"] == pytest.approx(free["norm"], rel=1e-5)  # tracked before clipping
+    assert clipped["moved"] == pytest.approx(0.001, rel=1e-3)
+    for mine, theirs in zip(results[0], other):
+        assert mine == pytest.approx(theirs, rel=1e-5)
+
+
 def _run_main(config_path: str) -> dict:
     from launch.train import main
 
@@ -84,3 +126,9 @@ def test_train_entry_point_writes_summary_and_checkpoint(tiny_config):
     ckpt = Path(cfg.model_dir) / "checkpoints" / "step_00000030"
     assert (ckpt / "meta.json").exists() and (ckpt / ".metadata").exists()
     assert not list((Path(cfg.model_dir) / "checkpoints").glob(".*.tmp"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = EventAccumulator(str(Path(cfg.model_dir) / "tensorboard"))
+    board.Reload()
+    norms = board.Scalars("train/dense_grad_norm")  # one per log step (tiny_config logs every step)
+    assert [e.step for e in norms] == list(range(1, 31)) and all(e.value > 0 for e in norms)

@@ -157,6 +157,8 @@ MAPPINGS = [
     ("train_config.save_checkpoints_steps", dict(train="save_checkpoints_steps: 3"), lambda c: c.train_config.save_checkpoints_steps, 3),
     ("train_config.keep_checkpoint_max", dict(train="keep_checkpoint_max: 2"), lambda c: c.train_config.keep_checkpoint_max, 2),
     ("train_config.log_step_count_steps", dict(train="log_step_count_steps: 4"), lambda c: c.train_config.log_step_count_steps, 4),
+    ("train_config.gradient_clipping_by_norm", dict(train="gradient_clipping_by_norm: 5.0"),
+     lambda c: c.train_config.gradient_clipping_by_norm, 5.0),
     ("optimizer_config.one", dict(train=ADAM.format(name="adam", lr=1e-4, extra="use_moving_average: false")),
      lambda c: (c.train_config.sparse_optimizer.name, c.train_config.sparse_optimizer.learning_rate,
                 c.train_config.dense_optimizer.name, c.train_config.dense_optimizer.learning_rate), ("adam", 1e-4, "adam", 1e-4)),

@@ -81,7 +81,7 @@ def test_adam_tables_on_cpu_train_on_the_dense_kernel_once(tiny_config):
         assert {t["compute_kernel"] for t in r["plan"].values()} == {"dense"}
         assert {t["sharding_type"] for t in r["plan"].values()} <= {"table_wise", "column_wise",
                                                                   "table_column_wise"}
-        tables, dense = r["parts"]["ShardedTableOptimizer"], r["parts"]["KeyedOptimizerWrapper"]
+        tables, dense = r["parts"]["ShardedTableOptimizer"], r["parts"]["GradientClippingOptimizer"]
         assert not set(tables) & set(dense), "no parameter is trained twice"
         assert not any(".embedding_bags." in k for k in dense)
         owned = [t for t, p in r["plan"].items() if rank in p["ranks"]]

@@ -325,6 +325,9 @@ class TrainConfig:
     # none (aitm_torchrec/precision.py)
     mixed_precision: Literal["auto", "none", "bf16", "fp16"] = "auto"
     nonfinite_policy: Literal["stop", "skip"] = "stop"  # a non-finite loss/gradient: stop, or skip the batch
+    # EasyRec's key: the dense parameters' gradients are scaled so their global L2 norm is at most
+    # this before the dense optimizer's step; 0: no clipping (the tables' fused updates are not clipped)
+    gradient_clipping_by_norm: float = 0.0
     seed: int = 2021
 
     @property

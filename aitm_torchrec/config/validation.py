@@ -397,6 +397,9 @@ def check_train(cfg: Config, where: str) -> None:
             fail(f"train_config.{side}", "eps must be > 0 and weight_decay >= 0")
     if tc.keep_checkpoint_max < 0 or tc.save_checkpoints_steps < 0 or tc.log_step_count_steps < 0:
         fail("train_config", "keep_checkpoint_max, save_checkpoints_steps and log_step_count_steps must be >= 0")
+    if not tc.gradient_clipping_by_norm >= 0:
+        fail("train_config.gradient_clipping_by_norm", f"is {tc.gradient_clipping_by_norm}; must be a number >= 0 "
+             "(0: no clipping)")
     lr = tc.learning_rate_schedule
     if tc.learning_rate_scaling.reference_batch_size < 1:
         fail("train_config.learning_rate_scaling.reference_batch_size", "must be >= 1")
