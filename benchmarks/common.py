@@ -28,11 +28,17 @@ def generated(path: Path, train_rows: int, eval_rows: int, flags: list[str], any
         from datasets import synthetic
 
         synthetic.main(["--out", str(path), "--rows", str(train_rows), "--eval-rows", str(eval_rows), *flags])
-    made = json.loads(done.read_text())
-    if not any_rows and (made.get("train_rows"), made.get("eval_rows")) != (train_rows, eval_rows):
-        raise ValueError(f"{done}: the set holds {made.get('train_rows')} training and {made.get('eval_rows')} eval "
-                         f"rows, not the {train_rows} and {eval_rows} asked for; move it away or pick another "
-                         "data directory")
+    if any_rows:  # a Spark or Hadoop job's empty _SUCCESS included
+        return Path(path)
+    try:
+        made = json.loads(done.read_text())
+        rows = (made["train_rows"], made["eval_rows"])
+    except (ValueError, TypeError, KeyError):
+        raise ValueError(f"{done}: records no row counts (not a set datasets.synthetic made); move it away or pick "
+                         "another data directory") from None
+    if rows != (train_rows, eval_rows):
+        raise ValueError(f"{done}: the set holds {rows[0]} training and {rows[1]} eval rows, not the {train_rows} "
+                         f"and {eval_rows} asked for; move it away or pick another data directory")
     return Path(path)
 
 

@@ -188,6 +188,10 @@ def test_quality_sets_are_keyed_by_their_eval_split_and_speed_sets_taken_as_foun
     monkeypatch.setattr(quality, "EVAL_ROWS", 300)
     assert quality.ensure_data(tmp_path, 2000, 300, "clk,buy").name == "quality_clk_buy_2000_d0_s0"
     assert common.generated_set(made, 1_000_000, False, 8192, 1) == made / "train"
+    (made / "_SUCCESS").write_text("")  # what Spark writes: still taken as found, refused where counts matter
+    assert common.generated_set(made, 1_000_000, False, 8192, 1) == made / "train"
+    with pytest.raises(ValueError, match=r"eval300/_SUCCESS: records no row counts"):
+        common.generated(made, 2000, 300, [])
 
 
 def test_family_plot_draws_one_bar_per_setting_preset_and_task(tmp_path, monkeypatch):
