@@ -100,13 +100,10 @@ def build(cfg: Config, env: DistEnv) -> tuple[DistributedModelParallel, Combined
     # tables at the sparse optimizer's settings, the wide tables at theirs.
     sides = [(False, tc.sparse_optimizer)] + ([(True, tc.wide_tables_optimizer)] if cfg.schema.wide else [])
     tables = [table_optimizer(dmp, opt, wide) for wide, opt in sides if on_dense_kernel(opt, env.device.type)]
-    clip = tc.gradient_clipping_by_norm
-    if tables:
-        exclude = frozenset().union(*(t.table_keys for t in tables))
-        optimizer: CombinedOptimizer = JobOptimizer(
-            [dmp.fused_optimizer, *tables, dense_optimizer(dmp, tc.dense_optimizer, clip, exclude)])
-    else:
-        optimizer = CombinedOptimizer([dmp.fused_optimizer, dense_optimizer(dmp, tc.dense_optimizer, clip)])
+    exclude = frozenset().union(*(t.table_keys for t in tables))  # empty without such tables
+    dense = dense_optimizer(dmp, tc.dense_optimizer, tc.gradient_clipping_by_norm, exclude)
+    parts = [dmp.fused_optimizer, *tables, dense]
+    optimizer = JobOptimizer(parts) if tables else CombinedOptimizer(parts)
     return dmp, optimizer, describe(plan)
 
 
