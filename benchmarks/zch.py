@@ -27,7 +27,9 @@ def add_arguments(z: argparse.ArgumentParser) -> None:
     z.add_argument("--eval-rows", type=int, default=EVAL_ROWS)
     z.add_argument("--vocab", type=int, default=1_000_000, help="distinct user_id / adgroup_id ids")
     z.add_argument("--table-size", type=int, default=20_000, help="rows of each large table, both ways")
-    z.add_argument("--data", help="data directory (default data/bench_zch_<rows>_v<vocab>; generated if missing)")
+    z.add_argument("--data", help="data directory (default data/bench_zch_<rows>_v<vocab>, _eval<N> appended for a "
+                                  "non-default --eval-rows; generated if missing; a set there with other row counts "
+                                  "is refused)")
     z.add_argument("--steps", type=int, default=200)
     z.add_argument("--batch-size", type=int, default=1024, help="per rank")
     z.add_argument("--eviction-interval", type=int, default=20)
