@@ -113,7 +113,9 @@ KEPT_OPTIONS = {"cross": {"num_layers": 1}, "dot_interaction": {"features": BEST
 # value; None where the seed configs leave the key unset)
 KEPT_KEYS = {
     ("model_config",): {"embedding_regularization": (1.0e-6, 5.0e-6)},
-    ("train_config", "dense_optimizer"): {"eps": (1.0e-6, None)},  # unset: Adam's default 1e-8
+    ("train_config",): {"gradient_clipping_by_norm": (0.1, None)},  # unset: no clipping
+    # eps unset: Adam's default 1e-8; half the seed's rate beside the clipping
+    ("train_config", "dense_optimizer"): {"eps": (1.0e-6, None), "learning_rate": (0.0015, 0.003)},
     ("train_config", "sparse_optimizer"): {"learning_rate": (0.03, 0.01), "eps": (3.0e-5, 1.0e-5)},  # 3x the seed's
 }
 # hash_bucket_size per feature where the best configs' tables differ from the seed's: 10x
