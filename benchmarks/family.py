@@ -6,6 +6,8 @@ Every preset of ``datasets.synthetic.PRESETS`` (or ``--presets``) is generated o
 file ``{name: [key.path=value, ...]}``, default: the config as shipped) trains one epoch on it
 per seed (``quality.one_epoch``), and the research-style peer (``peer.one_epoch``) trains beside
 them. Runs are kept in ``--out`` as they finish (a rerun skips the runs already there).
+``--from FILE:SETTING[=LABEL]`` (repeatable) trains nothing: it reports and plots runs that
+earlier commands kept, gathered from several results files under the labels given.
 
 The report, per preset and task: the mean AUC of every setting over the seeds, its distance to
 the oracle, the best setting for that preset and task, and each setting's distance to it (its
@@ -112,6 +114,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-root", default=str(REPO / "data"), help="where the generated sets live")
     p.add_argument("--out", help="results JSON (kept: a rerun skips its runs); OUT.md gets the table")
     p.add_argument("--plot", help="PNG: each setting's (and the peer's) distance to the oracle per preset and task")
+    p.add_argument("--from", dest="gather", action="append", default=[], metavar="FILE:SETTING[=LABEL]",
+                   help="train nothing: report and plot SETTING's runs kept in results FILE, under LABEL "
+                        "(repeatable; LABEL peer marks the peer's runs)")
     add_overrides(p, "config overrides for every run")
 
 
@@ -122,8 +127,13 @@ def cmd(args: argparse.Namespace) -> dict:
     unknown = [p for p in presets if p not in PRESETS]
     if unknown:
         raise SystemExit(f"--presets: unknown {', '.join(unknown)}; presets: {', '.join(PRESETS)}")
-    settings = json.loads(Path(args.settings).read_text()) if args.settings else {"shipped": []}
     seeds = [int(s) for s in args.seeds.split(",") if s]
+    if args.gather:
+        if args.settings or args.out:
+            raise SystemExit("--from reports runs already kept: it takes neither --settings nor --out")
+        results, labels = gather(args.gather, presets, seeds, args.rows)
+        return _report(results, presets, labels, args, None)
+    settings = json.loads(Path(args.settings).read_text()) if args.settings else {"shipped": []}
     out = Path(args.out) if args.out else None
     results = json.loads(out.read_text()) if out and out.exists() else {}
 
@@ -146,15 +156,63 @@ def cmd(args: argparse.Namespace) -> dict:
             key = f"{preset}@{PEER}@{seed}@{args.rows}"
             if args.peer and key not in results:
                 keep(key, {**_peer_epoch(args.config, data, seed), "preset": preset, "setting": PEER, "seed": seed})
+    return _report(results, presets, [*settings, *([PEER] if args.peer else [])], args, out)
+
+
+def _report(results: dict, presets: list[str], shown: list[str], args: argparse.Namespace, out: Path | None) -> dict:
     rep = report(results)
     if out:
         out.with_suffix(".md").write_text(markdown(rep))
     if args.plot:
-        shown = [*settings, *([PEER] if args.peer else [])]
         plot(rep, [p for p in presets if p in rep["presets"]], shown, Path(args.plot),
              f"one epoch of {args.rows:,} rows per preset, seeds {args.seeds}")
     print(markdown(rep))
     return rep
+
+
+def gather(specs: list[str], presets: list[str], seeds: list[int], rows: int) -> tuple[dict, list[str]]:
+    """The runs that ``FILE:SETTING[=LABEL]`` specs name, kept by earlier commands, renamed to
+    their labels (the order of the specs; two specs may share a label, as the peer's seeds kept
+    in two files do); only the presets, seeds and row count asked for."""
+    results: dict[str, dict] = {}
+    labels: list[str] = []
+    truth: dict[str, tuple[str, dict]] = {}  # preset -> (the first spec, its runs' oracle AUCs)
+    for spec in specs:
+        source, sep, name = spec.rpartition(":")
+        setting, _, label = name.partition("=")
+        label = label or setting
+        if not sep or not source or not setting:
+            raise SystemExit(f"--from {spec}: expected FILE:SETTING[=LABEL]")
+        path = Path(source)
+        if not path.is_file():
+            raise SystemExit(f"--from {spec}: no results file {path}")
+        kept = json.loads(path.read_text())
+        found = [r for r in kept.values() if r.get("setting") == setting]
+        if not found:
+            names = sorted({str(r.get("setting")) for r in kept.values()})
+            raise SystemExit(f"--from {spec}: {path} keeps no runs of {setting!r}; it keeps {', '.join(names)}")
+        before = len(results)
+        for key, r in kept.items():
+            if r.get("setting") != setting or r["preset"] not in presets or r["seed"] not in seeds \
+                    or not key.endswith(f"@{rows}"):
+                continue
+            first, oracle_auc = truth.setdefault(r["preset"], (spec, r["oracle"]))
+            if {t: round(v, 4) for t, v in r["oracle"].items()} != {t: round(v, 4) for t, v in oracle_auc.items()}:
+                raise SystemExit(f"--from {spec}: its {r['preset']} runs have another oracle AUC than those of "
+                                 f"--from {first}: another data set or eval split")
+            mine = f"{r['preset']}@{label}@{r['seed']}@{rows}"
+            if mine in results:
+                raise SystemExit(f"--from {spec}: {r['preset']} seed {r['seed']} is already in {label!r} "
+                                 "from an earlier --from")
+            results[mine] = {**r, "setting": label}
+        if len(results) == before:
+            raise SystemExit(f"--from {spec}: {path} keeps no run of {setting!r} on these presets, seeds "
+                             f"{','.join(map(str, seeds))} and {rows} rows")
+        if label not in labels:
+            labels.append(label)
+    if PEER in labels:  # the peer's bars go last, as a run that trains them draws them
+        labels = [*[x for x in labels if x != PEER], PEER]
+    return results, labels
 
 
 def plot(rep: dict, presets: list[str], settings: list[str], path: Path, title: str) -> None:
@@ -170,7 +228,10 @@ def plot(rep: dict, presets: list[str], settings: list[str], path: Path, title: 
     for ax, task in zip(axes[0], tasks):
         for i, setting in enumerate(settings):
             gaps = [rep["presets"][p][task]["to_oracle"].get(setting, float("nan")) for p in presets]
-            ax.bar([x + (i - (len(settings) - 1) / 2) * width for x in range(len(presets))], gaps, width, label=setting)
+            counts = {rep["presets"][p][task]["seeds"].get(setting, 0) for p in presets} - {0}
+            runs = f" ({min(counts)}-{max(counts)} seeds)" if len(counts) > 1 else ""
+            ax.bar([x + (i - (len(settings) - 1) / 2) * width for x in range(len(presets))], gaps, width,
+                   label=setting + runs)
         ax.set_xticks(range(len(presets)), presets, rotation=20)
         ax.set_title(f"{task}: distance to the oracle AUC")
     axes[0][0].set_ylabel("oracle AUC - AUC (lower is better)")

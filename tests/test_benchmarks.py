@@ -212,6 +212,56 @@ def test_family_plot_draws_one_bar_per_setting_preset_and_task(tmp_path, monkeyp
     assert heights[5] == 0.04 and len(cvr.patches) == 6  # the peer on y: 0.8 - 0.76 (none on x)
 
 
+def test_family_from_reports_and_plots_runs_kept_in_several_files(tmp_path):
+    """``family --from FILE:SETTING=LABEL`` trains nothing: it gathers kept runs under new labels
+    (the peer's seeds from two files under one label), only the seeds and rows asked for, and
+    refuses a spec that names nothing or runs of another data set (another oracle)."""
+    from benchmarks.family import PEER
+
+    def rec(preset, setting, seed, clk, oracle=0.8):
+        return {"preset": preset, "setting": setting, "seed": seed, "auc": {"ctr": clk, "cvr": clk + 0.05},
+                "oracle": {"ctr": oracle, "cvr": 0.9}}
+
+    def kept(name, runs, rows=2000):
+        path = tmp_path / name
+        path.write_text(json.dumps({f"{r['preset']}@{r['setting']}@{r['seed']}@{rows}": r for r in runs}))
+        return str(path)
+
+    seed = kept("seed.json", [rec("dense", "s", 1, 0.70), rec("sparse", "s", 1, 0.60), rec("dense", "other", 1, 0.1)])
+    best = kept("best.json", [rec("dense", "b", 1, 0.74), rec("dense", "b", 2, 0.76), rec("dense", "b", 4, 0.10),
+                              rec("sparse", "b", 1, 0.66), rec("sparse", "b", 2, 0.68)])
+    peer_a = kept("peer_a.json", [rec("dense", PEER, 1, 0.72), rec("sparse", PEER, 1, 0.64)])
+    peer_b = kept("peer_b.json", [rec("dense", PEER, 2, 0.74)])
+    big = kept("big.json", [rec("dense", "s", 1, 0.99)], rows=4000)
+
+    def family(*specs, seeds="1,2", extra=()):
+        args = ["family", "--rows", "2000", "--presets", "dense,sparse", "--seeds", seeds, *extra]
+        for spec in specs:
+            args += ["--from", spec]
+        return run.main(args)
+
+    png = tmp_path / "family.png"
+    rep = family(f"{peer_a}:{PEER}", f"{seed}:s=seed config", f"{best}:b=best config", f"{peer_b}:{PEER}",
+                 extra=["--plot", str(png)])
+    x, y = rep["presets"]["dense"]["ctr"], rep["presets"]["sparse"]["ctr"]
+    assert x["auc"] == {"seed config": 0.70, "best config": 0.75, PEER: 0.73}  # seed 4 of "b" left out
+    assert x["seeds"] == {"seed config": 1, "best config": 2, PEER: 2} and y["auc"][PEER] == 0.64
+    assert x["best"] == "best config" and y["regret"]["seed config"] == 0.07 and rep["choice"] == "best config"
+    assert png.stat().st_size > 0
+    with pytest.raises(SystemExit, match="keeps no runs of 'b'; it keeps other, s"):
+        family(f"{seed}:b")
+    with pytest.raises(SystemExit, match="keeps no run of 's' on these presets, seeds 1,2 and 2000 rows"):
+        family(f"{big}:s")
+    other = kept("other.json", [rec("dense", "s", 1, 0.70, oracle=0.81)])
+    with pytest.raises(SystemExit, match=r"its dense runs have another oracle AUC than those of --from .*best.json:b"):
+        family(f"{best}:b", f"{other}:s")
+    again = kept("again.json", [rec("dense", "s", 1, 0.71)])
+    with pytest.raises(SystemExit, match=r"dense seed 1 is already in 's'"):
+        family(f"{seed}:s", f"{again}:s", seeds="1")
+    with pytest.raises(SystemExit, match="takes neither --settings nor --out"):
+        family(f"{seed}:s", extra=["--out", str(tmp_path / "o.json")])
+
+
 def test_gemm_roofline_measures_the_model_shapes_in_fp32_and_bf16(tiny_config):
     import torch
 
