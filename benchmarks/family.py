@@ -186,14 +186,21 @@ def gather(specs: list[str], presets: list[str], seeds: list[int], rows: int) ->
         path = Path(source)
         if not path.is_file():
             raise SystemExit(f"--from {spec}: no results file {path}")
-        kept = json.loads(path.read_text())
-        found = [r for r in kept.values() if r.get("setting") == setting]
+        try:
+            kept = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"--from {spec}: {path} is not JSON ({e})") from None
+        if not isinstance(kept, dict) or not all(
+                isinstance(r, dict) and {"preset", "setting", "seed", "auc", "oracle"} <= r.keys() for r in kept.values()):
+            raise SystemExit(f"--from {spec}: {path} is not a results file of `benchmarks family` "
+                             "(runs keyed preset@setting@seed@rows, each with its preset, setting, seed, auc and oracle)")
+        found = [r for r in kept.values() if r["setting"] == setting]
         if not found:
-            names = sorted({str(r.get("setting")) for r in kept.values()})
+            names = sorted({str(r["setting"]) for r in kept.values()})
             raise SystemExit(f"--from {spec}: {path} keeps no runs of {setting!r}; it keeps {', '.join(names)}")
         before = len(results)
         for key, r in kept.items():
-            if r.get("setting") != setting or r["preset"] not in presets or r["seed"] not in seeds \
+            if r["setting"] != setting or r["preset"] not in presets or r["seed"] not in seeds \
                     or not key.endswith(f"@{rows}"):
                 continue
             first, oracle_auc = truth.setdefault(r["preset"], (spec, r["oracle"]))

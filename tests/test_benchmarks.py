@@ -258,6 +258,10 @@ def test_family_from_reports_and_plots_runs_kept_in_several_files(tmp_path):
     again = kept("again.json", [rec("dense", "s", 1, 0.71)])
     with pytest.raises(SystemExit, match=r"dense seed 1 is already in 's'"):
         family(f"{seed}:s", f"{again}:s", seeds="1")
+    settings = tmp_path / "settings.json"
+    settings.write_text(json.dumps({"s": ["train_config.seed=1"]}))  # a settings file, not its results
+    with pytest.raises(SystemExit, match=r"settings.json is not a results file of `benchmarks family`"):
+        family(f"{settings}:s")
     with pytest.raises(SystemExit, match="takes neither --settings nor --out"):
         family(f"{seed}:s", extra=["--out", str(tmp_path / "o.json")])
 
