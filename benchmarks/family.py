@@ -46,6 +46,11 @@ def ensure_preset(root: Path, preset: str, rows: int, eval_rows: int, labels: st
                                                          "--row-group-size", "65536"])
 
 
+def run_key(preset: str, setting: str, seed: int, rows: int) -> str:
+    """A run's key in a results file: ``preset@setting@seed@rows``."""
+    return f"{preset}@{setting}@{seed}@{rows}"
+
+
 def report(results: dict[str, dict]) -> dict:
     """Per preset and task: mean AUC per setting, oracle, best setting, regrets; per setting its
     worst regret over the family; the worst-case choice among the settings (the peer excluded)."""
@@ -148,12 +153,12 @@ def cmd(args: argparse.Namespace) -> dict:
         data = ensure_preset(Path(args.data_root), preset, args.rows, args.eval_rows, args.labels)
         for seed in seeds:
             for name, overrides in settings.items():
-                key = f"{preset}@{name}@{seed}@{args.rows}"
+                key = run_key(preset, name, seed, args.rows)
                 if key not in results:
                     r = one_epoch(args.config, data, [*args.overrides, *overrides, f"train_config.seed={seed}"],
                                   batch_size=args.batch_size)
                     keep(key, {**r, "preset": preset, "setting": name, "seed": seed, "overrides": overrides})
-            key = f"{preset}@{PEER}@{seed}@{args.rows}"
+            key = run_key(preset, PEER, seed, args.rows)
             if args.peer and key not in results:
                 keep(key, {**_peer_epoch(args.config, data, seed), "preset": preset, "setting": PEER, "seed": seed})
     return _report(results, presets, [*settings, *([PEER] if args.peer else [])], args, out)
@@ -176,7 +181,7 @@ def gather(specs: list[str], presets: list[str], seeds: list[int], rows: int) ->
     in two files do); only the presets, seeds and row count asked for."""
     results: dict[str, dict] = {}
     labels: list[str] = []
-    truth: dict[str, tuple[str, dict]] = {}  # preset -> (the first spec, its runs' oracle AUCs)
+    truth: dict[str, tuple[str, dict]] = {}  # preset -> (the first spec, its runs' oracle AUCs to 4 places)
     for spec in specs:
         source, sep, name = spec.rpartition(":")
         setting, _, label = name.partition("=")
@@ -201,13 +206,14 @@ def gather(specs: list[str], presets: list[str], seeds: list[int], rows: int) ->
         before = len(results)
         for key, r in kept.items():
             if r["setting"] != setting or r["preset"] not in presets or r["seed"] not in seeds \
-                    or not key.endswith(f"@{rows}"):
+                    or key != run_key(r["preset"], setting, r["seed"], rows):
                 continue
-            first, oracle_auc = truth.setdefault(r["preset"], (spec, r["oracle"]))
-            if {t: round(v, 4) for t, v in r["oracle"].items()} != {t: round(v, 4) for t, v in oracle_auc.items()}:
+            oracle_auc = {t: round(v, 4) for t, v in r["oracle"].items()}
+            first, first_auc = truth.setdefault(r["preset"], (spec, oracle_auc))
+            if oracle_auc != first_auc:
                 raise SystemExit(f"--from {spec}: its {r['preset']} runs have another oracle AUC than those of "
                                  f"--from {first}: another data set or eval split")
-            mine = f"{r['preset']}@{label}@{r['seed']}@{rows}"
+            mine = run_key(r["preset"], label, r["seed"], rows)
             if mine in results:
                 raise SystemExit(f"--from {spec}: {r['preset']} seed {r['seed']} is already in {label!r} "
                                  "from an earlier --from")
