@@ -45,6 +45,7 @@ from google.protobuf import text_format
 # One-way: this module needs the config package (its error type, and build_checked for the CLI);
 # the package imports this module only when read_raw is called (to tell EasyRec text from YAML).
 from aitm_torchrec.config import ConfigError, apply_override, build_checked
+from aitm_torchrec.files import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -1017,7 +1018,7 @@ def main(argv: list[str] | None = None) -> int:
     if ignored:
         header.append("# EasyRec fields ignored (they change nothing here):")
         header += [f"#   line {i}" for i in ignored]
-    Path(args.to_yaml).write_text("\n".join(header) + "\n" + yaml.safe_dump(raw, sort_keys=False))
+    write_text_atomic(args.to_yaml, "\n".join(header) + "\n" + yaml.safe_dump(raw, sort_keys=False))
     print(f"wrote {args.to_yaml}")
     return 0
 

@@ -37,10 +37,15 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
         raise
 
 
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """``text`` at ``path``, written under a temporary name, then renamed."""
+    with atomic_write(path) as tmp:
+        tmp.write_text(text)
+
+
 def write_json_atomic(path: str | Path, data: Any) -> None:
     """``data`` as indented JSON at ``path``, written under a temporary name, then renamed."""
-    with atomic_write(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def expand_paths(paths: Sequence[str], what: str = "input", kind: str = "Parquet",

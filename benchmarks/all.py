@@ -17,7 +17,9 @@ import sys
 import time
 from pathlib import Path
 
+from aitm_torchrec.files import write_text_atomic
 from benchmarks import quality
+from benchmarks.common import save_figure
 
 # name -> arguments for ``python -m benchmarks NAME`` (``{out}``: the output folder, ``{quick}``: --quick).
 PLAN: list[tuple[str, list[str], list[str]]] = [
@@ -79,12 +81,12 @@ def cmd(args: argparse.Namespace, available, run) -> dict:
         t0 = time.perf_counter()
         print(f"== benchmarks {name} {' '.join(argv)}", file=sys.stderr, flush=True)
         results[name] = run([name, *argv])
-        (out / f"{name}.json").write_text(json.dumps(results[name], indent=1) + "\n")
+        write_text_atomic(out / f"{name}.json", json.dumps(results[name], indent=1) + "\n")
         print(f"== {name}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
-    (out / "results.md").write_text(markdown(results))
+    write_text_atomic(out / "results.md", markdown(results))
     if "peer" in results or "train" in results:
         speed_plot(results, out / "speed.png")
-    (out / "all.json").write_text(json.dumps({k: v for k, v in results.items()}, indent=1) + "\n")
+    write_text_atomic(out / "all.json", json.dumps({k: v for k, v in results.items()}, indent=1) + "\n")
     return results
 
 
@@ -160,5 +162,4 @@ def speed_plot(results: dict, path: Path) -> None:
     ax.set_title("training speed, same machine, same invocation per pair", fontsize=9)
     ax.tick_params(axis="x", labelsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_figure(fig, path)

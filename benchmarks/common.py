@@ -17,6 +17,17 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
+def save_figure(fig, path: Path) -> None:
+    """``fig`` as a PNG at ``path``, written under a temporary name, then renamed; then closed."""
+    import matplotlib.pyplot as plt
+
+    from aitm_torchrec.files import atomic_write
+
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, dpi=90, format="png")
+    plt.close(fig)
+
+
 def generated(path: Path, train_rows: int, eval_rows: int, flags: list[str], any_rows: bool = False) -> Path:
     """The set ``datasets.synthetic`` makes at ``path`` with these row counts and ``flags``, made
     once (its ``_SUCCESS``, written last, marks it whole). A set found there whose ``_SUCCESS``

@@ -27,7 +27,8 @@ import math
 import statistics
 from pathlib import Path
 
-from benchmarks.common import REPO, add_overrides, generated, split_name
+from aitm_torchrec.files import write_text_atomic
+from benchmarks.common import REPO, add_overrides, generated, save_figure, split_name
 from benchmarks.quality import one_epoch, oracle
 
 HELP = "settings x presets of the synthetic family x seeds, one epoch each; worst-case choice"
@@ -145,9 +146,8 @@ def cmd(args: argparse.Namespace) -> dict:
     def keep(key: str, record: dict) -> None:
         results[key] = record
         print(json.dumps({"key": key, "auc": record["auc"], "s": record.get("seconds")}), flush=True)
-        if out:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(results, indent=1))
+        if out:  # the hours of runs kept so far are either the last file or this one, never half of it
+            write_text_atomic(out, json.dumps(results, indent=1))
 
     for preset in presets:
         data = ensure_preset(Path(args.data_root), preset, args.rows, args.eval_rows, args.labels)
@@ -167,7 +167,7 @@ def cmd(args: argparse.Namespace) -> dict:
 def _report(results: dict, presets: list[str], shown: list[str], args: argparse.Namespace, out: Path | None) -> dict:
     rep = report(results)
     if out:
-        out.with_suffix(".md").write_text(markdown(rep))
+        write_text_atomic(out.with_suffix(".md"), markdown(rep))
     if args.plot:
         plot(rep, [p for p in presets if p in rep["presets"]], shown, Path(args.plot),
              f"one epoch of {args.rows:,} rows per preset, seeds {args.seeds}")
@@ -252,9 +252,7 @@ def plot(rep: dict, presets: list[str], settings: list[str], path: Path, title: 
     fig.legend(handles, labels, loc="lower center", ncol=min(len(settings), 4), fontsize=8)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout(rect=(0, 0.06 * math.ceil(len(settings) / 4) + 0.04, 1, 1))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _peer_epoch(config: str | None, data: Path, seed: int) -> dict:

@@ -24,7 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import REPO, generated, split_name, train_rank
+from aitm_torchrec.files import write_text_atomic
+from benchmarks.common import REPO, generated, save_figure, split_name, train_rank
 
 HELP = "one-epoch AUC of every model vs the oracle, seeds, JSON/MD/PNG"
 EVAL_ROWS = 100_000  # the eval split's rows unless --eval-rows says otherwise
@@ -181,8 +182,7 @@ def plot(summary: list[dict], path: Path, title: str) -> None:
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def add_arguments(q: argparse.ArgumentParser) -> None:
@@ -225,14 +225,13 @@ def cmd(args: argparse.Namespace) -> dict:
         result["headline"] = {"rows": args.headline_rows, "summary": summarize(head), "runs": head}
     result["seconds"] = round(time.perf_counter() - t0, 1)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    write_text_atomic(out.with_suffix(".json"), json.dumps(result, indent=1) + "\n")
     md = (f"One epoch over {args.rows:,} rows per set, batch {records[0]['batch_size']} per rank x "
           f"{args.world_size} ranks, seeds {args.seeds}; sequential set: --sequential-dependence "
           f"{args.sequential_dependence:g}.\n\n" + markdown(summary))
     if args.headline_rows:
         md += f"\nHeadline, one epoch over {args.headline_rows:,} rows:\n\n" + markdown(result["headline"]["summary"])
-    out.with_suffix(".md").write_text(md)
+    write_text_atomic(out.with_suffix(".md"), md)
     plot(summary, out.with_suffix(".png"), f"distance to the oracle AUC after one epoch ({args.rows:,} rows, "
          f"{len(seeds)} seeds, mean ± std)")
     print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=1))

@@ -14,6 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
+from aitm_torchrec.files import write_text_atomic
 from benchmarks.quality import one_epoch
 
 HELP = "named override sets x seeds, one epoch each"
@@ -53,7 +54,6 @@ def cmd(args: argparse.Namespace) -> dict:
             results[key] = r
             print(json.dumps({"key": key, "auc": r["auc"], "gap": r["gap"], "s": r["seconds"]}), flush=True)
             if out:
-                out.parent.mkdir(parents=True, exist_ok=True)
-                out.write_text(json.dumps(results, indent=1))
+                write_text_atomic(out, json.dumps(results, indent=1))
     return results
 

@@ -83,3 +83,17 @@ def test_publish_dir_replaces_its_own_kind_whole_and_leaves_nothing_on_failure(t
     (tmp_path / "other" / "x").write_text("")
     with pytest.raises(FileExistsError, match="holds no serving model"):
         publish_dir(build("4"), tmp_path / "other", "meta.json", "serving model")
+
+
+def test_a_text_write_that_fails_part_way_leaves_the_previous_file_and_no_temporary(tmp_path):
+    """What ``benchmarks family`` / ``study`` keep after each run (hours of runs in one file) and
+    ``easyrec --to-yaml`` write: a write that fails leaves the file as it was."""
+    from aitm_torchrec.files import write_text_atomic
+
+    path = tmp_path / "runs" / "kept.results.json"
+    write_text_atomic(path, '{"a@1": 1}')
+    with pytest.raises(UnicodeEncodeError):
+        write_text_atomic(path, '{"a@1": 1, "b@1": "' + "x" * 100_000 + '\ud800"}')  # fails after the file opened
+    assert path.read_text() == '{"a@1": 1}' and sorted(p.name for p in path.parent.iterdir()) == [path.name]
+    write_text_atomic(path, '{"a@1": 2}')
+    assert path.read_text() == '{"a@1": 2}'
