@@ -1,16 +1,20 @@
 """What the tests of the tables beside the feature tables share (the wide part's ``wide_ebc`` in
-test_wide_jobs.py, the task tables' ``task_ebc`` in test_stem_jobs.py): the jobs as the rank
-functions call them, and the check that a 2-rank checkpoint restores on 1 rank with those tables
-and their optimizer state."""
+test_wide_jobs.py, the task tables' ``task_ebc`` in test_stem_jobs.py, the managed-collision
+tables in test_zch_jobs.py): the jobs as the rank functions call them, the check that scoring on
+2 ranks, on 1 and through the serving artefact gives the local model's probabilities, and the
+check that a 2-rank checkpoint restores on 1 rank with those tables and their optimizer state."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
 from aitm_torchrec.config import load_config
+from tests.multiprocess import run_ranks
 
 
 def train(config: str, overrides: list[str]) -> dict:
@@ -39,6 +43,28 @@ def export_model(trained: dict, name: str, *flags: str) -> Path:
     if not out.exists():
         main(["model", "--config", str(trained["config"]), "--output", str(out), *flags])
     return out
+
+
+def scored(out: Path) -> pa.Table:
+    """The parts a scoring job wrote to ``out``, in order."""
+    return pa.concat_tables([pq.read_table(p) for p in sorted(out.glob("part-*.parquet"))])
+
+
+def check_scoring_agrees(trained: dict, artefact: Path, expected: np.ndarray) -> None:
+    """``trained["input"]`` scored on 2 ranks, on 1, and by ``artefact`` (a serving export) keeps
+    its ``rid`` order and gives ``expected`` (the local model's probabilities, a row per input row)
+    in each tower's ``probs_`` column."""
+    root = trained["root"]
+    args = ["--config", str(trained["config"]), "--input", str(trained["input"]), "--reserved_columns", "rid",
+            "--batch_size", "256"]
+    run_ranks(score, [*args, "--output", str(root / "s2")])
+    score([*args, "--output", str(root / "s1")])
+    score([*args, "--output", str(root / "sm"), "--model", str(artefact), "--threads", "1"])
+    for out in ("s2", "s1", "sm"):
+        t = scored(root / out)
+        assert t.column("rid").to_pylist() == list(range(len(expected)))
+        got = np.stack([t.column(f"probs_{x}").to_numpy() for x in trained["cfg"].schema.tower_names], axis=1)
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5, err_msg=out)
 
 
 def restored_on_one_rank(config: str, collection: str) -> dict:

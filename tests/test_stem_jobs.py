@@ -27,7 +27,14 @@ from aitm_torchrec.features import Source, ids_to_rows
 from aitm_torchrec.from_checkpoint import local_model, resolve_checkpoint
 from aitm_torchrec.serving import Predictor
 from tests.conftest import tiny_config_dict
-from tests.extra_tables import check_restored, export_embeddings, export_model, restored_on_one_rank, score, train
+from tests.extra_tables import (
+    check_restored,
+    check_scoring_agrees,
+    export_embeddings,
+    export_model,
+    restored_on_one_rank,
+    train,
+)
 from tests.multiprocess import run_ranks
 
 pytestmark = pytest.mark.slow  # every test trains on 2 ranks or uses the module's 2-rank training
@@ -130,19 +137,8 @@ def test_two_rank_checkpoint_restores_on_one_rank_with_task_tables_and_their_sta
 # ---- scoring ------------------------------------------------------------------------------------
 
 def test_scoring_on_two_ranks_one_and_the_artefact_agree_with_the_local_model(trained):
-    root = trained["root"]
-    args = ["--config", str(trained["config"]), "--input", str(trained["input"]), "--reserved_columns", "rid",
-            "--batch_size", "256"]
-    run_ranks(score, [*args, "--output", str(root / "s2")])
-    score([*args, "--output", str(root / "s1")])
     artefact = export_model(trained, "a_none_none", "--quant", "none", "--dense-quant", "none")
-    score([*args, "--output", str(root / "sm"), "--model", str(artefact), "--threads", "1"])
-    expected = _reference(trained, trained["input"] / "a.parquet")
-    for out in ("s2", "s1", "sm"):
-        t = pa.concat_tables([pq.read_table(p) for p in sorted((root / out).glob("part-*.parquet"))])
-        assert t.column("rid").to_pylist() == list(range(ROWS))
-        got = np.stack([t.column(f"probs_{x}").to_numpy() for x in TOWERS], axis=1)
-        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5, err_msg=out)
+    check_scoring_agrees(trained, artefact, _reference(trained, trained["input"] / "a.parquet"))
 
 
 # ---- table export ---------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from aitm_torchrec.from_checkpoint import local_model, resolve_checkpoint
 from aitm_torchrec.serving import Predictor
 from aitm_torchrec.zch import default_rows, zch_rows
 from tests.conftest import tiny_config_dict
+from tests.extra_tables import check_scoring_agrees, export_model
 from tests.multiprocess import run_ranks
 
 pytestmark = pytest.mark.slow  # every test uses the module's 2-rank training
@@ -156,16 +157,6 @@ def test_single_id_bag_pools_the_exported_row(trained):
 
 # ---- scoring -------------------------------------------------------------------------------
 
-def _score(argv: list[str]) -> dict:
-    from launch.score import main
-
-    return main(argv)
-
-
-def _scored(out: Path) -> pa.Table:
-    return pa.concat_tables([pq.read_table(p) for p in sorted(out.glob("part-*.parquet"))])
-
-
 def _reference(trained: dict, path: Path) -> np.ndarray:
     cfg, model = trained["cfg"], trained["model"]
     reader = ParquetReader([str(path)], cfg.schema, batch_size=ROWS, prefetch=0, labels=False)
@@ -175,21 +166,8 @@ def _reference(trained: dict, path: Path) -> np.ndarray:
 
 
 def test_scoring_on_two_ranks_one_and_the_artefact_agree_with_the_local_model(trained):
-    root = trained["root"]
-    args = ["--config", str(trained["config"]), "--input", str(trained["input"]), "--reserved_columns", "rid",
-            "--batch_size", "256"]
-    run_ranks(_score, [*args, "--output", str(root / "s2")])
-    _score([*args, "--output", str(root / "s1")])
-    from launch.export import main as export_main
-
-    export_main(["model", "--config", str(trained["config"]), "--output", str(root / "fp32"), "--quant", "none"])
-    _score([*args, "--output", str(root / "sm"), "--model", str(root / "fp32"), "--threads", "1"])
-    expected = _reference(trained, trained["input"] / "a.parquet")
-    for out in ("s2", "s1", "sm"):
-        t = _scored(root / out)
-        assert t.column("rid").to_pylist() == list(range(ROWS))
-        got = np.stack([t.column(f"probs_{x}").to_numpy() for x in trained["cfg"].schema.tower_names], axis=1)
-        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5, err_msg=out)
+    artefact = export_model(trained, "fp32", "--quant", "none")
+    check_scoring_agrees(trained, artefact, _reference(trained, trained["input"] / "a.parquet"))
 
 
 # ---- serving -------------------------------------------------------------------------------
