@@ -51,6 +51,14 @@ def tiny_config(tiny_data, tmp_path) -> Path:
     return path
 
 
+def scored(out: Path):
+    """The parts a scoring job wrote to ``out``, in order, as one Arrow table."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    return pa.concat_tables([pq.read_table(p) for p in sorted(out.glob("part-*.parquet"))])
+
+
 def sparse_of(feature):
     """A config ``Feature`` as the schema's ``SparseFeature`` (what the id functions take)."""
     from aitm_torchrec.schema import Schema

@@ -9,11 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 from aitm_torchrec.config import load_config
+from tests.conftest import scored
 from tests.multiprocess import run_ranks
 
 
@@ -43,11 +42,6 @@ def export_model(trained: dict, name: str, *flags: str) -> Path:
     if not out.exists():
         main(["model", "--config", str(trained["config"]), "--output", str(out), *flags])
     return out
-
-
-def scored(out: Path) -> pa.Table:
-    """The parts a scoring job wrote to ``out``, in order."""
-    return pa.concat_tables([pq.read_table(p) for p in sorted(out.glob("part-*.parquet"))])
 
 
 def check_scoring_agrees(trained: dict, artefact: Path, expected: np.ndarray) -> None:

@@ -18,7 +18,7 @@ from aitm_torchrec.backbone import DotInteraction, InteractionBackbone, cross_ne
 from aitm_torchrec.config import ConfigError, load_config
 from aitm_torchrec.model import MLP
 from aitm_torchrec.registry import build_model
-from tests.conftest import REPO, tiny_config_dict
+from tests.conftest import REPO, scored, tiny_config_dict
 from tests.multiprocess import run_ranks
 
 # Rows of two features of dim 2, a = (a0, a1) and b = (b0, b1), with a raw column r between them:
@@ -273,8 +273,7 @@ def test_trained_checkpoint_scores_serves_exports_and_resumes_as_its_model(tiny_
         return np.stack([np.asarray(table[f"probs_{t}"] if isinstance(table, pa.Table) else table[t]) for t in towers], 1)
 
     _score(["--config", str(config), "--input", str(rows), "--output", str(tmp_path / "scores")])
-    scored = pa.concat_tables(pq.read_table(p) for p in sorted((tmp_path / "scores").glob("part-*.parquet")))
-    np.testing.assert_allclose(probs(scored), expected, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(probs(scored(tmp_path / "scores")), expected, rtol=0, atol=1e-5)
 
     table = pq.read_table(rows / "a.parquet")
     for dense_quant, tol in (("none", 1e-5), ("int8", 2e-2)):

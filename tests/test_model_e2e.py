@@ -17,7 +17,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -28,7 +27,7 @@ from aitm_torchrec.data import ParquetReader
 from aitm_torchrec.from_checkpoint import local_model, resolve_checkpoint
 from aitm_torchrec.serving import Predictor
 from datasets import synthetic
-from tests.conftest import REPO
+from tests.conftest import REPO, scored
 from tests.multiprocess import run_ranks
 
 STEPS = 40
@@ -185,8 +184,8 @@ def test_baseline_checkpoint_scores_serves_and_exports_tables_as_trained(trained
     towers = cfg.schema.tower_names
 
     _score(["--config", str(config), "--input", str(rows), "--output", str(tmp_path / "scores")])
-    scored = pa.concat_tables(pq.read_table(p) for p in sorted((tmp_path / "scores").glob("part-*.parquet")))
-    np.testing.assert_allclose(np.stack([scored.column(f"probs_{t}").to_numpy() for t in towers], axis=1),
+    got = scored(tmp_path / "scores")
+    np.testing.assert_allclose(np.stack([got.column(f"probs_{t}").to_numpy() for t in towers], axis=1),
                                expected, rtol=0, atol=1e-5)
 
     _export(["model", "--config", str(config), "--output", str(tmp_path / "artefact"), "--quant", "none"])

@@ -14,7 +14,7 @@ import yaml
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
 from aitm_torchrec.score import Part, plan_parts
-from tests.conftest import tiny_config_dict
+from tests.conftest import scored, tiny_config_dict
 from tests.multiprocess import run_ranks, torchx
 
 pytestmark = pytest.mark.slow  # every test here starts ranks (or uses the module's trained checkpoint)
@@ -59,11 +59,6 @@ def _args(trained: dict, out: Path, *more: str) -> list[str]:
             "--reserved_columns", "rid,key", "--rows_per_part", "700", "--batch_size", "256", *more]
 
 
-def _read(out: Path) -> pa.Table:
-    names = sorted(p.name for p in out.glob("part-*.parquet"))
-    return pa.concat_tables([pq.read_table(out / n) for n in names])
-
-
 def test_parts_cover_every_row_once_in_order():
     parts = plan_parts(10, 3, 2)
     assert [(p.rank, p.index, p.lo, p.hi) for p in parts] == [
@@ -76,7 +71,7 @@ def test_two_ranks_one_and_three_score_every_row_once_with_equal_probabilities(t
     one = _score(_args(trained, root / "one", "--metrics"))
     run_ranks(_score, _args(trained, root / "two"), nproc=2)
     run_ranks(_score, _args(trained, root / "three", "--output_columns", "probs,logits"), nproc=3)
-    a, b, c = (_read(root / d) for d in ("one", "two", "three"))
+    a, b, c = (scored(root / d) for d in ("one", "two", "three"))
     for t in (a, b, c):
         assert t.num_rows == ROWS
         assert t.column("rid").to_pylist() == list(range(ROWS))  # input order, each row once
@@ -127,7 +122,7 @@ def test_a_killed_rank_then_a_rerun_scores_every_row_exactly_once(trained):
     run_ranks(_score, _args(trained, out), nproc=2)
     for name, stamp in survivors.items():  # complete parts are kept as they were
         assert ((out / name).stat().st_ino, (out / name).stat().st_mtime_ns) == stamp
-    t = _read(out)
+    t = scored(out)
     assert t.column("rid").to_pylist() == list(range(ROWS))
     assert (out / "_SUCCESS").exists() and not list(out.glob(".*tmp"))
 
@@ -140,8 +135,8 @@ def test_inputs_without_labels_bad_inputs_and_another_checkpoint(trained, tmp_pa
     pq.write_table(t, no_labels / "x.parquet")
     manifest = _score(["--config", trained["config"], "--input", str(no_labels), "--output", str(tmp_path / "o"),
                        "--reserved_columns", "ALL"])
-    scored = _read(tmp_path / "o")
-    assert manifest["rows"] == 1000 and scored.column_names[:len(t.column_names)] == t.column_names
+    got = scored(tmp_path / "o")
+    assert manifest["rows"] == 1000 and got.column_names[:len(t.column_names)] == t.column_names
     with pytest.raises(Exception, match=r"missing column 'clk' \(needed by labels\)"):
         _score(["--config", trained["config"], "--input", str(no_labels), "--output", str(tmp_path / "m"), "--metrics"])
     (tmp_path / "bad.parquet").write_bytes(b"not parquet")
@@ -163,7 +158,7 @@ def test_torchx_as_typed_scores_on_two_ranks(trained, tmp_path):
     res = torchx("run", "dist.ddp", "-j", "1x2", "launch/score.py", "--config", trained["config"],
                  "--input", trained["input"], "--output", str(out), "--reserved_columns", "rid")
     assert res.returncode == 0, res.stderr[-3000:]
-    assert _read(out).column("rid").to_pylist() == list(range(ROWS))
+    assert scored(out).column("rid").to_pylist() == list(range(ROWS))
     assert json.loads((out / "manifest.json").read_text())["world_size"] == 2
 
 
@@ -173,7 +168,7 @@ def test_scoring_with_the_serving_artefact_gives_the_checkpoints_scores(trained,
     export_main(["model", "--config", trained["config"], "--output", str(tmp_path / "artefact"), "--quant", "none"])
     from_checkpoint = _score(_args(trained, tmp_path / "ckpt"))
     from_model = _score(_args(trained, tmp_path / "model", "--model", str(tmp_path / "artefact"), "--threads", "1"))
-    a, b = _read(tmp_path / "ckpt"), _read(tmp_path / "model")
+    a, b = scored(tmp_path / "ckpt"), scored(tmp_path / "model")
     assert b.column("rid").to_pylist() == list(range(ROWS)) and from_model["rows"] == from_checkpoint["rows"]
     for tower in ("ctr", "cvr"):
         np.testing.assert_allclose(b.column(f"probs_{tower}").to_numpy(), a.column(f"probs_{tower}").to_numpy(),
@@ -186,7 +181,7 @@ def test_scoring_with_the_serving_artefact_gives_the_checkpoints_scores(trained,
     model16 = _score(_args(trained, tmp_path / "model16", "--model", str(tmp_path / "artefact"), bf16))
     assert ckpt16["mixed_precision"]["resolved"] == model16["mixed_precision"]["resolved"] == "bf16"
     assert from_model["mixed_precision"]["resolved"] == "none"  # the test config's none
-    c, d = _read(tmp_path / "ckpt16"), _read(tmp_path / "model16")
+    c, d = scored(tmp_path / "ckpt16"), scored(tmp_path / "model16")
     for tower in ("ctr", "cvr"):
         x16, y16 = c.column(f"probs_{tower}").to_numpy(), d.column(f"probs_{tower}").to_numpy()
         assert not np.array_equal(y16, b.column(f"probs_{tower}").to_numpy())  # bf16 did run
@@ -213,7 +208,7 @@ def test_scoring_runs_the_dense_layers_in_the_resolved_precision_and_records_it(
     assert fp32["mixed_precision"] == {"requested": "none", "resolved": "none", "reason": "set in the config"}
     assert bf16["mixed_precision"]["resolved"] == "bf16"
     assert json.loads((tmp_path / "bf16" / "job.json").read_text())["mixed_precision"] == "bf16"
-    a, b = _read(tmp_path / "fp32"), _read(tmp_path / "bf16")
+    a, b = scored(tmp_path / "fp32"), scored(tmp_path / "bf16")
     for tower in ("ctr", "cvr"):
         x, y = a.column(f"probs_{tower}").to_numpy(), b.column(f"probs_{tower}").to_numpy()
         assert not np.array_equal(x, y)  # bf16 GEMMs round differently
@@ -231,7 +226,7 @@ def test_dense_int8_scoring_on_two_ranks_close_to_fp32_and_its_own_job(trained, 
     run_ranks(_score, _args(trained, tmp_path / "fp32", "--output_columns", "probs,logits"), nproc=2)
     run_ranks(_score, _args(trained, tmp_path / "int8", "--output_columns", "probs,logits", "--dense-quant", "int8"),
               nproc=2)
-    a, b = _read(tmp_path / "fp32"), _read(tmp_path / "int8")
+    a, b = scored(tmp_path / "fp32"), scored(tmp_path / "int8")
     assert b.column("rid").to_pylist() == list(range(ROWS))
     diffs = [np.abs(b.column(f"probs_{t}").to_numpy() - a.column(f"probs_{t}").to_numpy()) for t in ("ctr", "cvr")]
     print(f"\nscore --dense-quant int8 vs none, 2 ranks: max |dp| {max(float(d.max()) for d in diffs):.2e} "
@@ -261,7 +256,7 @@ def test_scoring_with_an_int8_dense_artefact(trained, tmp_path):
     bf16 = _score(_args(trained, tmp_path / "model16", "--model", str(tmp_path / "artefact"),
                         "train_config.mixed_precision=bf16"))
     assert bf16["mixed_precision"]["resolved"] == "none" and "int8 Linears" in bf16["mixed_precision"]["reason"]
-    a, b = _read(tmp_path / "ckpt"), _read(tmp_path / "model")
+    a, b = scored(tmp_path / "ckpt"), scored(tmp_path / "model")
     assert b.column("rid").to_pylist() == list(range(ROWS))
     for tower in ("ctr", "cvr"):
         diff = np.abs(b.column(f"probs_{tower}").to_numpy() - a.column(f"probs_{tower}").to_numpy())

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from aitm_torchrec.config import ConfigError, load_config
-from tests.conftest import REPO, tiny_config_dict
+from tests.conftest import REPO, scored, tiny_config_dict
 from tests.multiprocess import run_ranks
 from tests.test_easyrec import easyrec_csv  # noqa: F401  (a module fixture)
 
@@ -180,8 +180,7 @@ def test_table_export_and_scoring_from_an_adam_checkpoint(adam_run, tiny_data, t
 
     export_main(["model", "--config", config, "--output", str(tmp_path / "artefact"), "--quant", "none"])
     _score(args("served", "--model", str(tmp_path / "artefact"), "--threads", "1"))  # the serving artefact
-    got, served = (pa.concat_tables([pq.read_table(p) for p in sorted((tmp_path / d).glob("part-*.parquet"))])
-                   .sort_by("rid") for d in ("scored", "served"))
+    got, served = (scored(tmp_path / d).sort_by("rid") for d in ("scored", "served"))
     assert got.num_rows == served.num_rows == 600
     for tower in ("ctr", "cvr"):
         p = got.column(f"probs_{tower}").to_numpy()
